@@ -1,0 +1,24 @@
+"""wrpo-kernels: fused, memory-lean LM-head losses for WRPO, DPO, SimPO and IPO.
+
+Public API (DESIGN §3): :func:`linear_logprobs`, :func:`fused_linear_wrpo_loss`, :func:`wrpo_loss`,
+and the modules :class:`LinearLogprobs`, :class:`FusedLinearWRPOLoss`.
+"""
+
+from .api import BACKENDS, fused_linear_wrpo_loss, linear_logprobs, wrpo_loss
+from .modules import FusedLinearWRPOLoss, LinearLogprobs
+from .objective import LOSS_TYPES, default_chosen_weights
+from .output import WRPOOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "LOSS_TYPES",
+    "FusedLinearWRPOLoss",
+    "LinearLogprobs",
+    "WRPOOutput",
+    "default_chosen_weights",
+    "fused_linear_wrpo_loss",
+    "linear_logprobs",
+    "wrpo_loss",
+]

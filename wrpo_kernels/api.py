@@ -1,0 +1,240 @@
+"""Public functions: validate, pick a backend, run (DESIGN §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import reference, torch_backend
+from .metrics import preference_metrics
+from .objective import make_spec, rewards
+from .output import WRPOOutput
+from .packing import sequence_ids
+from .torch_backend.rows import HeadOptions, math_dtype
+from .validation import as_packed_rows, check_head, check_labels, check_preference_tensor
+
+BACKENDS = ("auto", "torch", "reference")
+REDUCTIONS = ("sum", "mean", "none")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> the fastest backend available for ``device``; anything unknown raises."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not available; choose one of {BACKENDS}")
+    return "torch" if backend == "auto" else backend
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Validated sequence layout: cu_seqlens [S+1] on the device and on the host, seq [N], counts [S]."""
+
+    cu: torch.Tensor
+    cu_host: list
+    seq: torch.Tensor
+    counts: torch.Tensor
+
+
+def _pack(hidden, weight, labels, cu_seqlens, bias, ignore_index, *, require_tokens, describe):
+    hidden, labels, cu, cu_host = as_packed_rows(hidden, labels, cu_seqlens)
+    check_head(hidden, weight, bias, labels)
+    seq = sequence_ids(cu, hidden.shape[0])
+    counts = check_labels(
+        labels,
+        seq,
+        len(cu_host) - 1,
+        weight.shape[0],
+        ignore_index,
+        require_tokens=require_tokens,
+        describe=describe,
+    )
+    return hidden, labels, PackedRows(cu, cu_host, seq, counts)
+
+
+def _check_head_options(softcap, temperature):
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def linear_logprobs(
+    hidden,
+    weight,
+    labels,
+    cu_seqlens=None,
+    *,
+    bias=None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    reduction: str = "sum",
+    backend: str = "auto",
+    chunk_tokens: int | None = None,
+):
+    """Log-probs of labels under ``softcap(hidden @ weight^T + bias) / temperature``, never all logits at once.
+
+    hidden: [N, H] packed rows with ``cu_seqlens`` [S+1] (labels already shifted), or [S, T, H]
+    padded sequences with ``cu_seqlens=None``. Returns fp32 (fp64 for fp64 inputs):
+    ``reduction="sum"`` -> [S] sum over tokens with label != ignore_index; ``"mean"`` -> [S] that sum
+    over the token count; ``"none"`` -> per-token log-probs shaped like ``labels`` (0 where ignored).
+    Differentiable w.r.t. hidden, weight and bias. ``chunk_tokens`` bounds the rows of logits held at
+    once (default: ~1 GiB of fp32 logits on a GPU, ~256 MiB on a CPU).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
+    _check_head_options(softcap, temperature)
+    out_shape = labels.shape if isinstance(labels, torch.Tensor) else None
+    h, lab, rows = _pack(
+        hidden, weight, labels, cu_seqlens, bias, ignore_index,
+        require_tokens=reduction == "mean", describe=lambda s: f"sequence {s}",
+    )  # fmt: skip
+    name = resolve_backend(backend, h.device)
+    opts = HeadOptions(ignore_index, softcap, float(temperature))
+    if name == "reference":
+        out = reference.linear_logprobs(
+            h, weight, lab, rows.cu, reduction=reduction, bias=bias, ignore_index=ignore_index,
+            softcap=softcap, temperature=temperature,
+        )  # fmt: skip
+    else:
+        out = torch_backend.linear_logprobs(
+            h, weight, lab, rows, bias=bias, opts=opts, reduction=reduction, chunk_tokens=chunk_tokens
+        )
+    return out.view(out_shape) if reduction == "none" else out
+
+
+def fused_linear_wrpo_loss(
+    hidden,
+    weight,
+    labels,
+    cu_seqlens,
+    *,
+    responses_per_prompt: int = 3,
+    num_chosen: int = 2,
+    alpha: float = 0.1,
+    chosen_weights=None,
+    ref_logps=None,
+    loss_type: str = "dpo",
+    beta: float = 0.01,
+    gamma: float = 0.0,
+    label_smoothing: float = 0.0,
+    nll_weight: float = 0.0,
+    bias=None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    chunk_tokens: int | None = None,
+) -> WRPOOutput:
+    """LM head + WRPO loss in one pass over chunks of whole groups (DESIGN §2, §4).
+
+    hidden [N, H]: the S = B*K responses back to back, group-major (per group: ``num_chosen`` chosen
+    ones, sources first and the target last, then the rejected ones); ``cu_seqlens`` [S+1] their
+    bounds (or hidden [S, T, H] padded with ``cu_seqlens=None``). ``ref_logps`` [B, K] or [S]:
+    reference log-probs (required for dpo and ipo, unused by simpo). Chosen weights default to
+    ``[alpha, 1 - alpha]`` for K = 3 (sources share alpha in general). Returns a :class:`WRPOOutput`:
+    ``loss`` = mean group loss + ``nll_weight`` * mean NLL over the first chosen response's tokens.
+    """
+    spec = make_spec(
+        responses_per_prompt=responses_per_prompt, num_chosen=num_chosen, alpha=alpha,
+        chosen_weights=chosen_weights, loss_type=loss_type, beta=beta, gamma=gamma,
+        label_smoothing=label_smoothing,
+    )  # fmt: skip
+    _check_head_options(softcap, temperature)
+    K = spec.responses_per_prompt
+
+    def describe(s):
+        role = "chosen" if s % K < spec.num_chosen else "rejected"
+        return f"sequence {s} (group {s // K}, response {s % K} of {K}, {role})"
+
+    h, lab, rows = _pack(
+        hidden, weight, labels, cu_seqlens, bias, ignore_index, require_tokens=True, describe=describe
+    )
+    S = len(rows.cu_host) - 1
+    if S % K:
+        raise ValueError(f"cu_seqlens describes S={S} sequences, not a multiple of responses_per_prompt={K}")
+    B = S // K
+    md = math_dtype(h.dtype)
+    if ref_logps is None and spec.needs_reference:
+        raise ValueError(f"loss_type={loss_type!r} needs ref_logps ([B, K] = [{B}, {K}] or [S] = [{S}])")
+    ref = check_preference_tensor("ref_logps", ref_logps, B, K, h.device) if spec.needs_reference else None
+    ref = None if ref is None else ref.detach().to(md)
+    name = resolve_backend(backend, h.device)
+    lengths = rows.counts.view(B, K).to(md)
+    if name == "reference":
+        return reference.fused_linear_wrpo_loss(
+            spec, h, weight, lab, rows.cu, ref, nll_weight=nll_weight, bias=bias,
+            ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+        )  # fmt: skip
+    opts = HeadOptions(ignore_index, softcap, float(temperature))
+    loss, logps = torch_backend.fused_linear_wrpo_loss(
+        spec,
+        h,
+        weight,
+        lab,
+        rows,
+        ref,
+        bias=bias,
+        opts=opts,
+        nll_weight=nll_weight,
+        chunk_tokens=chunk_tokens,
+    )
+    metrics = preference_metrics(spec, logps, rewards(spec, logps, ref, lengths))
+    if nll_weight:
+        metrics["nll_loss"] = -logps[:, 0].sum() / lengths[:, 0].sum()
+    return WRPOOutput(loss=loss, metrics=metrics, logps=logps)
+
+
+def wrpo_loss(
+    policy_logps,
+    ref_logps,
+    lengths,
+    *,
+    num_chosen: int = 2,
+    alpha: float = 0.1,
+    chosen_weights=None,
+    loss_type: str = "dpo",
+    beta: float = 0.01,
+    gamma: float = 0.0,
+    label_smoothing: float = 0.0,
+    backend: str = "auto",
+):
+    """(loss, metrics) from per-response log-probs: the backend for trainers that compute log-probs.
+
+    policy_logps [B, K] (summed over response tokens; differentiable), ref_logps [B, K] (dpo, ipo),
+    lengths [B, K] response token counts (simpo, ipo; may be None for dpo).
+    """
+    if not isinstance(policy_logps, torch.Tensor) or policy_logps.dim() != 2:
+        shape = (
+            tuple(policy_logps.shape)
+            if isinstance(policy_logps, torch.Tensor)
+            else type(policy_logps).__name__
+        )
+        raise ValueError(f"policy_logps must be [B, K], got {shape}")
+    if not policy_logps.dtype.is_floating_point:
+        raise ValueError(f"policy_logps must be a floating tensor, got {policy_logps.dtype}")
+    B, K = policy_logps.shape
+    spec = make_spec(
+        responses_per_prompt=K, num_chosen=num_chosen, alpha=alpha, chosen_weights=chosen_weights,
+        loss_type=loss_type, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
+    )  # fmt: skip
+    dev, dt = policy_logps.device, policy_logps.dtype
+    if spec.needs_reference and ref_logps is None:
+        raise ValueError(f"loss_type={loss_type!r} needs ref_logps [B, K] = [{B}, {K}]")
+    ref = check_preference_tensor("ref_logps", ref_logps, B, K, dev) if spec.needs_reference else None
+    ref = None if ref is None else ref.to(dt)
+    if spec.length_normalised:
+        if lengths is None:
+            raise ValueError(f"loss_type={loss_type!r} needs lengths [B, K] (response token counts)")
+        lengths = torch.as_tensor(lengths, device=dev)
+        if tuple(lengths.shape) != (B, K):
+            raise ValueError(f"lengths must be [B, K] = [{B}, {K}], got {tuple(lengths.shape)}")
+        if bool((lengths <= 0).any()):
+            b, k = (lengths <= 0).nonzero()[0].tolist()
+            raise ValueError(f"lengths[{b}, {k}] = {lengths[b, k].item()}: every response needs >= 1 token")
+        lengths = lengths.to(dt)
+    name = resolve_backend(backend, dev)
+    if name == "reference":
+        return reference.wrpo_loss(spec, policy_logps, ref, lengths)
+    loss = torch_backend.wrpo_loss(spec, policy_logps, ref, lengths)
+    return loss, preference_metrics(spec, policy_logps, rewards(spec, policy_logps.detach(), ref, lengths))

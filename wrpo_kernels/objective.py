@@ -1,0 +1,134 @@
+"""The WRPO objective on per-sequence log-probs, with its analytic gradient (DESIGN §2).
+
+A group is one prompt with K responses: ``num_chosen`` chosen ones (sources first, target last)
+then ``K - num_chosen`` rejected ones. For log-probs ``s`` [B, K] (summed over response tokens):
+
+    r_k = c_k * (s_k - s_ref_k)        c = beta (dpo) | beta / n (simpo, s_ref = 0) | 1 / n (ipo)
+    m   = sum_j w_j r_j - mean_{k rejected} r_k - gamma
+    L   = -(1 - eps) log sigmoid(m) - eps log sigmoid(-m)      (dpo, simpo)
+        | (m - 1 / (2 beta))^2                                   (ipo)
+
+and dL/ds_k = dL/dm * a_k * c_k with a = [w_1..w_C, -1/R, ..., -1/R].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("dpo", "simpo", "ipo")
+
+
+@dataclass(frozen=True)
+class PreferenceSpec:
+    """Everything the group loss needs besides the log-probs. Build it with :func:`make_spec`."""
+
+    responses_per_prompt: int
+    num_chosen: int
+    chosen_weights: tuple[float, ...]
+    loss_type: str = "dpo"
+    beta: float = 0.01
+    gamma: float = 0.0
+    label_smoothing: float = 0.0
+
+    @property
+    def num_rejected(self) -> int:
+        return self.responses_per_prompt - self.num_chosen
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type != "simpo"
+
+    @property
+    def length_normalised(self) -> bool:
+        return self.loss_type in ("simpo", "ipo")
+
+
+def default_chosen_weights(num_chosen: int, alpha: float) -> tuple[float, ...]:
+    """``[alpha / (C-1)] * (C-1) + [1 - alpha]``: the sources share alpha, the target gets the rest.
+
+    For the paper's K = 3 (one source, one target) this is ``[alpha, 1 - alpha]``.
+    """
+    if num_chosen == 1:
+        return (1.0,)
+    return (alpha / (num_chosen - 1),) * (num_chosen - 1) + (1.0 - alpha,)
+
+
+def make_spec(
+    *,
+    responses_per_prompt: int,
+    num_chosen: int,
+    alpha: float,
+    chosen_weights,
+    loss_type: str,
+    beta: float,
+    gamma: float,
+    label_smoothing: float,
+) -> PreferenceSpec:
+    """Validate the options of the loss and return a :class:`PreferenceSpec`."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+    K = responses_per_prompt
+    if not isinstance(K, int) or K < 2:
+        raise ValueError(f"responses_per_prompt must be an int >= 2, got {K!r}")
+    if not isinstance(num_chosen, int) or not 1 <= num_chosen < K:
+        raise ValueError(f"num_chosen must be an int in [1, {K - 1}] for {K} responses, got {num_chosen!r}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type == "ipo":
+        raise ValueError("label_smoothing applies to the sigmoid losses (dpo, simpo), not to ipo")
+    if chosen_weights is None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        weights = default_chosen_weights(num_chosen, float(alpha))
+    else:
+        weights = tuple(float(w) for w in chosen_weights)
+        if len(weights) != num_chosen:
+            raise ValueError(f"chosen_weights has {len(weights)} entries but num_chosen={num_chosen}")
+        if not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
+            raise ValueError(f"chosen_weights must sum to 1, got {weights} (sum {sum(weights)})")
+    return PreferenceSpec(
+        K, num_chosen, weights, loss_type, float(beta), float(gamma), float(label_smoothing)
+    )
+
+
+def reward_coefficients(spec: PreferenceSpec, lengths: torch.Tensor | None, like: torch.Tensor):
+    """c in r = c * (s - s_ref): a scalar tensor for dpo, ``beta / n`` or ``1 / n`` [B, K] otherwise."""
+    if not spec.length_normalised:
+        return torch.tensor(spec.beta, dtype=like.dtype, device=like.device)
+    n = lengths.to(like.dtype)
+    return (spec.beta if spec.loss_type == "simpo" else 1.0) / n
+
+
+def margin_coefficients(spec: PreferenceSpec, like: torch.Tensor) -> torch.Tensor:
+    """a [K] with m = r @ a - gamma: the chosen weights, then -1/R for each rejected response."""
+    a = list(spec.chosen_weights) + [-1.0 / spec.num_rejected] * spec.num_rejected
+    return torch.tensor(a, dtype=like.dtype, device=like.device)
+
+
+def rewards(spec: PreferenceSpec, logps, ref_logps, lengths) -> torch.Tensor:
+    """Implicit rewards r [B, K] (DESIGN §2); ``ref_logps`` is ignored for simpo."""
+    c = reward_coefficients(spec, lengths, logps)
+    delta = logps if not spec.needs_reference else logps - ref_logps
+    return c * delta
+
+
+def group_loss_and_grad(spec: PreferenceSpec, logps, ref_logps, lengths):
+    """Per-group loss L [B] and its gradient dL/ds [B, K] w.r.t. the policy log-probs ``s``."""
+    c = reward_coefficients(spec, lengths, logps)
+    a = margin_coefficients(spec, logps)
+    r = c * (logps if not spec.needs_reference else logps - ref_logps)
+    m = r @ a - spec.gamma
+    if spec.loss_type == "ipo":
+        d = m - 1.0 / (2.0 * spec.beta)
+        loss, dloss_dm = d * d, 2.0 * d
+    else:
+        eps = spec.label_smoothing
+        loss = -(1.0 - eps) * F.logsigmoid(m) - eps * F.logsigmoid(-m)
+        dloss_dm = -(1.0 - eps) * torch.sigmoid(-m) + eps * torch.sigmoid(m)
+    return loss, dloss_dm[:, None] * a * c

@@ -1,0 +1,88 @@
+"""Naive PyTorch: materialises the whole [N, V] logits. The test oracle (in fp64) and the benchmark baseline.
+
+Written the way a user would write it with plain autograd, independently of the analytic gradient
+in :mod:`wrpo_kernels.objective`, so that tests of the fast backends check two derivations against
+each other. Low-precision logits are upcast to fp32 before the softmax, as TRL and Liger do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .metrics import preference_metrics
+from .objective import PreferenceSpec
+from .output import WRPOOutput
+from .packing import segment_sum, sequence_ids
+
+
+def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None, temperature=1.0):
+    """log softmax(softcap(h W^T + b) / T)[label] per token [N] (fp32 or fp64); 0 where ignored."""
+    logits = F.linear(hidden, weight, bias)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / temperature
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    picked = logits.log_softmax(-1).gather(-1, safe[:, None]).squeeze(-1)
+    return torch.where(valid, picked, 0.0)
+
+
+def linear_logprobs(hidden, weight, labels, cu_seqlens, *, reduction="sum", ignore_index=-100, **head):
+    """Per-sequence ("sum" | "mean") [S] or per-token ("none") [N] log-probs of packed rows."""
+    tok = token_logprobs(hidden, weight, labels, ignore_index=ignore_index, **head)
+    if reduction == "none":
+        return tok
+    S = cu_seqlens.numel() - 1
+    seq = sequence_ids(cu_seqlens, labels.numel())
+    sums = segment_sum(tok, seq, S)
+    if reduction == "sum":
+        return sums
+    counts = segment_sum((labels != ignore_index).to(sums.dtype), seq, S)
+    return sums / counts
+
+
+def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths):
+    """(loss, metrics) from [B, K] log-probs, by the formulas of DESIGN §2, with plain autograd."""
+    C, beta = spec.num_chosen, spec.beta
+    if spec.loss_type == "dpo":
+        r = beta * (logps - ref_logps)
+    elif spec.loss_type == "simpo":
+        r = beta * logps / lengths
+    else:
+        r = (logps - ref_logps) / lengths
+    w = torch.tensor(spec.chosen_weights, dtype=r.dtype, device=r.device)
+    margin = (r[:, :C] * w).sum(1) - r[:, C:].mean(1) - spec.gamma
+    if spec.loss_type == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    else:
+        eps = spec.label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
+    return losses.mean(), preference_metrics(spec, logps, r)
+
+
+def fused_linear_wrpo_loss(
+    spec: PreferenceSpec,
+    hidden,
+    weight,
+    labels,
+    cu_seqlens,
+    ref_logps,
+    *,
+    nll_weight=0.0,
+    ignore_index=-100,
+    **head,
+) -> WRPOOutput:
+    """WRPO loss of packed groups, the naive way: full logits -> log-probs [B, K] -> loss (+ NLL)."""
+    K = spec.responses_per_prompt
+    logps = linear_logprobs(hidden, weight, labels, cu_seqlens, ignore_index=ignore_index, **head).view(-1, K)
+    seq = sequence_ids(cu_seqlens, labels.numel())
+    lengths = segment_sum((labels != ignore_index).to(logps.dtype), seq, logps.numel()).view(-1, K)
+    loss, metrics = wrpo_loss(spec, logps, ref_logps, lengths)
+    if nll_weight:
+        nll = -logps[:, 0].sum() / lengths[:, 0].sum()
+        loss = loss + nll_weight * nll
+        metrics["nll_loss"] = nll.detach()
+    return WRPOOutput(loss=loss, metrics=metrics, logps=logps.detach())

@@ -1,0 +1,120 @@
+"""Input checks shared by every backend. Each error names the argument, its shape and the offending index.
+
+Checks that read tensor values (labels, token counts) are batched into one host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .packing import padded_to_packed, segment_sum
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def as_packed_rows(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens):
+    """Bring the inputs to packed form: hidden [N, H], labels [N], cu_seqlens [S+1] (int64, device).
+
+    Accepts packed rows ([N, H] with ``cu_seqlens``; without it, one sequence) or padded
+    sequences ([S, T, H] with ``cu_seqlens=None``, one sequence per row).
+    Returns the three tensors and ``cu_seqlens`` as a host list (the chunk schedule needs it).
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
+        shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be [N, H] packed rows or [S, T, H] padded sequences, got {shape}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {shape}")
+    if hidden.dim() == 3:
+        if cu_seqlens is not None:
+            raise ValueError(
+                "cu_seqlens is only for packed [N, H] hidden; padded [S, T, H] rows are the sequences"
+            )
+        hidden, labels, cu = padded_to_packed(hidden, labels)
+        return hidden, labels, cu, cu.tolist()
+    N = hidden.shape[0]
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, N], device=hidden.device)
+    if not isinstance(cu_seqlens, torch.Tensor):
+        cu_seqlens = torch.as_tensor(cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D integer tensor [S+1], got shape {tuple(cu_seqlens.shape)} "
+            f"dtype {cu_seqlens.dtype}"
+        )
+    cu_host = cu_seqlens.tolist()
+    if cu_host[0] != 0 or cu_host[-1] != N:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at N={N} (hidden rows), got {cu_host[0]}..{cu_host[-1]}"
+        )
+    for i in range(1, len(cu_host)):
+        if cu_host[i] < cu_host[i - 1]:
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing: cu_seqlens[{i}]={cu_host[i]} < cu_seqlens[{i - 1}]={cu_host[i - 1]}"
+            )
+    cu = cu_seqlens.to(device=hidden.device, dtype=torch.int64)
+    return hidden, labels, cu, cu_host
+
+
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor) -> None:
+    """hidden [N, H] and weight [V, H] of one float dtype on one device; bias [V]; integer labels [N]."""
+    if hidden.dtype not in _FLOAT:
+        raise ValueError(f"hidden must be a floating tensor, got {hidden.dtype}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be [V, H] with H={hidden.shape[1]} (hidden's last dim), got {shape}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise ValueError(
+                f"bias is {bias.dtype} on {bias.device}; it must match hidden ({hidden.dtype} on {hidden.device})"
+            )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
+
+
+def check_labels(labels, seq, num_seqs: int, vocab: int, ignore_index: int, *, require_tokens, describe):
+    """Labels in [0, V) or ``ignore_index``; with ``require_tokens`` every sequence needs one valid label.
+
+    Returns the valid-token count per sequence, n [S] (int64). ``describe(s)`` names sequence s
+    in error messages. One host synchronisation.
+    """
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    counts = segment_sum(valid.to(torch.int64), seq, num_seqs)
+    any_bad, any_empty = torch.stack([bad.any(), (counts == 0).any()]).tolist()
+    if any_bad:
+        t = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels[{t}] = {int(labels[t])} is outside [0, {vocab}) and is not ignore_index={ignore_index} "
+            f"(in {describe(int(seq[t]))})"
+        )
+    if require_tokens and any_empty:
+        s = int((counts == 0).nonzero()[0, 0])
+        raise ValueError(
+            f"{describe(s)} has no label != ignore_index={ignore_index}; its log-prob is undefined"
+        )
+    return counts
+
+
+def check_preference_tensor(name: str, x, B: int, K: int, device) -> torch.Tensor | None:
+    """A per-response tensor given as [B, K] or [S] (S = B*K) -> [B, K] on ``device``."""
+    if x is None:
+        return None
+    x = torch.as_tensor(x)
+    if tuple(x.shape) == (B * K,):
+        x = x.view(B, K)
+    if tuple(x.shape) != (B, K):
+        raise ValueError(f"{name} must be [B, K] = [{B}, {K}] or [S] = [{B * K}], got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but hidden is on {device}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
+    return x
