@@ -72,7 +72,7 @@ def linear_logprobs(
     backend: str = "auto",
     chunk_tokens: int | None = None,
 ):
-    """Log-probs of labels under ``softcap(hidden @ weight^T + bias) / temperature``, never all logits at once.
+    """Log-probs of labels under ``softcap(hidden @ weight^T + bias) / temperature``, chunk by chunk.
 
     hidden: [N, H] packed rows with ``cu_seqlens`` [S+1] (labels already shifted), or [S, T, H]
     padded sequences with ``cu_seqlens=None``. Returns fp32 (fp64 for fp64 inputs):

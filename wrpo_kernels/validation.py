@@ -50,7 +50,8 @@ def as_packed_rows(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens):
     for i in range(1, len(cu_host)):
         if cu_host[i] < cu_host[i - 1]:
             raise ValueError(
-                f"cu_seqlens must be non-decreasing: cu_seqlens[{i}]={cu_host[i]} < cu_seqlens[{i - 1}]={cu_host[i - 1]}"
+                f"cu_seqlens must be non-decreasing: "
+                f"cu_seqlens[{i}]={cu_host[i]} < cu_seqlens[{i - 1}]={cu_host[i - 1]}"
             )
     cu = cu_seqlens.to(device=hidden.device, dtype=torch.int64)
     return hidden, labels, cu, cu_host
@@ -72,7 +73,8 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.T
             raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype or bias.device != hidden.device:
             raise ValueError(
-                f"bias is {bias.dtype} on {bias.device}; it must match hidden ({hidden.dtype} on {hidden.device})"
+                f"bias is {bias.dtype} on {bias.device}; "
+                f"it must match hidden ({hidden.dtype} on {hidden.device})"
             )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")

@@ -13,7 +13,7 @@ from .schedule import plan_group_chunks
 
 
 def linear_logprobs(hidden, weight, labels, rows, *, bias, opts: HeadOptions, reduction, chunk_tokens):
-    """Log-probs of packed rows ([S] or [N]); ``rows`` is the validated :class:`~wrpo_kernels.api.PackedRows`."""
+    """Log-probs of packed rows ([S] or [N]); ``rows``: the validated ``api.PackedRows``."""
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.device)
     targets = Targets.build(labels, rows.seq, rows.counts, opts.ignore_index, hidden.dtype)
     return LinearLogprobsFunction.apply(hidden, weight, bias, LogprobPlan(targets, opts, reduction, chunk))
