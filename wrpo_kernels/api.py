@@ -38,6 +38,7 @@ class PackedRows:
 def _pack(hidden, weight, labels, cu_seqlens, bias, ignore_index, *, require_tokens, describe):
     hidden, labels, cu, cu_host = as_packed_rows(hidden, labels, cu_seqlens)
     check_head(hidden, weight, bias, labels)
+    hidden = hidden.contiguous()
     seq = sequence_ids(cu, hidden.shape[0])
     counts = check_labels(
         labels,

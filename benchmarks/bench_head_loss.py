@@ -1,0 +1,281 @@
+"""Fused LM head + preference loss: fwd+bwd time and peak memory of every backend and its peers.
+
+Methods (same tokens, same dtype, precomputed reference log-probs):
+  naive-eager      wrpo_kernels.reference: full [N, V] logits, log_softmax, gather (K responses)
+  naive-compile    the same under torch.compile
+  wrpo-torch       wrpo_kernels backend="torch" (chunked single pass)
+  and, on K = 2 (chosen = the target pick, rejected) since Liger takes pairs only:
+  naive-eager/k2, wrpo-torch/k2, liger-dpo/k2 (LigerFusedLinearDPOLoss, use_ref_model=False)
+
+Time: median of --reps fwd+bwd calls after a warm-up, methods interleaved round-robin in one process.
+Memory: CUDA: max allocated above the inputs; CPU: peak RSS rise over one fwd+bwd in a fresh process
+(VmHWM reset through /proc/self/clear_refs, large allocations forced to mmap so frees are returned).
+
+    python benchmarks/bench_head_loss.py                     # the CPU acceptance shape
+    python benchmarks/bench_head_loss.py --device cuda --H 4096 --V 128256 --T 1024 --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import wrpo_kernels as wk
+from wrpo_kernels import reference
+from wrpo_kernels.objective import make_spec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+METHODS = ("naive-eager", "naive-compile", "wrpo-torch", "naive-eager/k2", "wrpo-torch/k2", "liger-dpo/k2")
+
+
+def make_inputs(args, K):
+    """Packed groups of K responses of T tokens each, random hidden states and head."""
+    g = torch.Generator().manual_seed(0)
+    dev, dt = torch.device(args.device), DTYPES[args.dtype]
+    N = args.B * K * args.T
+    hidden = torch.randn(N, args.H, generator=g).to(dev, dt).requires_grad_()
+    weight = (torch.randn(args.V, args.H, generator=g) * args.H**-0.5).to(dev, dt).requires_grad_()
+    labels = torch.randint(0, args.V, (N,), generator=g).to(dev)
+    labels[:: args.T] = -100  # the first position of every response is a prompt token
+    cu = torch.arange(0, N + 1, args.T, device=dev)
+    ref = (torch.randn(args.B, K, generator=g) - 10.0 * args.T).to(dev)
+    return hidden, weight, labels, cu, ref
+
+
+def build(method, args):
+    """-> (step, inputs): step() runs one fwd+bwd and returns the loss."""
+    K = 2 if method.endswith("/k2") else 3
+    C = 1 if K == 2 else 2
+    hidden, weight, labels, cu, ref = make_inputs(args, K)
+    opts = dict(responses_per_prompt=K, num_chosen=C, alpha=0.1, ref_logps=ref, beta=0.1)
+    if method.startswith("naive-eager"):
+
+        def loss_fn():
+            return wk.fused_linear_wrpo_loss(hidden, weight, labels, cu, backend="reference", **opts).loss
+
+    elif method == "naive-compile":
+        spec = make_spec(
+            responses_per_prompt=K, num_chosen=C, alpha=0.1, chosen_weights=None,
+            loss_type="dpo", beta=0.1, gamma=0.0, label_smoothing=0.0,
+        )  # fmt: skip
+        compiled = torch.compile(
+            lambda h, w: reference.fused_linear_wrpo_loss(spec, h, w, labels, cu, ref).loss
+        )
+
+        def loss_fn():
+            return compiled(hidden, weight)
+
+    elif method.startswith("wrpo-torch"):
+
+        def loss_fn():
+            return wk.fused_linear_wrpo_loss(hidden, weight, labels, cu, backend="torch", **opts).loss
+
+    elif method == "liger-dpo/k2":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        # Liger wants [2B, T, H]: all chosen rows first, then all rejected rows.
+        order = torch.cat([torch.arange(0, 2 * args.B, 2), torch.arange(1, 2 * args.B, 2)])
+        liger = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False, compiled=args.device == "cuda")
+        targets = labels.view(2 * args.B, args.T)[order]
+        h3 = hidden.detach().view(2 * args.B, args.T, args.H)[order].requires_grad_()
+        hidden = h3
+
+        def loss_fn():
+            out = liger(weight, h3, targets)
+            return out[0] if isinstance(out, tuple) else out
+
+    else:
+        raise ValueError(method)
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach()
+
+    return step, (hidden, weight)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_mb(field="VmRSS"):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mb(method, args) -> float:
+    """Peak memory of one fwd+bwd above what the inputs already hold (see module docstring)."""
+    step, _ = build(method, args)
+    if method == "naive-compile" or args.device == "cuda":
+        step()  # compile / lazy init outside the measurement
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = rss_mb()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    step()
+    return rss_mb("VmHWM") - base
+
+
+def measure_memory_in_child(method, args) -> float:
+    if args.device == "cuda":
+        return peak_memory_mb(method, args)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, __file__, "--memory-child", method] + sys.argv[1:]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child for {method} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def machine(device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+    if device == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        model = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if "model name" in ln
+            ),
+            platform.processor(),
+        )
+        info["device"] = f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return info
+
+
+def time_methods(methods, args) -> dict:
+    steps = {}
+    for m in methods:
+        steps[m], _ = build(m, args)
+        for _ in range(args.warmup):
+            steps[m]()
+    times = {m: [] for m in methods}
+    for _ in range(args.reps):  # round-robin so that drifts of the machine hit every method alike
+        for m in methods:
+            sync(args.device)
+            t = time.perf_counter()
+            steps[m]()
+            sync(args.device)
+            times[m].append(time.perf_counter() - t)
+    return times
+
+
+def plot(results, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in (
+        (axes[0], "median_ms", "fwd+bwd median (ms)"),
+        (axes[1], "peak_mem_mb", "peak memory (MiB)"),
+    ):
+        colors = ["tab:green" if n.startswith("wrpo") else "tab:gray" for n in names]
+        ax.barh(names, [r[key] for r in results], color=colors)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        for i, r in enumerate(results):
+            ax.text(r[key], i, f" {r[key]:.0f}", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--B", type=int, default=4, help="prompts")
+    p.add_argument("--T", type=int, default=512, help="tokens per response")
+    p.add_argument("--H", type=int, default=256)
+    p.add_argument("--V", type=int, default=32768)
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument(
+        "--out", default=None, help="JSON path, {device} is filled in (a .png plot is written beside it)"
+    )
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child:
+        print(peak_memory_mb(args.memory_child, args))
+        return
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+
+    times = time_methods(methods, args)
+    mem = {m: measure_memory_in_child(m, args) for m in methods}
+    results = []
+    for m in methods:
+        K = 2 if m.endswith("/k2") else 3
+        base = "naive-eager/k2" if K == 2 else "naive-eager"
+        results.append(
+            {
+                "method": m,
+                "K": K,
+                "tokens": args.B * K * args.T,
+                "times_s": times[m],
+                "median_ms": 1e3 * statistics.median(times[m]),
+                "peak_mem_mb": mem[m],
+                "baseline": base,
+            }
+        )
+    by = {r["method"]: r for r in results}
+    for r in results:
+        b = by.get(r["baseline"])
+        r["speedup_vs_naive"] = b["median_ms"] / r["median_ms"] if b else None
+        r["mem_vs_naive"] = r["peak_mem_mb"] / b["peak_mem_mb"] if b else None
+
+    shape = {"B": args.B, "K": "3 (2 for /k2)", "T": args.T, "H": args.H, "V": args.V}
+    header = f"{'method':<16}{'tokens':>8}{'median ms':>12}{'peak MiB':>11}{'speed-up':>10}{'mem ratio':>11}"
+    print(
+        f"device: {machine(args.device)['device']}; shape {shape}; dtype {args.dtype}; median of {args.reps}"
+    )
+    print(header)
+    for r in results:
+        su = f"{r['speedup_vs_naive']:.2f}x" if r["speedup_vs_naive"] else "-"
+        mr = f"{r['mem_vs_naive']:.3f}" if r["mem_vs_naive"] else "-"
+        print(
+            f"{r['method']:<16}{r['tokens']:>8}{r['median_ms']:>12.0f}{r['peak_mem_mb']:>11.0f}{su:>10}{mr:>11}"
+        )
+    if args.out:
+        out = Path(args.out.format(device=args.device))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "machine": machine(args.device), "shape": shape, "dtype": args.dtype, "reps": args.reps,
+            "ref_logps": "precomputed", "date": time.strftime("%Y-%m-%d"), "results": results,
+        }  # fmt: skip
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(out)
+        title = f"{record['machine']['device']} | B={args.B} T={args.T} H={args.H} V={args.V} {args.dtype}"
+        plot(results, out.with_suffix(".png"), title)
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
