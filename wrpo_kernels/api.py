@@ -52,7 +52,9 @@ def _pack(hidden, weight, labels, cu_seqlens, bias, ignore_index, *, require_tok
     return hidden, labels, PackedRows(cu, cu_host, seq, counts)
 
 
-def _check_head_options(softcap, temperature):
+def _check_head_options(softcap, temperature, chunk_tokens):
+    if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     if not temperature > 0:
@@ -84,7 +86,7 @@ def linear_logprobs(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
-    _check_head_options(softcap, temperature)
+    _check_head_options(softcap, temperature, chunk_tokens)
     out_shape = labels.shape if isinstance(labels, torch.Tensor) else None
     h, lab, rows = _pack(
         hidden, weight, labels, cu_seqlens, bias, ignore_index,
@@ -141,7 +143,7 @@ def fused_linear_wrpo_loss(
         chosen_weights=chosen_weights, loss_type=loss_type, beta=beta, gamma=gamma,
         label_smoothing=label_smoothing,
     )  # fmt: skip
-    _check_head_options(softcap, temperature)
+    _check_head_options(softcap, temperature, chunk_tokens)
     K = spec.responses_per_prompt
 
     def describe(s):

@@ -113,11 +113,13 @@ class HeadGrads:
             g = ws.raw[: b - a].copy_(dlogits)
         if self.dX is not None:
             torch.mm(g, weight, out=self.dX[a:b])
-        if self.dW is not None:
+        if self.dW is not None:  # each chunk's product in fp32, not rounded to bf16 before the sum
             if self.dW.dtype == g.dtype:
                 self.dW.addmm_(g.t(), hidden[a:b])
+            elif g.is_cuda:
+                self.dW.add_(torch.mm(g.t(), hidden[a:b], out_dtype=self.dW.dtype))
             else:
-                self.dW.add_(torch.mm(g.t(), hidden[a:b]))
+                self.dW.addmm_(dlogits.t(), hidden[a:b].to(self.dW.dtype))
         if self.db is not None:
             self.db.add_(dlogits.sum(0))
 
