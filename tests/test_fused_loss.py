@@ -9,7 +9,7 @@ import torch
 from conftest import IGNORE, assert_rel_close, largest_allocation, make_batch, max_rel_err, rel_norm_err
 
 from wrpo_kernels import fused_linear_wrpo_loss, linear_logprobs, wrpo_loss
-from wrpo_kernels.torch_backend.schedule import plan_group_chunks
+from wrpo_kernels.chunked.schedule import plan_group_chunks
 
 TOL64 = 1e-10
 METRIC_NAMES = {

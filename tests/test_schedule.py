@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wrpo import ALPHA_SCHEDULES, alpha_at
-from wrpo_kernels.torch_backend.schedule import plan_group_chunks, row_tiles
+from wrpo_kernels.chunked.schedule import plan_group_chunks, row_tiles
 
 # ---- alpha ------------------------------------------------------------------------------------------------
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from . import reference, torch_backend
+from .chunked.buffers import HeadOptions, math_dtype
 from .metrics import preference_metrics
 from .objective import make_spec, rewards
 from .output import WRPOOutput
 from .packing import sequence_ids
-from .torch_backend.rows import HeadOptions, math_dtype
 from .validation import as_packed_rows, check_head, check_labels, check_preference_tensor
 
 BACKENDS = ("auto", "torch", "reference")

@@ -11,29 +11,12 @@ written over the same buffer, where ``scale`` is dL/d(log p) of the row. Math ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64; everything else is accumulated in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def default_chunk_tokens(vocab: int, device: torch.device) -> int:
-    """Rows per chunk so that one fp32 chunk of logits takes ~1 GiB on a GPU, ~256 MiB on a CPU."""
-    budget = (1 << 30) if device.type == "cuda" else (256 << 20)
-    return max(16, budget // (4 * vocab))
-
-
-@dataclass(frozen=True)
-class HeadOptions:
-    """How logits are formed and which labels count."""
-
-    ignore_index: int = -100
-    softcap: float | None = None
-    temperature: float = 1.0
+from ..chunked.buffers import HeadOptions, math_dtype
+from ..chunked.schedule import GroupChunk
+from ..objective import PreferenceSpec, group_loss_and_grad
+from ..packing import segment_sum
 
 
 class Workspace:
@@ -97,48 +80,45 @@ def softmax_grad_(z, safe_labels, scale, *, lse=None, sumexp=None, capgrad=None)
     return z
 
 
-class HeadGrads:
-    """dX [N, H] (input dtype); dW [V, H] and db [V] accumulated in fp32 (fp64 for fp64); None if unneeded."""
+class _RowState:
+    """A chunk's logits in ``ws.math`` (``z``), the softcap derivative, and the sum of exps once known."""
 
-    def __init__(self, hidden, weight, needs):
-        md = math_dtype(hidden.dtype)
-        self.dX = torch.empty_like(hidden) if needs[0] else None
-        self.dW = torch.zeros(weight.shape, dtype=md, device=weight.device) if needs[1] else None
-        self.db = torch.zeros(weight.shape[0], dtype=md, device=weight.device) if needs[2] else None
-
-    def add_rows_(self, ws: Workspace, dlogits, a: int, b: int, hidden, weight):
-        """Rows [a, b): dX = dlogits @ W; dW += dlogits^T @ hidden; db += sum of the rows of dlogits."""
-        g = dlogits
-        if g.dtype != hidden.dtype:
-            g = ws.raw[: b - a].copy_(dlogits)
-        if self.dX is not None:
-            torch.mm(g, weight, out=self.dX[a:b])
-        if self.dW is not None:  # each chunk's product in fp32, not rounded to bf16 before the sum
-            if self.dW.dtype == g.dtype:
-                self.dW.addmm_(g.t(), hidden[a:b])
-            elif g.is_cuda:
-                self.dW.add_(torch.mm(g.t(), hidden[a:b], out_dtype=self.dW.dtype))
-            else:
-                self.dW.addmm_(dlogits.t(), hidden[a:b].to(self.dW.dtype))
-        if self.db is not None:
-            self.db.add_(dlogits.sum(0))
+    def __init__(self, z, capgrad):
+        self.z, self.capgrad, self.sumexp = z, capgrad, None
 
 
-@dataclass(frozen=True)
-class Targets:
-    """The labels of packed rows, prepared once per call.
+class TorchRowOps:
+    """Row work with torch element-wise ops on an fp32 copy of the chunk's logits."""
 
-    safe [N] int64 (ignored -> 0), valid [N] 1/0 in the math dtype, seq [N] sequence of each
-    token, counts [S] int64 valid tokens per sequence.
-    """
+    name = "torch"
 
-    safe: torch.Tensor
-    valid: torch.Tensor
-    seq: torch.Tensor
-    counts: torch.Tensor
+    def workspace(self, rows, vocab, dtype, device, *, softcap_grad: bool) -> Workspace:
+        return Workspace(rows, vocab, dtype, device, softcap=softcap_grad)
 
-    @classmethod
-    def build(cls, labels, seq, counts, ignore_index: int, dtype: torch.dtype) -> Targets:
-        valid = labels != ignore_index
-        safe = torch.where(valid, labels, 0).to(torch.int64)
-        return cls(safe, valid.to(math_dtype(dtype)), seq, counts)
+    def logits(self, ws, hidden, weight, bias, opts: HeadOptions, *, for_grad: bool) -> _RowState:
+        return _RowState(*head_logits_(ws, hidden, weight, bias, opts, keep_capgrad=for_grad))
+
+    def stats(self, st: _RowState, safe, opts: HeadOptions):
+        lse, target, st.sumexp = softmax_stats_(st.z, safe)
+        return lse, target
+
+    def grad(self, st: _RowState, safe, scale, lse, opts: HeadOptions):
+        """dL/dx [n, V] (math dtype) for dL/d(log p) = ``scale`` [n]."""
+        scale = scale / opts.temperature
+        if st.sumexp is not None:
+            return softmax_grad_(st.z, safe, scale, sumexp=st.sumexp, capgrad=st.capgrad)
+        return softmax_grad_(st.z, safe, scale, lse=lse, capgrad=st.capgrad)
+
+    def lowp(self, ws: Workspace, n: int):
+        return ws.raw[:n]
+
+    def group_loss(self, spec: PreferenceSpec, tok, targets, c: GroupChunk, ref, lengths):
+        """Per-sequence sums s [b*K] of the chunk's groups, their losses [b] and dL/ds [b, K]."""
+        K = spec.responses_per_prompt
+        s0, s1 = c.g0 * K, c.g1 * K
+        s = segment_sum(tok[c.t0 : c.t1], targets.seq[c.t0 : c.t1] - s0, s1 - s0)
+        loss, ds = group_loss_and_grad(spec, s.view(-1, K), ref, lengths)
+        return s, loss, ds
+
+
+TORCH_ROW_OPS = TorchRowOps()

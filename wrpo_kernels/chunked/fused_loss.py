@@ -1,4 +1,4 @@
-"""Single-pass fused LM head + WRPO loss on the chunked torch backend (DESIGN §4, "Single pass").
+"""Single-pass fused LM head + WRPO loss over chunks of whole groups (DESIGN §4), for any row-ops backend.
 
 Per chunk of whole groups: logits once (GEMM) -> lse and target -> per-sequence log-probs s ->
 group loss and dL/ds -> logits turned in place into dL/dlogits -> dX for the chunk, dW and db
@@ -12,19 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..objective import PreferenceSpec, group_loss_and_grad
-from ..packing import segment_sum
+from ..objective import PreferenceSpec
+from .buffers import HeadGrads, HeadOptions, Targets, math_dtype
 from .logprobs import recompute_head_grads_
-from .rows import (
-    HeadGrads,
-    HeadOptions,
-    Targets,
-    Workspace,
-    head_logits_,
-    math_dtype,
-    softmax_grad_,
-    softmax_stats_,
-)
 from .schedule import GroupChunk
 
 
@@ -36,6 +26,7 @@ class FusedPlan:
     chunks: tuple[GroupChunk, ...]
     chunk_tokens: int
     nll_weight: float
+    ops: object
 
 
 def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
@@ -55,34 +46,33 @@ def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
     tok = torch.empty(hidden.shape[0], dtype=md, device=dev)
     group_losses = torch.empty(B, dtype=md, device=dev)
     grads = HeadGrads(hidden, weight, needs)
+    ops = plan.ops
     rows = max(b - a for c in plan.chunks for a, b in c.tiles)
-    ws = Workspace(rows, weight.shape[0], hidden.dtype, dev, softcap=opts.softcap is not None and want_grad)
+    softcap_grad = opts.softcap is not None and want_grad
+    ws = ops.workspace(rows, weight.shape[0], hidden.dtype, dev, softcap_grad=softcap_grad)
 
     for c in plan.chunks:
-        s0, s1 = c.g0 * K, c.g1 * K
-        local_seq = t.seq[c.t0 : c.t1] - s0
         lse = torch.empty(c.t1 - c.t0, dtype=md, device=dev)
         for a, b in c.tiles:
-            z, cap = head_logits_(
-                ws, hidden[a:b], weight, bias, opts, keep_capgrad=want_grad and c.single_pass
-            )
-            lse[a - c.t0 : b - c.t0], target, sumexp = softmax_stats_(z, t.safe[a:b])
+            st = ops.logits(ws, hidden[a:b], weight, bias, opts, for_grad=want_grad and c.single_pass)
+            lse[a - c.t0 : b - c.t0], target = ops.stats(st, t.safe[a:b], opts)
             torch.mul(target - lse[a - c.t0 : b - c.t0], t.valid[a:b], out=tok[a:b])
-        s = segment_sum(tok[c.t0 : c.t1], local_seq, s1 - s0)
-        logps[s0:s1] = s
         ref = None if ref_logps is None else ref_logps[c.g0 : c.g1]
-        loss_g, ds = group_loss_and_grad(spec, s.view(-1, K), ref, lengths[c.g0 : c.g1])
+        s, loss_g, ds = ops.group_loss(spec, tok, t, c, ref, lengths[c.g0 : c.g1])
+        logps[c.g0 * K : c.g1 * K] = s
         group_losses[c.g0 : c.g1] = loss_g
         if not want_grad:
             continue
         ds = ds / B
         ds[:, 0] -= nll_coef
-        scale = ds.reshape(-1)[local_seq] * t.valid[c.t0 : c.t1] / opts.temperature
+        scale = ds.reshape(-1)[t.seq[c.t0 : c.t1] - c.g0 * K] * t.valid[c.t0 : c.t1]
         if c.single_pass:
-            softmax_grad_(z, t.safe[c.t0 : c.t1], scale, sumexp=sumexp, capgrad=cap)
-            grads.add_rows_(ws, z, c.t0, c.t1, hidden, weight)
+            g = ops.grad(st, t.safe[c.t0 : c.t1], scale, lse, opts)
+            grads.add_rows_(g, c.t0, c.t1, hidden, weight, ops.lowp(ws, c.t1 - c.t0))
         else:  # the group outgrew the budget: recompute its logits tile by tile
-            recompute_head_grads_(ws, grads, hidden, weight, bias, t.safe, opts, lse, scale, c.tiles, c.t0)
+            recompute_head_grads_(
+                ops, ws, grads, hidden, weight, bias, t.safe, opts, lse, scale, c.tiles, c.t0
+            )
 
     loss = group_losses.mean()
     if plan.nll_weight:
@@ -107,7 +97,8 @@ class FusedLinearWRPOFunction(torch.autograd.Function):
         if grads is None:
             raise RuntimeError("fused_linear_wrpo_loss: backward ran twice; its gradients are consumed once")
         ctx.grads = None
-        dX = None if grads.dX is None else grads.dX.mul_(grad_loss)
-        dW = None if grads.dW is None else grads.dW.mul_(grad_loss).to(ctx.dtypes[0])
-        db = None if grads.db is None else grads.db.mul_(grad_loss).to(ctx.dtypes[1])
+        for g in (grads.dX, grads.dW, grads.db):
+            if g is not None:
+                g.mul_(grad_loss)
+        dX, dW, db = grads.to_input_dtypes(*ctx.dtypes)
         return dX, dW, db, None, None, None

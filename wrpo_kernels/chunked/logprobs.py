@@ -1,7 +1,8 @@
-"""Two-pass ``linear_logprobs`` on the chunked torch backend (DESIGN §4, "Two pass").
+"""Two-pass ``linear_logprobs`` over chunks of rows (DESIGN §4, "Two pass"), for any row-ops backend.
 
 Forward keeps only lse per token (O(N)); backward recomputes each chunk's logits and turns them
 into dL/dlogits in place before the two gradient GEMMs. Memory: one chunk of logits + gradients.
+``ops`` does the row work (torch element-wise ops, or Triton kernels).
 """
 
 from __future__ import annotations
@@ -11,16 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..packing import segment_sum
-from .rows import (
-    HeadGrads,
-    HeadOptions,
-    Targets,
-    Workspace,
-    head_logits_,
-    math_dtype,
-    softmax_grad_,
-    softmax_stats_,
-)
+from .buffers import HeadGrads, HeadOptions, Targets, math_dtype
 from .schedule import row_tiles
 
 
@@ -30,6 +22,7 @@ class LogprobPlan:
     opts: HeadOptions
     reduction: str
     chunk_tokens: int
+    ops: object
 
 
 def token_logprobs_and_lse(hidden, weight, bias, plan: LogprobPlan):
@@ -38,18 +31,17 @@ def token_logprobs_and_lse(hidden, weight, bias, plan: LogprobPlan):
     md = math_dtype(hidden.dtype)
     tok = torch.empty(N, dtype=md, device=hidden.device)
     lse = torch.empty(N, dtype=md, device=hidden.device)
-    tiles = row_tiles(0, N, plan.chunk_tokens)
-    ws = Workspace(min(N, plan.chunk_tokens), V, hidden.dtype, hidden.device, softcap=False)
-    t = plan.targets
-    for a, b in tiles:
-        z, _ = head_logits_(ws, hidden[a:b], weight, bias, plan.opts, keep_capgrad=False)
-        lse[a:b], target, _ = softmax_stats_(z, t.safe[a:b])
+    ops, t = plan.ops, plan.targets
+    ws = ops.workspace(min(N, plan.chunk_tokens), V, hidden.dtype, hidden.device, softcap_grad=False)
+    for a, b in row_tiles(0, N, plan.chunk_tokens):
+        st = ops.logits(ws, hidden[a:b], weight, bias, plan.opts, for_grad=False)
+        lse[a:b], target = ops.stats(st, t.safe[a:b], plan.opts)
         torch.mul(target - lse[a:b], t.valid[a:b], out=tok[a:b])
     return tok, lse
 
 
 def recompute_head_grads_(
-    ws, grads: HeadGrads, hidden, weight, bias, safe, opts, lse, scale, tiles, offset=0
+    ops, ws, grads: HeadGrads, hidden, weight, bias, safe, opts, lse, scale, tiles, offset=0
 ):
     """Add the gradients of sum_t scale_t * log p_t over ``tiles`` of rows to ``grads``.
 
@@ -57,11 +49,9 @@ def recompute_head_grads_(
     Tiles and ``safe`` index rows of ``hidden``; ``lse`` and ``scale`` start at row ``offset``.
     """
     for a, b in tiles:
-        z, cap = head_logits_(ws, hidden[a:b], weight, bias, opts, keep_capgrad=True)
-        softmax_grad_(
-            z, safe[a:b], scale[a - offset : b - offset], lse=lse[a - offset : b - offset], capgrad=cap
-        )
-        grads.add_rows_(ws, z, a, b, hidden, weight)
+        st = ops.logits(ws, hidden[a:b], weight, bias, opts, for_grad=True)
+        g = ops.grad(st, safe[a:b], scale[a - offset : b - offset], lse[a - offset : b - offset], opts)
+        grads.add_rows_(g, a, b, hidden, weight, ops.lowp(ws, b - a))
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -72,10 +62,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         tok, lse = token_logprobs_and_lse(hidden, weight, bias, plan)
         ctx.save_for_backward(hidden, weight, bias, lse)
         ctx.plan = plan
-        if plan.reduction == "none":
-            return tok
-        sums = segment_sum(tok, plan.targets.seq, plan.targets.counts.numel())
-        return sums if plan.reduction == "sum" else sums / plan.targets.counts
+        return reduce_token_logprobs(tok, plan.targets, plan.reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -85,18 +72,21 @@ class LinearLogprobsFunction(torch.autograd.Function):
         g = grad_out.contiguous().to(lse.dtype)
         if plan.reduction == "mean":
             g = g / t.counts
-        per_token = g if plan.reduction == "none" else g[t.seq]
-        scale = per_token * t.valid / plan.opts.temperature
+        scale = (g if plan.reduction == "none" else g[t.seq]) * t.valid
         N, V = hidden.shape[0], weight.shape[0]
         grads = HeadGrads(hidden, weight, ctx.needs_input_grad[:3])
-        ws = Workspace(
-            min(N, plan.chunk_tokens), V, hidden.dtype, hidden.device, softcap=plan.opts.softcap is not None
+        softcap_grad = plan.opts.softcap is not None
+        ws = plan.ops.workspace(
+            min(N, plan.chunk_tokens), V, hidden.dtype, hidden.device, softcap_grad=softcap_grad
         )
         tiles = row_tiles(0, N, plan.chunk_tokens)
-        recompute_head_grads_(ws, grads, hidden, weight, bias, t.safe, plan.opts, lse, scale, tiles)
-        return (
-            grads.dX,
-            None if grads.dW is None else grads.dW.to(weight.dtype),
-            None if grads.db is None else grads.db.to(bias.dtype),
-            None,
-        )
+        recompute_head_grads_(plan.ops, ws, grads, hidden, weight, bias, t.safe, plan.opts, lse, scale, tiles)
+        return (*grads.to_input_dtypes(weight.dtype, None if bias is None else bias.dtype), None)
+
+
+def reduce_token_logprobs(tok, targets: Targets, reduction: str):
+    """Per-token log-probs [N] -> [N] ("none"), per-sequence sums [S] ("sum") or means [S] ("mean")."""
+    if reduction == "none":
+        return tok
+    sums = segment_sum(tok, targets.seq, targets.counts.numel())
+    return sums if reduction == "sum" else sums / targets.counts

@@ -1,0 +1,32 @@
+"""The chunk schedule and autograd functions shared by the chunked backends (DESIGN §4).
+
+A backend plugs in its *row ops*, an object with:
+  workspace(rows, V, dtype, device, softcap_grad)   buffers for one chunk of logits
+  logits(ws, hidden, weight, bias, opts, for_grad)  the chunk's GEMM (+ what the row work needs) -> state
+  stats(state, safe_labels, opts) -> lse, target    per row, fp32
+  grad(state, safe_labels, scale, lse, opts)         dL/dx in place, for dL/d(log p) = scale per row
+  lowp(ws, n)                                        a buffer in the input dtype for the gradient GEMMs
+  group_loss(spec, tok, targets, chunk, ref, lengths) -> s, loss per group, dL/ds
+"""
+
+from .buffers import HeadGrads, HeadOptions, Targets, default_chunk_tokens, math_dtype
+from .entry import run_fused, run_logprobs
+from .fused_loss import FusedLinearWRPOFunction, FusedPlan
+from .logprobs import LinearLogprobsFunction, LogprobPlan
+from .schedule import plan_group_chunks, row_tiles
+
+__all__ = [
+    "FusedLinearWRPOFunction",
+    "FusedPlan",
+    "HeadGrads",
+    "HeadOptions",
+    "LinearLogprobsFunction",
+    "LogprobPlan",
+    "Targets",
+    "default_chunk_tokens",
+    "math_dtype",
+    "plan_group_chunks",
+    "row_tiles",
+    "run_fused",
+    "run_logprobs",
+]
