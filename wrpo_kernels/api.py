@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,15 +16,35 @@ from .output import WRPOOutput
 from .packing import sequence_ids
 from .validation import as_packed_rows, check_head, check_labels, check_preference_tensor
 
-BACKENDS = ("auto", "torch", "reference")
+BACKENDS = ("auto", "torch", "triton", "reference")
 REDUCTIONS = ("sum", "mean", "none")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> the fastest backend available for ``device``; anything unknown raises."""
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton backend cannot run on ``device`` here, or None if it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (
+        f"Triton kernels run on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got {device.type}"
+    )
+
+
+def resolve_backend(backend: str, device: torch.device):
+    """-> (name, implementation module). ``auto`` picks the chunked torch backend (see README);
+    an unknown backend, or one that cannot run on ``device``, raises (no silent fallback)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not available; choose one of {BACKENDS}")
-    return "torch" if backend == "auto" else backend
+    name = "torch" if backend == "auto" else backend
+    if name == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason:
+            raise RuntimeError(f"backend='triton' cannot run here: {reason}")
+        return name, importlib.import_module(".triton_backend", __package__)
+    return name, reference if name == "reference" else torch_backend
 
 
 @dataclass(frozen=True)
@@ -92,7 +114,7 @@ def linear_logprobs(
         hidden, weight, labels, cu_seqlens, bias, ignore_index,
         require_tokens=reduction == "mean", describe=lambda s: f"sequence {s}",
     )  # fmt: skip
-    name = resolve_backend(backend, h.device)
+    name, impl = resolve_backend(backend, h.device)
     opts = HeadOptions(ignore_index, softcap, float(temperature))
     if name == "reference":
         out = reference.linear_logprobs(
@@ -100,7 +122,7 @@ def linear_logprobs(
             softcap=softcap, temperature=temperature,
         )  # fmt: skip
     else:
-        out = torch_backend.linear_logprobs(
+        out = impl.linear_logprobs(
             h, weight, lab, rows, bias=bias, opts=opts, reduction=reduction, chunk_tokens=chunk_tokens
         )
     return out.view(out_shape) if reduction == "none" else out
@@ -162,7 +184,7 @@ def fused_linear_wrpo_loss(
         raise ValueError(f"loss_type={loss_type!r} needs ref_logps ([B, K] = [{B}, {K}] or [S] = [{S}])")
     ref = check_preference_tensor("ref_logps", ref_logps, B, K, h.device) if spec.needs_reference else None
     ref = None if ref is None else ref.detach().to(md)
-    name = resolve_backend(backend, h.device)
+    name, impl = resolve_backend(backend, h.device)
     lengths = rows.counts.view(B, K).to(md)
     if name == "reference":
         return reference.fused_linear_wrpo_loss(
@@ -170,7 +192,7 @@ def fused_linear_wrpo_loss(
             ignore_index=ignore_index, softcap=softcap, temperature=temperature,
         )  # fmt: skip
     opts = HeadOptions(ignore_index, softcap, float(temperature))
-    loss, logps = torch_backend.fused_linear_wrpo_loss(
+    loss, logps = impl.fused_linear_wrpo_loss(
         spec,
         h,
         weight,
@@ -236,8 +258,8 @@ def wrpo_loss(
             b, k = (lengths <= 0).nonzero()[0].tolist()
             raise ValueError(f"lengths[{b}, {k}] = {lengths[b, k].item()}: every response needs >= 1 token")
         lengths = lengths.to(dt)
-    name = resolve_backend(backend, dev)
+    name, impl = resolve_backend(backend, dev)
     if name == "reference":
         return reference.wrpo_loss(spec, policy_logps, ref, lengths)
-    loss = torch_backend.wrpo_loss(spec, policy_logps, ref, lengths)
+    loss = impl.wrpo_loss(spec, policy_logps, ref, lengths)
     return loss, preference_metrics(spec, policy_logps, rewards(spec, policy_logps.detach(), ref, lengths))

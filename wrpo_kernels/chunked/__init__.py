@@ -6,13 +6,14 @@ A backend plugs in its *row ops*, an object with:
   stats(state, safe_labels, opts) -> lse, target    per row, fp32
   grad(state, safe_labels, scale, lse, opts)         dL/dx in place, for dL/d(log p) = scale per row
   lowp(ws, n)                                        a buffer in the input dtype for the gradient GEMMs
-  group_loss(spec, tok, targets, chunk, ref, lengths) -> s, loss per group, dL/ds
+  group_loss(spec, tok, targets, chunk, ref, lengths) -> s, loss per group, dL/ds (for the chunk's
+                                                     groups; ref and lengths are the whole batch's [B, K])
 """
 
 from .buffers import HeadGrads, HeadOptions, Targets, default_chunk_tokens, math_dtype
 from .entry import run_fused, run_logprobs
 from .fused_loss import FusedLinearWRPOFunction, FusedPlan
-from .logprobs import LinearLogprobsFunction, LogprobPlan
+from .logprobs import LinearLogprobsFunction, LogprobPlan, reduce_token_logprobs
 from .schedule import plan_group_chunks, row_tiles
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "default_chunk_tokens",
     "math_dtype",
     "plan_group_chunks",
+    "reduce_token_logprobs",
     "row_tiles",
     "run_fused",
     "run_logprobs",

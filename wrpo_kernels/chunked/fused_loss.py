@@ -57,8 +57,7 @@ def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
             st = ops.logits(ws, hidden[a:b], weight, bias, opts, for_grad=want_grad and c.single_pass)
             lse[a - c.t0 : b - c.t0], target = ops.stats(st, t.safe[a:b], opts)
             torch.mul(target - lse[a - c.t0 : b - c.t0], t.valid[a:b], out=tok[a:b])
-        ref = None if ref_logps is None else ref_logps[c.g0 : c.g1]
-        s, loss_g, ds = ops.group_loss(spec, tok, t, c, ref, lengths[c.g0 : c.g1])
+        s, loss_g, ds = ops.group_loss(spec, tok, t, c, ref_logps, lengths)
         logps[c.g0 * K : c.g1 * K] = s
         group_losses[c.g0 : c.g1] = loss_g
         if not want_grad:

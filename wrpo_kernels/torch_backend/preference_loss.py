@@ -1,4 +1,4 @@
-"""``wrpo_loss`` from [B, K] log-probs on the torch backend: the analytic gradient of DESIGN §2."""
+"""``wrpo_loss`` from [B, K] log-probs: the analytic gradient of DESIGN §2 in an autograd function."""
 
 from __future__ import annotations
 
@@ -8,17 +8,21 @@ from ..objective import PreferenceSpec, group_loss_and_grad
 
 
 class PreferenceLossFunction(torch.autograd.Function):
-    """logps [B, K], ref_logps [B, K] | None, lengths [B, K] | None -> mean group loss (0-dim)."""
+    """logps [B, K], ref_logps [B, K] | None, lengths [B, K] | None -> mean group loss (0-dim).
+
+    ``group_loss(spec, logps, ref, lengths) -> (loss [B], dL/dlogps [B, K])`` does the work
+    (torch ops by default; the Triton backend passes its kernel).
+    """
 
     @staticmethod
-    def forward(ctx, logps, ref_logps, lengths, spec: PreferenceSpec):
-        losses, dloss_dlogps = group_loss_and_grad(spec, logps, ref_logps, lengths)
-        ctx.save_for_backward(dloss_dlogps / logps.shape[0])
-        return losses.mean()
+    def forward(ctx, logps, ref_logps, lengths, spec: PreferenceSpec, group_loss=group_loss_and_grad):
+        losses, dloss_dlogps = group_loss(spec, logps, ref_logps, lengths)
+        ctx.save_for_backward(dloss_dlogps.to(logps.dtype) / logps.shape[0])
+        return losses.to(logps.dtype).mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         grad = grad * grad_loss
         dref = -grad if ctx.needs_input_grad[1] else None
-        return grad, dref, None, None
+        return grad, dref, None, None, None

@@ -113,11 +113,15 @@ class TorchRowOps:
         return ws.raw[:n]
 
     def group_loss(self, spec: PreferenceSpec, tok, targets, c: GroupChunk, ref, lengths):
-        """Per-sequence sums s [b*K] of the chunk's groups, their losses [b] and dL/ds [b, K]."""
+        """Per-sequence sums s [b*K] of the chunk's groups, their losses [b] and dL/ds [b, K].
+
+        ``tok`` [N] per-token log-probs; ``ref`` and ``lengths`` [B, K] for the whole batch.
+        """
         K = spec.responses_per_prompt
         s0, s1 = c.g0 * K, c.g1 * K
         s = segment_sum(tok[c.t0 : c.t1], targets.seq[c.t0 : c.t1] - s0, s1 - s0)
-        loss, ds = group_loss_and_grad(spec, s.view(-1, K), ref, lengths)
+        ref = None if ref is None else ref[c.g0 : c.g1]
+        loss, ds = group_loss_and_grad(spec, s.view(-1, K), ref, lengths[c.g0 : c.g1])
         return s, loss, ds
 
 

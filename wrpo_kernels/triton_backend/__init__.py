@@ -1,0 +1,53 @@
+"""Triton backend: row kernels, the group-loss kernel and a forward-only tiled kernel (DESIGN §4).
+
+Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it; the
+variable must be set before this package is imported). Inputs: fp32, fp16, bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..chunked import Targets, reduce_token_logprobs, run_fused, run_logprobs
+from ..torch_backend.preference_loss import PreferenceLossFunction
+from .forward_kernel import forward_token_logprobs
+from .loss_kernel import group_loss_from_logps
+from .ops import TRITON_ROW_OPS
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtype(dtype):
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"backend='triton' takes fp32, fp16 or bf16 inputs, got {dtype}; use backend='torch'"
+        )
+
+
+def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chunk_tokens):
+    """Under no_grad (or with nothing to differentiate): the forward-only kernel; else two-pass chunks."""
+    _check_dtype(hidden.dtype)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if not needs_grad:
+        targets = Targets.build(labels, rows, opts.ignore_index, hidden.dtype)
+        tok, _ = forward_token_logprobs(hidden, weight, bias, targets.safe, targets.valid, opts)
+        return reduce_token_logprobs(tok, targets, reduction)
+    return run_logprobs(TRITON_ROW_OPS, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens)
+
+
+def fused_linear_wrpo_loss(
+    spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens
+):
+    """(loss, logps [B, K]) in one pass over chunks of whole groups, row work in Triton kernels."""
+    _check_dtype(hidden.dtype)
+    return run_fused(
+        TRITON_ROW_OPS, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens
+    )
+
+
+def wrpo_loss(spec, logps, ref_logps, lengths):
+    """Mean group loss from [B, K] log-probs through the group-loss kernel."""
+    _check_dtype(logps.dtype)
+    return PreferenceLossFunction.apply(logps, ref_logps, lengths, spec, group_loss_from_logps)
