@@ -7,9 +7,17 @@ one label != ignore_index unless ``allow_empty=True``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
+
+# The Triton backend runs its kernels on CPU tensors through the interpreter when there is no GPU;
+# triton reads this when the kernels are defined, so it is set before wrpo_kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from wrpo_kernels import fused_linear_wrpo_loss  # noqa: E402
 
 IGNORE = -100
 
@@ -174,3 +182,57 @@ def largest_allocation(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+def same_size_groups(B, K, seed, min_len=1, max_len=6):
+    """Response lengths where every group has the same token total (permutations of group 0's)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(min_len, max_len + 1, (K,), generator=g)
+    return [int(x) for _ in range(B) for x in base[torch.randperm(K, generator=g)]]
+
+
+def group_tokens(batch):
+    cu = batch.cu_seqlens.tolist()
+    return [cu[(b + 1) * batch.K] - cu[b * batch.K] for b in range(batch.B)]
+
+
+def resolve_chunk(chunk, batch):
+    """'group': exactly one group fits; 'groups': several groups fit; ints are used as they are."""
+    if chunk == "group":
+        return max(group_tokens(batch))
+    if chunk == "groups":
+        return 2 * max(group_tokens(batch))
+    return chunk
+
+
+def fused(batch, backend, *, dtype=None, chunk_tokens=None, ref="BK", grad=True, upstream=1.0, **opts):
+    """Run the fused loss and backprop ``upstream * loss``; returns a dict of everything to compare."""
+    h, w, b = batch.params(dtype, requires_grad=grad)
+    ref_logps = None if ref is None else (batch.ref_logps if ref == "BK" else batch.ref_logps.reshape(-1))
+    kw = {} if backend == "reference" else {"chunk_tokens": chunk_tokens}
+    out = fused_linear_wrpo_loss(
+        h, w, batch.labels, batch.cu_seqlens, bias=b, ref_logps=ref_logps, responses_per_prompt=batch.K,
+        backend=backend, **opts, **kw,
+    )  # fmt: skip
+    if grad:
+        (out.loss * upstream).backward()
+    return {
+        "loss": out.loss.detach(),
+        "logps": out.logps,
+        "metrics": out.metrics,
+        "dX": h.grad,
+        "dW": w.grad,
+        "db": None if b is None else b.grad,
+        "out": out,
+    }
+
+
+def check_all_close(ours, ref, tol, label=""):
+    for name in ("loss", "logps", "dX", "dW", "db"):
+        if ref[name] is None:
+            assert ours[name] is None, f"{label} {name}: expected no gradient"
+            continue
+        assert_rel_close(ours[name], ref[name], tol, f"{label} {name}")
+    assert set(ours["metrics"]) == set(ref["metrics"]), label
+    for k, v in ref["metrics"].items():
+        assert_rel_close(ours["metrics"][k], v, tol, f"{label} metric {k}")

@@ -6,7 +6,18 @@ import math
 
 import pytest
 import torch
-from conftest import IGNORE, assert_rel_close, largest_allocation, make_batch, max_rel_err, rel_norm_err
+from conftest import (
+    IGNORE,
+    assert_rel_close,
+    check_all_close,
+    fused,
+    largest_allocation,
+    make_batch,
+    max_rel_err,
+    rel_norm_err,
+    resolve_chunk,
+    same_size_groups,
+)
 
 from wrpo_kernels import fused_linear_wrpo_loss, linear_logprobs, wrpo_loss
 from wrpo_kernels.chunked.schedule import plan_group_chunks
@@ -28,60 +39,6 @@ METRIC_NAMES = {
     "cur_alpha",
 }
 SOURCE_METRICS = {"rewards/source_chosen", "rewards/source_accuracies", "logps/source_chosen"}
-
-
-def same_size_groups(B, K, seed, min_len=1, max_len=6):
-    """Response lengths where every group has the same token total (permutations of group 0's)."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randint(min_len, max_len + 1, (K,), generator=g)
-    return [int(x) for _ in range(B) for x in base[torch.randperm(K, generator=g)]]
-
-
-def group_tokens(batch):
-    cu = batch.cu_seqlens.tolist()
-    return [cu[(b + 1) * batch.K] - cu[b * batch.K] for b in range(batch.B)]
-
-
-def resolve_chunk(chunk, batch):
-    """'group': exactly one group fits; 'groups': several groups fit; ints are used as they are."""
-    if chunk == "group":
-        return max(group_tokens(batch))
-    if chunk == "groups":
-        return 2 * max(group_tokens(batch))
-    return chunk
-
-
-def fused(batch, backend, *, dtype=None, chunk_tokens=None, ref="BK", grad=True, upstream=1.0, **opts):
-    """Run the fused loss and backprop ``upstream * loss``; returns a dict of everything to compare."""
-    h, w, b = batch.params(dtype, requires_grad=grad)
-    ref_logps = None if ref is None else (batch.ref_logps if ref == "BK" else batch.ref_logps.reshape(-1))
-    kw = {"chunk_tokens": chunk_tokens} if backend == "torch" else {}
-    out = fused_linear_wrpo_loss(
-        h, w, batch.labels, batch.cu_seqlens, bias=b, ref_logps=ref_logps, responses_per_prompt=batch.K,
-        backend=backend, **opts, **kw,
-    )  # fmt: skip
-    if grad:
-        (out.loss * upstream).backward()
-    return {
-        "loss": out.loss.detach(),
-        "logps": out.logps,
-        "metrics": out.metrics,
-        "dX": h.grad,
-        "dW": w.grad,
-        "db": None if b is None else b.grad,
-        "out": out,
-    }
-
-
-def check_all_close(ours, ref, tol, label=""):
-    for name in ("loss", "logps", "dX", "dW", "db"):
-        if ref[name] is None:
-            assert ours[name] is None, f"{label} {name}: expected no gradient"
-            continue
-        assert_rel_close(ours[name], ref[name], tol, f"{label} {name}")
-    assert set(ours["metrics"]) == set(ref["metrics"]), label
-    for k, v in ref["metrics"].items():
-        assert_rel_close(ours["metrics"][k], v, tol, f"{label} metric {k}")
 
 
 SHAPES = [(2, 1), (3, 2), (3, 1), (4, 3), (4, 2)]  # (K, num_chosen)
