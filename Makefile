@@ -3,7 +3,7 @@
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test lint setup
+.PHONY: bench bench-gpu test lint setup
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -13,6 +13,12 @@ setup: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_head_loss.py --out "benchmarks/results/head_loss_{device}.json"
+
+# on a CUDA machine: the Llama-3-8B head shape, then the V x tokens x H sweep
+bench-gpu: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_head_loss.py --device cuda --B 4 --T 1024 --H 4096 --V 128256 \
+		--dtype bf16 --out benchmarks/results/head_loss_llama3_8b_cuda.json
+	$(VENV)/bin/python benchmarks/sweep_gpu.py --out benchmarks/results/sweep_cuda.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

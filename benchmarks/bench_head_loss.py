@@ -4,8 +4,14 @@ Methods (same tokens, same dtype, precomputed reference log-probs):
   naive-eager      wrpo_kernels.reference: full [N, V] logits, log_softmax, gather (K responses)
   naive-compile    the same under torch.compile
   wrpo-torch       wrpo_kernels backend="torch" (chunked single pass)
+  wrpo-triton      wrpo_kernels backend="triton" (CUDA only)
+  cce-logps        cut-cross-entropy per-token log-probs (reduction="none"), summed per sequence,
+                   then wrpo_kernels.wrpo_loss (CUDA only; a peer for the log-prob part)
   and, on K = 2 (chosen = the target pick, rejected) since Liger takes pairs only:
-  naive-eager/k2, wrpo-torch/k2, liger-dpo/k2 (LigerFusedLinearDPOLoss, use_ref_model=False)
+  naive-eager/k2, wrpo-torch/k2, wrpo-triton/k2, liger-dpo/k2 (LigerFusedLinearDPOLoss, use_ref_model=False)
+
+TFLOP/s is the model's work over the time: 6NHV for every method but cce-logps (8NHV: its
+backward recomputes the logits).
 
 Time: median of --reps fwd+bwd calls after a warm-up, methods interleaved round-robin in one process.
 Memory: CUDA: max allocated above the inputs; CPU: peak RSS rise over one fwd+bwd in a fresh process
@@ -34,7 +40,11 @@ from wrpo_kernels import reference
 from wrpo_kernels.objective import make_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-METHODS = ("naive-eager", "naive-compile", "wrpo-torch", "naive-eager/k2", "wrpo-torch/k2", "liger-dpo/k2")
+METHODS = (
+    "naive-eager", "naive-compile", "wrpo-torch", "wrpo-triton", "cce-logps",
+    "naive-eager/k2", "wrpo-torch/k2", "wrpo-triton/k2", "liger-dpo/k2",
+)  # fmt: skip
+CUDA_ONLY = {"wrpo-triton", "wrpo-triton/k2", "cce-logps"}
 
 
 def make_inputs(args, K):
@@ -74,10 +84,23 @@ def build(method, args):
         def loss_fn():
             return compiled(hidden, weight)
 
-    elif method.startswith("wrpo-torch"):
+    elif method.startswith(("wrpo-torch", "wrpo-triton")):
+        backend = method.split("/")[0].removeprefix("wrpo-")
 
         def loss_fn():
-            return wk.fused_linear_wrpo_loss(hidden, weight, labels, cu, backend="torch", **opts).loss
+            return wk.fused_linear_wrpo_loss(hidden, weight, labels, cu, backend=backend, **opts).loss
+
+    elif method == "cce-logps":
+        from cut_cross_entropy import linear_cross_entropy
+
+        seq = torch.repeat_interleave(torch.arange(args.B * K, device=hidden.device), args.T)
+
+        def loss_fn():
+            nll = linear_cross_entropy(hidden, weight, labels, reduction="none")
+            logps = (
+                torch.zeros(args.B * K, device=hidden.device).index_add(0, seq, -nll.float()).view(args.B, K)
+            )
+            return wk.wrpo_loss(logps, ref, None, num_chosen=C, alpha=0.1, beta=0.1)[0]
 
     elif method == "liger-dpo/k2":
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
@@ -139,7 +162,21 @@ def measure_memory_in_child(method, args) -> float:
     if args.device == "cuda":
         return peak_memory_mb(method, args)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, __file__, "--memory-child", method] + sys.argv[1:]
+    shape = [
+        "--device",
+        args.device,
+        "--B",
+        args.B,
+        "--T",
+        args.T,
+        "--H",
+        args.H,
+        "--V",
+        args.V,
+        "--dtype",
+        args.dtype,
+    ]
+    cmd = [sys.executable, __file__, "--memory-child", method, *map(str, shape)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory child for {method} failed:\n{out.stderr[-2000:]}")
@@ -203,7 +240,7 @@ def plot(results, path, title):
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--B", type=int, default=4, help="prompts")
@@ -213,35 +250,44 @@ def main(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=None, help="comma-separated; default: all that run on the device")
     p.add_argument(
         "--out", default=None, help="JSON path, {device} is filled in (a .png plot is written beside it)"
     )
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.memory_child:
-        print(peak_memory_mb(args.memory_child, args))
-        return
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
+    if args.methods is None:
+        args.methods = [m for m in METHODS if args.device == "cuda" or m not in CUDA_ONLY]
+    else:
+        args.methods = [m for m in args.methods.split(",") if m]
+    unknown = set(args.methods) - set(METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    return args
 
-    times = time_methods(methods, args)
-    mem = {m: measure_memory_in_child(m, args) for m in methods}
+
+def run(args) -> list[dict]:
+    """Time (interleaved) and measure memory of ``args.methods``; one result dict per method."""
+    times = time_methods(args.methods, args)
+    mem = {m: measure_memory_in_child(m, args) for m in args.methods}
     results = []
-    for m in methods:
+    elem = DTYPES[args.dtype].itemsize
+    for m in args.methods:
         K = 2 if m.endswith("/k2") else 3
-        base = "naive-eager/k2" if K == 2 else "naive-eager"
+        N = args.B * K * args.T
+        median_s = statistics.median(times[m])
+        grads_mb = (N + args.V) * args.H * elem / 2**20  # dX and dW in the working dtype
         results.append(
             {
                 "method": m,
                 "K": K,
-                "tokens": args.B * K * args.T,
+                "tokens": N,
                 "times_s": times[m],
-                "median_ms": 1e3 * statistics.median(times[m]),
+                "median_ms": 1e3 * median_s,
+                "tflops": (8 if m == "cce-logps" else 6) * N * args.H * args.V / median_s / 1e12,
                 "peak_mem_mb": mem[m],
-                "baseline": base,
+                "extra_mem_mb": mem[m] - grads_mb,
+                "baseline": "naive-eager/k2" if K == 2 else "naive-eager",
             }
         )
     by = {r["method"]: r for r in results}
@@ -249,29 +295,50 @@ def main(argv=None):
         b = by.get(r["baseline"])
         r["speedup_vs_naive"] = b["median_ms"] / r["median_ms"] if b else None
         r["mem_vs_naive"] = r["peak_mem_mb"] / b["peak_mem_mb"] if b else None
+    return results
 
+
+def print_table(results, args):
     shape = {"B": args.B, "K": "3 (2 for /k2)", "T": args.T, "H": args.H, "V": args.V}
-    header = f"{'method':<16}{'tokens':>8}{'median ms':>12}{'peak MiB':>11}{'speed-up':>10}{'mem ratio':>11}"
     print(
         f"device: {machine(args.device)['device']}; shape {shape}; dtype {args.dtype}; median of {args.reps}"
     )
-    print(header)
+    print(
+        f"{'method':<16}{'tokens':>8}{'median ms':>12}{'TFLOP/s':>9}{'peak MiB':>10}{'extra MiB':>10}"
+        f"{'speed-up':>10}{'mem ratio':>11}"
+    )
     for r in results:
         su = f"{r['speedup_vs_naive']:.2f}x" if r["speedup_vs_naive"] else "-"
         mr = f"{r['mem_vs_naive']:.3f}" if r["mem_vs_naive"] else "-"
         print(
-            f"{r['method']:<16}{r['tokens']:>8}{r['median_ms']:>12.0f}{r['peak_mem_mb']:>11.0f}{su:>10}{mr:>11}"
+            f"{r['method']:<16}{r['tokens']:>8}{r['median_ms']:>12.0f}{r['tflops']:>9.2f}{r['peak_mem_mb']:>10.0f}"
+            f"{r['extra_mem_mb']:>10.0f}{su:>10}{mr:>11}"
         )
+
+
+def write_json(path: Path, record: dict):
+    """Write through a temporary file so that an interrupted run leaves no half-written result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_child:
+        print(peak_memory_mb(args.memory_child, args))
+        return
+    results = run(args)
+    print_table(results, args)
     if args.out:
         out = Path(args.out.format(device=args.device))
-        out.parent.mkdir(parents=True, exist_ok=True)
+        shape = {"B": args.B, "K": "3 (2 for /k2)", "T": args.T, "H": args.H, "V": args.V}
         record = {
             "machine": machine(args.device), "shape": shape, "dtype": args.dtype, "reps": args.reps,
             "ref_logps": "precomputed", "date": time.strftime("%Y-%m-%d"), "results": results,
         }  # fmt: skip
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(out)
+        write_json(out, record)
         title = f"{record['machine']['device']} | B={args.B} T={args.T} H={args.H} V={args.V} {args.dtype}"
         plot(results, out.with_suffix(".png"), title)
         print(f"wrote {out} and {out.with_suffix('.png')}")
