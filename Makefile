@@ -1,15 +1,19 @@
-# make bench : set up .venv/ if needed, then run the fused-loss benchmark on this machine
+# make train : set up .venv/ if needed, then train the bundled tiny default with WRPO (CPU: < 1 minute)
 # make test  : set up .venv/ if needed, then lint and run the test suite
+# make bench : the fused-loss benchmark on this machine
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: bench bench-gpu test lint setup
+.PHONY: train bench bench-gpu test lint setup
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/wrpo train --output_dir outputs/wrpo-tiny
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_head_loss.py --out "benchmarks/results/head_loss_{device}.json"

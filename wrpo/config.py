@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -46,7 +48,8 @@ class WRPOConfig(TrainingArguments):
     seed_model: int = field(default=0, metadata={"help": "seed of the tiny model's random initialisation"})
     output_dir: str = "outputs/wrpo"
     remove_unused_columns: bool = False
-    report_to: str | list[str] = "none"
+    # CPU processes under accelerate/torchrun need gloo; on GPUs transformers picks nccl
+    ddp_backend: str | None = field(default_factory=lambda: _default_ddp_backend())
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,6 +62,11 @@ class WRPOConfig(TrainingArguments):
                 raise ValueError(f"--{name} {value!r} is not one of {allowed}")
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must stay False: the collator reads the token columns")
+
+
+def _default_ddp_backend() -> str | None:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return "gloo" if distributed and not torch.cuda.is_available() else None
 
 
 def parse_config(argv: list[str], **defaults) -> WRPOConfig:

@@ -133,9 +133,11 @@ class WRPOTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict, start_time=None):
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for k, values in self._metrics[mode].items():
-            logs[prefix + k] = torch.stack([v.float().cpu() for v in values]).mean().item()
-        self._metrics[mode].clear()
+        """Adds the mean of each stored metric since the last log (train steps, or an evaluation)."""
+        mode = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
+        if mode is not None:
+            prefix = "eval_" if mode == "eval" else ""
+            for k, values in self._metrics[mode].items():
+                logs[prefix + k] = torch.stack([v.float().cpu() for v in values]).mean().item()
+            self._metrics[mode].clear()
         super().log(logs, start_time)

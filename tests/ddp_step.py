@@ -1,0 +1,66 @@
+"""One WRPO step on a tiny model, run by ``accelerate launch --multi_gpu --num_processes 2`` (test_ddp.py).
+
+Each rank takes its half of a fixed global batch of groups; rank 0 saves the mean loss and the
+DDP-averaged gradients to the path given as the first argument.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from wrpo.packing import pack_groups
+from wrpo.trainer import body_hidden_states, head_inputs
+from wrpo_kernels import fused_linear_wrpo_loss
+
+GROUPS, K, VOCAB = 4, 3, 40
+
+
+def build_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+    return LlamaForCausalLM(cfg).double()
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n_max):
+        n = int(torch.randint(1, n_max, (1,), generator=g))
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    return [{"prompt_ids": ids(6), "responses": [ids(6) for _ in range(K)], "num_chosen": K - 1,
+             "ref_logps": (torch.randn(K, generator=g) - 15).tolist()} for _ in range(GROUPS)]  # fmt: skip
+
+
+def step_loss(model, unwrapped, groups):
+    batch = pack_groups(groups)
+    hidden = body_hidden_states(model, unwrapped, batch)
+    h, labels, cu = head_inputs(hidden, batch["labels"], batch)
+    return fused_linear_wrpo_loss(
+        h, unwrapped.lm_head.weight, labels, cu, responses_per_prompt=K, num_chosen=K - 1,
+        ref_logps=batch["ref_logps"].double(), beta=0.3, alpha=0.2,
+    ).loss  # fmt: skip
+
+
+def main(out_path):
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    model = build_model()
+    wrapped = acc.prepare(model)
+    share = GROUPS // acc.num_processes
+    mine = global_batch()[acc.process_index * share : (acc.process_index + 1) * share]
+    loss = step_loss(wrapped, model, mine)
+    acc.backward(loss)
+    losses = acc.gather(loss.detach()[None])
+    if acc.is_main_process:
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        torch.save({"loss": losses.mean(), "world": acc.num_processes, "grads": grads}, out_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,95 @@
+"""``wrpo train`` / ``wrpo sft`` end to end on the CPU with the bundled tiny default (issue 4)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from wrpo.cli import main
+from wrpo.tiny import SAMPLE_DATA
+
+METRICS = [
+    "loss", "rewards/chosen", "rewards/source_chosen", "rewards/target_chosen", "rewards/rejected",
+    "rewards/accuracies", "rewards/source_accuracies", "rewards/pivot_accuracies", "rewards/margins",
+    "logps/chosen", "logps/source_chosen", "logps/target_chosen", "logps/rejected", "cur_alpha",
+]  # fmt: skip
+
+
+def test_train_logs_every_metric_and_alpha_rises_linearly(tmp_path):
+    out = tmp_path / "D"
+    code = main(["train", "--dataset", str(SAMPLE_DATA), "--output_dir", str(out), "--max_steps", "6",
+                 "--alpha", "0.1", "--alpha_schedule", "linear", "--beta", "0.1",
+                 "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
+                 "--eval_rows", "0"])  # fmt: skip
+    assert code == 0
+    logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert [e["step"] for e in logs] == [1, 2, 3, 4, 5, 6]
+    for entry in logs:
+        assert set(METRICS) <= entry.keys(), set(METRICS) - entry.keys()
+    alphas = [e["cur_alpha"] for e in logs]
+    assert alphas == pytest.approx([0.0, 0.02, 0.04, 0.06, 0.08, 0.1], abs=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.num_parameters() > 0 and (out / "training_curves.png").stat().st_size > 0
+    assert torch.isfinite(torch.tensor([e["loss"] for e in logs])).all()
+
+
+def _write_with_bad_line_6(tmp_path, bad: str):
+    good = SAMPLE_DATA.read_text().splitlines()[:8]
+    lines = good[:5] + [bad] + good[5:]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '{"prompt": "What is 1 + 1?", "chosen": ["2", "2"]}',  # missing rejected
+        '{"prompt": "What is 1 + 1?", "chosen": [], "rejected": ["3"]}',  # empty chosen
+        '{"prompt": "What is 1 + 1?", "chosen": ["2", "2"], "rejected": ["3"]',  # broken JSON
+        '{"prompt": 42, "chosen": ["2", "2"], "rejected": ["3"]}',  # non-text prompt
+    ],
+    ids=["missing-rejected", "empty-chosen", "broken-json", "non-text-prompt"],
+)
+def test_malformed_line_exits_nonzero_naming_the_line_and_writes_no_model(tmp_path, capsys, bad):
+    data = _write_with_bad_line_6(tmp_path, bad)
+    out = tmp_path / "D"
+    code = main(["train", "--dataset", str(data), "--output_dir", str(out), "--max_steps", "2"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "line 6" in err and str(data) in err
+    assert "Traceback" not in err
+    assert not (out / "model.safetensors").exists()
+
+
+def test_sft_trains_on_the_first_chosen_response(tmp_path):
+    out = tmp_path / "S"
+    code = main(
+        ["sft", "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "1", "--eval_rows", "0"]
+    )
+    assert code == 0
+    logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(logs) == 4 and all("nll_loss" in e for e in logs)
+    assert logs[-1]["nll_loss"] < logs[0]["nll_loss"]
+
+
+def test_yaml_config_then_flags_override(tmp_path):
+    from wrpo.config import parse_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("beta: 0.05\nalpha: 0.2\nloss_type: simpo\nchosen_weights: [0.3, 0.7]\n")
+    config = parse_config([str(cfg), "--alpha", "0.4", "--output_dir", str(tmp_path / "o")])
+    assert (config.beta, config.alpha, config.loss_type, config.chosen_weights) == (
+        0.05,
+        0.4,
+        "simpo",
+        [0.3, 0.7],
+    )
+
+
+def test_unknown_loss_type_is_refused(capsys, tmp_path):
+    code = main(["train", "--loss_type", "kto", "--output_dir", str(tmp_path / "o")])
+    assert code == 2 and "loss_type" in capsys.readouterr().err

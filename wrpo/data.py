@@ -1,0 +1,285 @@
+"""Preference data: read and validate rows, then tokenize each group (DESIGN §1).
+
+Row layouts (one JSON object per JSONL line, per element of a JSON list, or per row of a directory
+saved with ``datasets.Dataset.save_to_disk``):
+
+- released WRPO: ``{"prompt": P, "chosen": [y_ws, y_wt], "rejected": [y_l]}``
+- flat: ``{"prompt": P, "source_chosen": y | [y, ...], "target_chosen": y, "rejected": y | [y, ...]}``
+
+P is a string (one user message), a message ``{"role": ..., "content": ...}`` or a list of messages
+ending with a user message. A response y is a string, an assistant message, or a list of messages
+(its last assistant message counts). ``chosen``/``rejected`` may also be a single response.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+
+class DataError(ValueError):
+    """A malformed data file: ``"{path} line {n}: ..."`` (JSONL), ``"{path} row {n}: ..."`` (JSON list,
+    datasets directory; n = index + 1) or ``"{path}: ..."`` (the file as a whole)."""
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One prompt and its responses: ``prompt`` chat messages ``{"role", "content"}`` ending with a user
+    message; ``chosen`` assistant texts, sources first and the target last; ``rejected`` assistant texts."""
+
+    prompt: tuple[dict, ...]
+    chosen: tuple[str, ...]
+    rejected: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TokenizedGroup:
+    """Token ids of one group: the templated prompt (ending with the generation prompt) and its K responses
+    (chosen first, then rejected), each ending with EOS unless truncation cut it."""
+
+    prompt_ids: tuple[int, ...]
+    responses: tuple[tuple[int, ...], ...]
+
+
+class _Bad(Exception):
+    """What is wrong with one row (the caller adds path and line)."""
+
+
+# ---- reading -----------------------------------------------------------------------------------------------
+
+
+def load_preference_data(path: str | Path, *, num_chosen: int | None = None) -> list[PreferenceExample]:
+    """All rows of ``path`` (``.jsonl``, ``.json`` list, or a saved ``datasets`` directory) as examples.
+
+    Every row is validated before anything is returned; the first malformed one raises DataError naming
+    its line (row). All rows must have the same numbers of chosen and rejected responses, and exactly
+    ``num_chosen`` chosen ones when it is given.
+    """
+    if num_chosen is not None and num_chosen < 1:
+        raise ValueError(f"num_chosen must be >= 1, got {num_chosen}")
+    path = Path(path)
+    examples: list[PreferenceExample] = []
+    first: tuple[str, int, int] | None = None  # where, n_chosen, n_rejected of the first row
+    for where, row in _rows(path):
+        try:
+            ex = _parse_row(row)
+            counts = len(ex.chosen), len(ex.rejected)
+            if num_chosen is not None and counts[0] != num_chosen:
+                raise _Bad(f"{counts[0]} chosen responses, expected num_chosen={num_chosen}")
+            if first is None:
+                first = (where, *counts)
+            elif counts != first[1:]:
+                raise _Bad(
+                    f"{counts[0]} chosen and {counts[1]} rejected responses, but {first[0]} has "
+                    f"{first[1]} and {first[2]} (all rows need the same K)"
+                )
+        except _Bad as e:
+            raise DataError(f"{path} {where}: {e}") from None
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: no rows")
+    return examples
+
+
+def _rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` in file order, where = ``"line n"`` or ``"row n"``; broken JSON raises on its line."""
+    if path.is_dir():
+        yield from ((f"row {i}", row) for i, row in enumerate(_load_dataset_dir(path), 1))
+        return
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(f"{path}: unsupported format, expected .jsonl, .json or a saved datasets directory")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+        yield from ((f"row {i}", row) for i, row in enumerate(rows, 1))
+        return
+    for n, line in enumerate(text.split("\n"), 1):  # a .json file not holding a list is read as JSONL
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n}: invalid JSON ({e.msg})") from None
+        yield f"line {n}", row
+
+
+def _load_dataset_dir(path: Path) -> datasets.Dataset:
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: not a directory saved with datasets' save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split (splits: {list(ds)})")
+        ds = ds["train"]
+    return ds
+
+
+# ---- validating one row ------------------------------------------------------------------------------------
+
+
+def _parse_row(row: Any) -> PreferenceExample:
+    if not isinstance(row, Mapping):
+        raise _Bad(f"expected a JSON object, got {_kind(row)}")
+    flat = row.get("source_chosen") is not None or row.get("target_chosen") is not None
+    keys = (
+        ("prompt", "source_chosen", "target_chosen", "rejected") if flat else ("prompt", "chosen", "rejected")
+    )
+    for key in keys:
+        if key not in row:
+            raise _Bad(f"missing key {key!r}")
+    prompt = _prompt(row["prompt"])
+    if flat:
+        sources = _responses(row["source_chosen"], "source_chosen")
+        chosen = (*sources, _response(row["target_chosen"], "target_chosen"))
+    else:
+        chosen = _responses(row["chosen"], "chosen")
+    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=_responses(row["rejected"], "rejected"))
+
+
+def _prompt(value: Any) -> tuple[dict, ...]:
+    if isinstance(value, str):
+        messages = ({"role": "user", "content": _text(value, "prompt")},)
+    elif isinstance(value, Mapping):
+        messages = (_message(value, "prompt"),)
+    elif isinstance(value, list):
+        messages = tuple(_message(m, f"prompt[{i}]") for i, m in enumerate(value))
+    else:
+        raise _Bad(f"prompt: expected a string, a message or a list of messages, got {_kind(value)}")
+    if not any(m["role"] == "user" for m in messages):
+        raise _Bad("prompt has no user message")
+    if messages[-1]["role"] != "user":
+        raise _Bad(f"prompt must end with a user message, not a {messages[-1]['role']!r} one")
+    return messages
+
+
+def _responses(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return (_response(value, key),)
+    if not value:
+        raise _Bad(f"{key} is an empty list")
+    return tuple(_response(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+def _response(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return _text(value, where)
+    if isinstance(value, Mapping):
+        message = _message(value, where)
+        if message["role"] != "assistant":
+            raise _Bad(f"{where}: expected an assistant message, got role {message['role']!r}")
+        return message["content"]
+    if isinstance(value, list):
+        messages = [_message(m, f"{where}[{i}]") for i, m in enumerate(value)]
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        if not replies:
+            raise _Bad(f"{where}: no assistant message in the list")
+        return replies[-1]
+    raise _Bad(f"{where}: expected text or an assistant message, got {_kind(value)}")
+
+
+def _message(value: Any, where: str) -> dict:
+    if not isinstance(value, Mapping):
+        raise _Bad(f"{where}: expected a message {{'role': ..., 'content': ...}}, got {_kind(value)}")
+    for key in ("role", "content"):
+        if key not in value:
+            raise _Bad(f"{where}: message without {key!r}")
+    return {
+        "role": _text(value["role"], f"{where}.role"),
+        "content": _text(value["content"], f"{where}.content"),
+    }
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"{where}: expected text, got {_kind(value)}")
+    if not value.strip():
+        raise _Bad(f"{where} is an empty string")
+    return value
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"a number ({value})"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return "a string" if isinstance(value, str) else type(value).__name__
+
+
+# ---- tokenizing --------------------------------------------------------------------------------------------
+
+
+def tokenize_example(
+    ex: PreferenceExample, tokenizer: Any, *, max_length: int = 2048, max_prompt_length: int = 1800
+) -> TokenizedGroup:
+    """Token ids of one group under ``tokenizer``'s chat template.
+
+    prompt: the template of ``ex.prompt`` with the generation prompt. Each response: the template of
+    prompt + that assistant message minus the prompt's ids, cut after its last EOS (template tails
+    such as a newline go), EOS appended if it has none; when the prompt's ids are not a prefix of the
+    conversation's, ``tokenizer(text, add_special_tokens=False)`` + EOS instead.
+    Truncation (as TRL's DPO, keep_end): if len(prompt) + len(longest response) > max_length, keep the
+    last ``max_prompt_length`` prompt ids; if still too long, cut every response to
+    ``max_length - len(prompt)`` ids (>= 1, as 0 < max_prompt_length < max_length).
+    """
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length}, {max_length}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token")
+    messages = list(ex.prompt)
+    prompt = _template_ids(tokenizer, messages, add_generation_prompt=True)
+    responses = []
+    for text in (*ex.chosen, *ex.rejected):
+        full = _template_ids(tokenizer, [*messages, {"role": "assistant", "content": text}])
+        if len(full) > len(prompt) and full[: len(prompt)] == prompt:
+            ids = full[len(prompt) :]
+            ids = ids[: len(ids) - ids[::-1].index(eos)] if eos in ids else [*ids, eos]
+        else:
+            ids = [*_plain_ids(tokenizer(text, add_special_tokens=False)), eos]
+        responses.append(ids)
+    longest = max(map(len, responses))
+    if len(prompt) + longest > max_length:
+        prompt = prompt[-max_prompt_length:]
+        if len(prompt) + longest > max_length:
+            responses = [r[: max_length - len(prompt)] for r in responses]
+    return TokenizedGroup(prompt_ids=tuple(prompt), responses=tuple(tuple(r) for r in responses))
+
+
+def _template_ids(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = False) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return _plain_ids(out)
+
+
+def _plain_ids(out: Any) -> list[int]:
+    """A flat list of ints from a list or a BatchEncoding/dict (transformers 5 returns one by default)."""
+    return [int(i) for i in (out["input_ids"] if isinstance(out, Mapping) else out)]
+
+
+def to_training_rows(groups: list[TokenizedGroup]) -> datasets.Dataset:
+    """A Dataset with columns ``prompt_ids`` (list[int]) and ``responses`` (K lists of ints) per group."""
+    return datasets.Dataset.from_dict(
+        {
+            "prompt_ids": [list(g.prompt_ids) for g in groups],
+            "responses": [[list(r) for r in g.responses] for g in groups],
+        }
+    )

@@ -1,0 +1,87 @@
+"""One stage end to end: data -> tokens -> (reference log-probs) -> Trainer -> saved model and report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import torch
+
+from wrpo_kernels import linear_logprobs
+
+from .data import load_preference_data, tokenize_example
+from .models import load_policy, load_reference
+from .packing import PreferenceCollator
+from .report import plot_curves, summary
+from .tiny import SAMPLE_DATA
+from .trainer import WRPOTrainer, body_hidden_states, head_inputs
+
+
+def load_examples(config):
+    """Validate every row of the data first (DataError names the line); nothing else has run yet."""
+    return load_preference_data(config.dataset or SAMPLE_DATA)
+
+
+def build_datasets(examples, tokenizer, config, stage: str):
+    """-> (train, eval | None) datasets of groups: prompt_ids, responses, num_chosen.
+
+    sft keeps the first chosen response (the source pick y_ws) of each group."""
+    rows = []
+    for ex in examples:
+        g = tokenize_example(
+            ex, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length
+        )
+        responses = [list(r) for r in g.responses]
+        if stage == "sft":
+            responses = responses[:1]
+        rows.append({"prompt_ids": list(g.prompt_ids), "responses": responses,
+                     "num_chosen": 1 if stage == "sft" else len(ex.chosen)})  # fmt: skip
+    n_eval = min(config.eval_rows, len(rows) - 1)
+    train = datasets.Dataset.from_list(rows[: len(rows) - n_eval])
+    evaluation = datasets.Dataset.from_list(rows[len(rows) - n_eval :]) if n_eval > 0 else None
+    return train, evaluation
+
+
+@torch.no_grad()
+def precompute_ref_logps(ref_model, dataset, config, pad_token_id: int, device):
+    """Adds a ``ref_logps`` column ([K] per group) computed once with the forward-only path."""
+    collate = PreferenceCollator(pad_token_id, packing=config.packing)
+    ref_model = ref_model.to(device).eval()
+    out = []
+    step = max(config.per_device_eval_batch_size, 1)
+    for start in range(0, len(dataset), step):
+        batch = collate([dataset[i] for i in range(start, min(start + step, len(dataset)))])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        h, labels, cu = head_inputs(body_hidden_states(ref_model, ref_model, batch), batch["labels"], batch)
+        head = ref_model.get_output_embeddings()
+        logps = linear_logprobs(h, head.weight, labels, cu, bias=head.bias, backend=config.kernel_backend)
+        out += logps.view(-1, batch["responses_per_prompt"]).cpu().tolist()
+    return dataset.add_column("ref_logps", out)
+
+
+def run_stage(stage: str, config, examples) -> dict:
+    """Train, save the model (HF format) and the report into ``config.output_dir``; returns final metrics."""
+    model, tokenizer = load_policy(config)
+    train, evaluation = build_datasets(examples, tokenizer, config, stage)
+    ref_model = load_reference(config, model) if stage == "train" else None
+    if ref_model is not None and config.precompute_ref_logps:
+        train = precompute_ref_logps(ref_model, train, config, tokenizer.pad_token_id, config.device)
+        if evaluation is not None:
+            evaluation = precompute_ref_logps(
+                ref_model, evaluation, config, tokenizer.pad_token_id, config.device
+            )
+        ref_model = None  # not kept in memory
+    trainer = WRPOTrainer(
+        model, config, ref_model=ref_model, stage=stage, pad_token_id=tokenizer.pad_token_id,
+        train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    final = trainer.evaluate() if evaluation is not None else {}
+    trainer.save_model(config.output_dir)
+    trainer.save_state()  # trainer_state.json: every logged step
+    if trainer.is_world_process_zero():
+        out = Path(config.output_dir)
+        plot_curves(trainer.state.log_history, out / "training_curves.png")
+        print(summary(trainer.state.log_history))
+        print(f"model, tokenizer and training_curves.png saved in {out}")
+    return final
