@@ -11,9 +11,7 @@ import pytest
 from wrpo.data import (
     DataError,
     PreferenceExample,
-    TokenizedGroup,
     load_preference_data,
-    to_training_rows,
     tokenize_example,
 )
 from wrpo.tiny import build_tiny_tokenizer
@@ -299,11 +297,3 @@ def test_short_groups_are_not_truncated(tok):
 def test_truncation_limits_are_checked(tok, max_length, max_prompt_length):
     with pytest.raises(ValueError, match="0 < max_prompt_length < max_length"):
         tokenize_example(LONG, tok, max_length=max_length, max_prompt_length=max_prompt_length)
-
-
-def test_training_rows(tok):
-    groups = [tokenize_example(LONG, tok), tokenize_example(EXPECTED, tok)]
-    rows = to_training_rows(groups)
-    assert rows.column_names == ["prompt_ids", "responses"]
-    back = [TokenizedGroup(tuple(r["prompt_ids"]), tuple(map(tuple, r["responses"]))) for r in rows]
-    assert back == groups

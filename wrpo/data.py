@@ -273,13 +273,3 @@ def _template_ids(tokenizer: Any, messages: list[dict], *, add_generation_prompt
 def _plain_ids(out: Any) -> list[int]:
     """A flat list of ints from a list or a BatchEncoding/dict (transformers 5 returns one by default)."""
     return [int(i) for i in (out["input_ids"] if isinstance(out, Mapping) else out)]
-
-
-def to_training_rows(groups: list[TokenizedGroup]) -> datasets.Dataset:
-    """A Dataset with columns ``prompt_ids`` (list[int]) and ``responses`` (K lists of ints) per group."""
-    return datasets.Dataset.from_dict(
-        {
-            "prompt_ids": [list(g.prompt_ids) for g in groups],
-            "responses": [[list(r) for r in g.responses] for g in groups],
-        }
-    )
