@@ -93,3 +93,17 @@ def test_yaml_config_then_flags_override(tmp_path):
 def test_unknown_loss_type_is_refused(capsys, tmp_path):
     code = main(["train", "--loss_type", "kto", "--output_dir", str(tmp_path / "o")])
     assert code == 2 and "loss_type" in capsys.readouterr().err
+
+
+def test_precomputed_reference_logps_train_like_on_the_fly(tmp_path):
+    """Reference = the starting policy either way: the same data and seed give the same losses."""
+    losses = {}
+    for flag in ("True", "False"):
+        out = tmp_path / flag
+        code = main(["train", "--output_dir", str(out), "--max_steps", "3", "--logging_steps", "1",
+                     "--eval_rows", "0", "--precompute_ref_logps", flag])  # fmt: skip
+        assert code == 0
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        losses[flag] = [e["loss"] for e in history if "loss" in e]
+    assert losses["True"] == pytest.approx(losses["False"], rel=1e-5)
+    assert losses["True"][-1] != pytest.approx(losses["True"][0], rel=1e-6)  # training moved

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from .tiny import build_tiny_tokenizer, tiny_model_config
 
 
-def _attn_implementation(config) -> str | None:
+def _attn_implementation() -> str | None:
     """flash-attention 2 on a GPU when installed (it separates packed sequences by position ids)."""
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
@@ -28,7 +28,7 @@ def load_policy(config):
         return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     kwargs = {"dtype": "auto"}
-    if impl := _attn_implementation(config):
+    if impl := _attn_implementation():
         kwargs["attn_implementation"] = impl
     model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
     _apply_liger_patches(model)

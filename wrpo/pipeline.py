@@ -7,14 +7,12 @@ from pathlib import Path
 import datasets
 import torch
 
-from wrpo_kernels import linear_logprobs
-
 from .data import load_preference_data, tokenize_example
 from .models import load_policy, load_reference
 from .packing import PreferenceCollator
 from .report import plot_curves, summary
 from .tiny import SAMPLE_DATA
-from .trainer import WRPOTrainer, body_hidden_states, head_inputs
+from .trainer import WRPOTrainer, reference_logps
 
 
 def load_examples(config):
@@ -52,9 +50,7 @@ def precompute_ref_logps(ref_model, dataset, config, pad_token_id: int, device):
     for start in range(0, len(dataset), step):
         batch = collate([dataset[i] for i in range(start, min(start + step, len(dataset)))])
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        h, labels, cu = head_inputs(body_hidden_states(ref_model, ref_model, batch), batch["labels"], batch)
-        head = ref_model.get_output_embeddings()
-        logps = linear_logprobs(h, head.weight, labels, cu, bias=head.bias, backend=config.kernel_backend)
+        logps = reference_logps(ref_model, batch, config.kernel_backend)
         out += logps.view(-1, batch["responses_per_prompt"]).cpu().tolist()
     return dataset.add_column("ref_logps", out)
 

@@ -52,6 +52,15 @@ def body_hidden_states(model, unwrapped, inputs) -> torch.Tensor:
     return captured[-1]
 
 
+@torch.no_grad()
+def reference_logps(ref_model, inputs, backend: str) -> torch.Tensor:
+    """Per-sequence reference log-probs [S] of a collated batch (forward-only path)."""
+    hidden = body_hidden_states(ref_model, ref_model, inputs)
+    h, labels, cu = head_inputs(hidden, inputs["labels"], inputs)
+    head = ref_model.get_output_embeddings()
+    return linear_logprobs(h, head.weight, labels, cu, bias=head.bias, backend=backend)
+
+
 def head_inputs(hidden, labels, inputs):
     """Packed [1, L, H] -> rows [L, H] with cu_seqlens; padded [S, T, H] stays (cu_seqlens None)."""
     if "cu_seqlens" in inputs:
@@ -106,7 +115,6 @@ class WRPOTrainer(Trainer):
         self._store(out.metrics)
         return (out.loss, out) if return_outputs else out.loss
 
-    @torch.no_grad()
     def _ref_logps(self, inputs):
         if "ref_logps" in inputs:
             return inputs["ref_logps"]
@@ -116,10 +124,7 @@ class WRPOTrainer(Trainer):
             raise ValueError(
                 f"loss_type={self.args.loss_type!r} needs a reference model or precomputed ref_logps"
             )
-        hidden = body_hidden_states(self.ref_model, self.ref_model, inputs)
-        h, labels, cu = head_inputs(hidden, inputs["labels"], inputs)
-        head = self.ref_model.get_output_embeddings()
-        return linear_logprobs(h, head.weight, labels, cu, bias=head.bias, backend=self.args.kernel_backend)
+        return reference_logps(self.ref_model, inputs, self.args.kernel_backend)
 
     def _store(self, metrics: dict):
         mode = "train" if self.model.training else "eval"
