@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_step import build_model, global_batch, step_loss
+
+from wrpo.tiny import SAMPLE_DATA
 
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 
@@ -33,3 +36,36 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     for name, p in model.named_parameters():
         assert torch.allclose(ddp["grads"][name], p.grad, rtol=1e-9, atol=1e-12), name
     assert max(g.abs().max() for g in ddp["grads"].values()) > 0
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
+def test_trainer_metrics_are_averaged_over_processes(tmp_path):
+    """`wrpo train` on 2 processes x 2 groups logs the loss and metrics of 1 process x 4 groups.
+
+    The data holds exactly 4 rows, so every step's global batch is all of them whatever the order;
+    step 2 compares metrics after one identical (DDP-averaged) update, when rewards are no longer 0.
+    """
+    data = tmp_path / "four.jsonl"
+    data.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:4]))
+    common = ["train", "--dataset", str(data), "--max_steps", "2", "--logging_steps", "1",
+              "--report_to", "none", "--eval_rows", "0", "--beta", "0.1", "--alpha", "0.1",
+              "--alpha_schedule", "constant",
+              "--learning_rate", "1e-3", "--warmup_steps", "0", "--disable_tqdm", "true"]  # fmt: skip
+    launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "wrpo.cli"]  # fmt: skip
+    runs = {
+        "two": [*launch, *common, "--per_device_train_batch_size", "2"],
+        "one": [sys.executable, "-m", "wrpo.cli", *common, "--per_device_train_batch_size", "4"],
+    }
+    logs = {}
+    for name, cmd in runs.items():
+        run = subprocess.run([*cmd, "--output_dir", str(tmp_path / name)], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        state = json.loads((tmp_path / name / "trainer_state.json").read_text())
+        logs[name] = next(e for e in state["log_history"] if e.get("step") == 2 and "loss" in e)
+    a, b = logs["two"], logs["one"]
+    assert abs(b["rewards/margins"]) > 1e-4  # the policy has moved from the reference
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected", "cur_alpha"):  # fmt: skip
+        assert a[name] == pytest.approx(b[name], rel=1e-3, abs=1e-6), name

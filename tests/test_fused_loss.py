@@ -306,6 +306,50 @@ def test_ignored_tokens_get_zero_gradient():
         assert bool((res["dX"][~ignored].abs().sum(1) > 0).all())
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_ignored_rows_never_reach_the_head(monkeypatch, reduction):
+    """Rows labelled ignore_index (prompt, padding) never reach the GEMMs: only labelled rows get logits."""
+    from wrpo_kernels import torch_backend
+
+    batch = make_batch(B=3, K=3, H=6, V=23, seed=21, min_len=4, max_len=9, ignore_frac=0.6)
+    n_valid = int((batch.labels != IGNORE).sum())
+    assert n_valid < batch.N // 2
+    seen = []
+
+    class CountingOps:  # the backend's row ops (torch or native), counting the rows each GEMM gets
+        def __init__(self, ops):
+            self.ops = ops
+
+        def __getattr__(self, name):
+            return getattr(self.ops, name)
+
+        def logits(self, ws, hidden, *args, **kwargs):
+            seen.append(hidden.shape[0])
+            return self.ops.logits(ws, hidden, *args, **kwargs)
+
+    for name in ("run_fused", "run_logprobs"):
+        run = getattr(torch_backend, name)
+        monkeypatch.setattr(torch_backend, name, lambda ops, *a, _run=run: _run(CountingOps(ops), *a))
+    res = fused(batch, "torch", beta=0.3)
+    ref = fused(batch, "reference", beta=0.3)
+    assert sum(seen) == n_valid  # one pass: each labelled row once, nothing else
+    check_all_close(res, ref, 1e-10)
+    seen.clear()
+    h, w, _ = batch.params()
+    out = linear_logprobs(h, w, batch.labels, batch.cu_seqlens, reduction=reduction, backend="torch")
+    out.sum().backward()
+    assert sum(seen) == 2 * n_valid  # two-pass: forward and the backward's recompute
+    h_ref, w_ref, _ = batch.params()
+    expect = linear_logprobs(
+        h_ref, w_ref, batch.labels, batch.cu_seqlens, reduction=reduction, backend="reference"
+    )
+    expect.sum().backward()
+    assert out.shape == expect.shape
+    assert_rel_close(out, expect, 1e-12, "logps")
+    assert_rel_close(h.grad, h_ref.grad, 1e-12, "dX")
+    assert torch.equal(h.grad[batch.labels == IGNORE], torch.zeros_like(h.grad[batch.labels == IGNORE]))
+
+
 @pytest.mark.parametrize("chunk_tokens", [16, 80])
 def test_never_materialises_full_logits(chunk_tokens):
     """One pass allocates one chunk of logits (whole groups or tiles of a group), never [N, V] (DESIGN §4)."""

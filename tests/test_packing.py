@@ -58,12 +58,32 @@ def loss_and_grads(model, batch, loss_type):
     return out.loss.detach(), out.logps, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def test_block_causal_mask_per_row():
+    pos = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 2]])
+    allowed = block_causal_mask(pos, torch.float32)[:, 0] == 0
+    assert allowed.shape == (2, 4, 4)
+    assert torch.equal(allowed[1], block_causal_mask(pos[1:], torch.float32)[0, 0] == 0)
+    assert allowed[0].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+
+
+def test_row_per_group_layout():
+    groups = [{"prompt_ids": [5, 6], "responses": [[7], [8, 9]], "num_chosen": 1},
+              {"prompt_ids": [5], "responses": [[7], [8]], "num_chosen": 1}]  # fmt: skip
+    batch = pack_groups(groups, row_per_group=True, pad_token_id=0)
+    # group 0: [5 6 7 | 5 6 8 9] (7 tokens); group 1: [5 7 | 5 8] + 3 padding tokens
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 5, 6, 8, 9], [5, 7, 5, 8, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 1, 0, 1, 2]]
+    assert batch["cu_seqlens"].tolist() == [0, 3, 7, 9, 14]  # the padding joins group 1's last sequence
+    assert batch["labels"][1].tolist() == [7, IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, -100]
+
+
 @pytest.mark.parametrize("loss_type", ["dpo", "simpo"])
 @pytest.mark.parametrize("K", [2, 3])
-def test_packed_equals_padded(loss_type, K):
+@pytest.mark.parametrize("row_per_group", [False, True])
+def test_packed_equals_padded(loss_type, K, row_per_group):
     model = tiny_llama()
     groups = random_groups(3, K, 40, seed=K)
-    packed = loss_and_grads(model, pack_groups(groups), loss_type)
+    packed = loss_and_grads(model, pack_groups(groups, row_per_group=row_per_group), loss_type)
     padded = loss_and_grads(model, pad_groups(groups, pad_token_id=0), loss_type)
     assert torch.allclose(packed[0], padded[0], rtol=1e-10, atol=1e-12)
     assert torch.allclose(packed[1], padded[1], rtol=1e-10, atol=1e-10)

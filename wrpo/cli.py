@@ -1,4 +1,4 @@
-"""``wrpo train [CONFIG.yaml] [--field value ...]`` and ``wrpo sft ...`` (entry point ``wrpo``)."""
+"""``wrpo train [CONFIG.yaml] [--field value ...]``, ``wrpo sft ...``, ``wrpo data ...`` (entry ``wrpo``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from .config import parse_config
 from .data import DataError
 
 USAGE = """usage: wrpo {train,sft} [CONFIG.yaml] [--field value ...]
+       wrpo data {prompts,sample,score,build,split,tiny-model} ...
 
   wrpo sft     supervised fine-tuning on the first chosen response (the source pick y_ws)
   wrpo train   WRPO preference optimisation (loss_type dpo | simpo | ipo)
+  wrpo data    build the training data: sample, score, build (x, y_ws, y_wt, y_l), split (`wrpo data -h`)
 
 With no --model/--dataset both train the bundled tiny default (a small random-init Llama-style
 model on arithmetic preferences). Fields: `wrpo train --help`."""
@@ -34,6 +36,10 @@ TINY_DEFAULTS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "data":
+        from .construct.cli import main as data_main
+
+        return data_main(argv[1:])
     if not argv or argv[0] not in ("train", "sft"):
         print(USAGE, file=sys.stderr)
         return 2

@@ -48,10 +48,13 @@ class WRPOConfig(TrainingArguments):
     seed_model: int = field(default=0, metadata={"help": "seed of the tiny model's random initialisation"})
     output_dir: str = "outputs/wrpo"
     remove_unused_columns: bool = False
-    # CPU processes under accelerate/torchrun need gloo; on GPUs transformers picks nccl
-    ddp_backend: str | None = field(default_factory=lambda: _default_ddp_backend())
 
     def __post_init__(self):
+        if _distributed_without_gpu():
+            # Several processes (accelerate launch, torchrun) and no GPU: CPU DDP over gloo. Without
+            # use_cpu, accelerate sees no distributed set-up there and every process trains alone.
+            self.use_cpu = True
+            self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
         for name, value, allowed in (
             ("loss_type", self.loss_type, LOSS_TYPES),
@@ -64,9 +67,8 @@ class WRPOConfig(TrainingArguments):
             raise ValueError("--remove_unused_columns must stay False: the collator reads the token columns")
 
 
-def _default_ddp_backend() -> str | None:
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return "gloo" if distributed and not torch.cuda.is_available() else None
+def _distributed_without_gpu() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def parse_config(argv: list[str], **defaults) -> WRPOConfig:

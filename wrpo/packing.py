@@ -2,8 +2,9 @@
 
 A sequence is prompt + one response. Labels are shifted for the fused loss: the hidden state at
 position t predicts token t+1, so ``labels[t] = ids[t+1]`` where t+1 is a response token, else
--100. Packed: every sequence of every group back to back in one row [1, L], position ids restarting
-at 0 per sequence, ``cu_seqlens`` [S+1] marking the bounds. Padded: one sequence per row [S, T].
+-100. Packed: every sequence of every group back to back in one row [1, L] (or one row per group),
+position ids restarting at 0 per sequence, ``cu_seqlens`` [S+1] marking the bounds. Padded: one
+sequence per row [S, T].
 """
 
 from __future__ import annotations
@@ -27,19 +28,41 @@ def _sequences(features):
             yield sequence_with_labels(f["prompt_ids"], response)
 
 
-def pack_groups(features) -> dict:
-    """Groups [{prompt_ids, responses[K], num_chosen, ref_logps?}] -> one row: input_ids, position_ids,
-    labels [1, L], cu_seqlens [S+1] (int64) and, if present, ref_logps [B, K]."""
+def pack_groups(features, *, row_per_group: bool = False, pad_token_id: int = 0) -> dict:
+    """Groups [{prompt_ids, responses[K], num_chosen, ref_logps?}] -> input_ids, position_ids, labels
+    [R, L], cu_seqlens [S+1] (int64, over the R*L flattened tokens) and, if present, ref_logps [B, K].
+
+    ``row_per_group=False``: one padding-free row (R = 1), for varlen attention (flash-attention).
+    ``row_per_group=True``: one row per group (R = B), right-padded to the longest group; for
+    attention through a dense block mask, whose cost grows with the square of the row length, so
+    that B groups cost B row-squares and not (B rows)^2. Padding tokens (``pad_token_id``, label
+    -100, positions restarting at 0) are counted into the group's last sequence in ``cu_seqlens``;
+    they are ignored by the loss and no real token attends to them.
+    """
+    rows = [features] if not row_per_group else [[f] for f in features]
+    packed = []
+    for groups in rows:
+        ids, labels, positions, lengths = [], [], [], []
+        for seq_ids, lab in _sequences(groups):
+            ids += seq_ids
+            labels += lab
+            positions += range(len(seq_ids))
+            lengths.append(len(seq_ids))
+        packed.append((ids, labels, positions, lengths))
+    L = max(len(p[0]) for p in packed)
     input_ids, labels, positions, cu = [], [], [], [0]
-    for ids, lab in _sequences(features):
-        input_ids += ids
-        labels += lab
-        positions += range(len(ids))
-        cu.append(cu[-1] + len(ids))
+    for ids, lab, pos, lengths in packed:
+        pad = L - len(ids)
+        input_ids.append(ids + [pad_token_id] * pad)
+        labels.append(lab + [IGNORE_INDEX] * pad)
+        positions.append(pos + list(range(pad)))
+        lengths[-1] += pad
+        for n in lengths:
+            cu.append(cu[-1] + n)
     batch = {
-        "input_ids": torch.tensor([input_ids]),
-        "position_ids": torch.tensor([positions]),
-        "labels": torch.tensor([labels]),
+        "input_ids": torch.tensor(input_ids),
+        "position_ids": torch.tensor(positions),
+        "labels": torch.tensor(labels),
         "cu_seqlens": torch.tensor(cu),
     }
     return _with_ref(batch, features)
@@ -71,22 +94,27 @@ def _with_ref(batch, features):
 
 
 class PreferenceCollator:
-    """``data_collator`` for the trainer: packs (default) or pads the groups of a batch."""
+    """``data_collator`` for the trainer: packs (default) or pads the groups of a batch.
 
-    def __init__(self, pad_token_id: int, *, packing: bool = True):
-        self.pad_token_id, self.packing = pad_token_id, packing
+    ``row_per_group``: with packing, one row per group instead of one row for the batch (see
+    :func:`pack_groups`); the trainer sets it unless the model attends with flash-attention varlen.
+    """
+
+    def __init__(self, pad_token_id: int, *, packing: bool = True, row_per_group: bool = False):
+        self.pad_token_id, self.packing, self.row_per_group = pad_token_id, packing, row_per_group
 
     def __call__(self, features) -> dict:
-        return pack_groups(features) if self.packing else pad_groups(features, self.pad_token_id)
+        if not self.packing:
+            return pad_groups(features, self.pad_token_id)
+        return pack_groups(features, row_per_group=self.row_per_group, pad_token_id=self.pad_token_id)
 
 
 def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[1, L] position ids restarting per sequence -> additive mask [1, 1, L, L]: 0 where token i may
+    """[R, L] position ids restarting per sequence -> additive mask [R, 1, L, L]: 0 where token i may
     attend to j (same sequence, j <= i), the dtype's minimum elsewhere. For sdpa/eager attention,
     which do not separate packed sequences by position ids alone (DESIGN §5)."""
-    pos = position_ids[0]
-    seq = torch.cumsum((pos == 0).to(torch.int64), 0)
-    idx = torch.arange(pos.numel(), device=pos.device)
-    allowed = (seq[:, None] == seq[None, :]) & (idx[None, :] <= idx[:, None])
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=pos.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    seq = torch.cumsum((position_ids == 0).to(torch.int64), 1)
+    idx = torch.arange(position_ids.shape[1], device=position_ids.device)
+    allowed = (seq[:, :, None] == seq[:, None, :]) & (idx[None, None, :] <= idx[None, :, None])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]

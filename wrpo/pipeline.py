@@ -12,7 +12,7 @@ from .models import load_policy, load_reference
 from .packing import PreferenceCollator
 from .report import plot_curves, summary
 from .tiny import SAMPLE_DATA
-from .trainer import WRPOTrainer, reference_logps
+from .trainer import WRPOTrainer, reference_logps, varlen_attention
 
 
 def load_examples(config):
@@ -43,7 +43,9 @@ def build_datasets(examples, tokenizer, config, stage: str):
 @torch.no_grad()
 def precompute_ref_logps(ref_model, dataset, config, pad_token_id: int, device):
     """Adds a ``ref_logps`` column ([K] per group) computed once with the forward-only path."""
-    collate = PreferenceCollator(pad_token_id, packing=config.packing)
+    collate = PreferenceCollator(
+        pad_token_id, packing=config.packing, row_per_group=not varlen_attention(ref_model)
+    )
     ref_model = ref_model.to(device).eval()
     out = []
     step = max(config.per_device_eval_batch_size, 1)

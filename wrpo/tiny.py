@@ -1,4 +1,5 @@
-"""The bundled tiny default: a word/char tokenizer, a 2-layer Llama config and arithmetic preference data.
+"""The bundled tiny default: a word/char tokenizer, a 2-layer Llama config (and random-init models saved
+from it) and arithmetic preference data.
 
 Everything is built offline and deterministically. ``python -m wrpo.tiny`` rewrites ``SAMPLE_DATA``.
 """
@@ -9,8 +10,14 @@ import json
 import pathlib
 import random
 
+import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 SAMPLE_DATA = pathlib.Path(__file__).parent / "assets" / "sample_pref.jsonl"
 
@@ -93,6 +100,24 @@ def tiny_model_config(vocab_size: int) -> LlamaConfig:
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
     )
+
+
+def save_tiny_model(path: str | pathlib.Path, *, seed: int = 0, reward_model: bool = False) -> pathlib.Path:
+    """Save a random-init tiny Llama (``tiny_model_config``, init seed ``seed``) and the tiny tokenizer.
+
+    With ``reward_model=True`` a sequence classifier with one output instead: a stand-in reward model
+    for ``wrpo data score`` whose scores mean nothing (for checking the plumbing offline).
+    """
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_model_config(len(tokenizer))
+    if reward_model:
+        config.num_labels = 1
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = (LlamaForSequenceClassification if reward_model else LlamaForCausalLM)(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return pathlib.Path(path)
 
 
 QUESTIONS = ("What is {q}?", "Compute {q}.", "Calculate {q}.", "What do you get for {q}?")

@@ -37,12 +37,17 @@ def _final_hidden(model):
         handle.remove()
 
 
+def varlen_attention(model) -> bool:
+    """Whether ``model`` separates packed sequences by position ids alone (flash-attention varlen)."""
+    return model.config._attn_implementation in ("flash_attention_2", "flash_attention_3")
+
+
 def body_hidden_states(model, unwrapped, inputs) -> torch.Tensor:
     """Final hidden states [rows, T, H] of the batch, the LM head skipped."""
     kwargs = {"input_ids": inputs["input_ids"], "use_cache": False}
     if "position_ids" in inputs:  # packed row
         kwargs["position_ids"] = inputs["position_ids"]
-        if unwrapped.config._attn_implementation not in ("flash_attention_2", "flash_attention_3"):
+        if not varlen_attention(unwrapped):
             kwargs["attention_mask"] = block_causal_mask(inputs["position_ids"], unwrapped.dtype)
     else:
         kwargs["attention_mask"] = inputs["attention_mask"]
@@ -62,7 +67,7 @@ def reference_logps(ref_model, inputs, backend: str) -> torch.Tensor:
 
 
 def head_inputs(hidden, labels, inputs):
-    """Packed [1, L, H] -> rows [L, H] with cu_seqlens; padded [S, T, H] stays (cu_seqlens None)."""
+    """Packed [R, L, H] -> rows [R*L, H] with cu_seqlens; padded [S, T, H] stays (cu_seqlens None)."""
     if "cu_seqlens" in inputs:
         return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), inputs["cu_seqlens"]
     return hidden, labels, None
@@ -78,7 +83,10 @@ class WRPOTrainer(Trainer):
     def __init__(self, model, args, *, ref_model=None, stage: str = "train", pad_token_id: int = 0, **kwargs):
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} is not one of {STAGES}")
-        kwargs.setdefault("data_collator", PreferenceCollator(pad_token_id, packing=args.packing))
+        collator = PreferenceCollator(
+            pad_token_id, packing=args.packing, row_per_group=not varlen_attention(model)
+        )
+        kwargs.setdefault("data_collator", collator)
         super().__init__(model=model, args=args, **kwargs)
         self.stage = stage
         self.ref_model = None
@@ -138,11 +146,17 @@ class WRPOTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict, start_time=None):
-        """Adds the mean of each stored metric since the last log (train steps, or an evaluation)."""
+        """Adds the mean of each stored metric since the last log (train steps, or an evaluation),
+        averaged over the processes like the loss (every process calls ``log``)."""
         mode = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
-        if mode is not None:
+        if mode is not None and self._metrics[mode]:
             prefix = "eval_" if mode == "eval" else ""
-            for k, values in self._metrics[mode].items():
-                logs[prefix + k] = torch.stack([v.float().cpu() for v in values]).mean().item()
+            names = sorted(self._metrics[mode])  # the same order on every process
+            means = torch.stack(
+                [torch.stack([v.float() for v in self._metrics[mode][k]]).mean() for k in names]
+            )
+            if self.accelerator.num_processes > 1:
+                means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
+            logs.update(zip((prefix + k for k in names), means.tolist(), strict=True))
             self._metrics[mode].clear()
         super().log(logs, start_time)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -13,7 +12,7 @@ from .chunked.buffers import HeadOptions, math_dtype
 from .metrics import preference_metrics
 from .objective import make_spec, rewards
 from .output import WRPOOutput
-from .packing import sequence_ids
+from .packing import PackedRows, keep_labelled_rows, scatter_rows, sequence_ids
 from .validation import as_packed_rows, check_head, check_labels, check_preference_tensor
 
 BACKENDS = ("auto", "torch", "triton", "reference")
@@ -47,31 +46,16 @@ def resolve_backend(backend: str, device: torch.device):
     return name, reference if name == "reference" else torch_backend
 
 
-@dataclass(frozen=True)
-class PackedRows:
-    """Validated sequence layout: cu_seqlens [S+1] on the device and on the host, seq [N], counts [S]."""
-
-    cu: torch.Tensor
-    cu_host: list
-    seq: torch.Tensor
-    counts: torch.Tensor
-
-
 def _pack(hidden, weight, labels, cu_seqlens, bias, ignore_index, *, require_tokens, describe):
     hidden, labels, cu, cu_host = as_packed_rows(hidden, labels, cu_seqlens)
     check_head(hidden, weight, bias, labels)
     hidden = hidden.contiguous()
     seq = sequence_ids(cu, hidden.shape[0])
-    counts = check_labels(
-        labels,
-        seq,
-        len(cu_host) - 1,
-        weight.shape[0],
-        ignore_index,
-        require_tokens=require_tokens,
-        describe=describe,
-    )
-    return hidden, labels, PackedRows(cu, cu_host, seq, counts)
+    counts, counts_host = check_labels(
+        labels, seq, len(cu_host) - 1, weight.shape[0], ignore_index,
+        require_tokens=require_tokens, describe=describe,
+    )  # fmt: skip
+    return hidden, labels, PackedRows(cu, cu_host, seq, counts, counts_host)
 
 
 def _check_head_options(softcap, temperature, chunk_tokens):
@@ -122,9 +106,13 @@ def linear_logprobs(
             softcap=softcap, temperature=temperature,
         )  # fmt: skip
     else:
+        N = h.shape[0]
+        h, lab, rows, kept = keep_labelled_rows(h, lab, rows, ignore_index)
         out = impl.linear_logprobs(
             h, weight, lab, rows, bias=bias, opts=opts, reduction=reduction, chunk_tokens=chunk_tokens
         )
+        if reduction == "none":
+            out = scatter_rows(out, kept, N)
     return out.view(out_shape) if reduction == "none" else out
 
 
@@ -192,6 +180,7 @@ def fused_linear_wrpo_loss(
             ignore_index=ignore_index, softcap=softcap, temperature=temperature,
         )  # fmt: skip
     opts = HeadOptions(ignore_index, softcap, float(temperature))
+    h, lab, rows, _ = keep_labelled_rows(h, lab, rows, ignore_index)
     loss, logps = impl.fused_linear_wrpo_loss(
         spec,
         h,

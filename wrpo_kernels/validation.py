@@ -85,13 +85,15 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.T
 def check_labels(labels, seq, num_seqs: int, vocab: int, ignore_index: int, *, require_tokens, describe):
     """Labels in [0, V) or ``ignore_index``; with ``require_tokens`` every sequence needs one valid label.
 
-    Returns the valid-token count per sequence, n [S] (int64). ``describe(s)`` names sequence s
-    in error messages. One host synchronisation.
+    Returns the valid-token count per sequence, n [S] (int64), on the device and as a host list.
+    ``describe(s)`` names sequence s in error messages. One host synchronisation.
     """
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= vocab))
     counts = segment_sum(valid.to(torch.int64), seq, num_seqs)
-    any_bad, any_empty = torch.stack([bad.any(), (counts == 0).any()]).tolist()
+    any_bad, any_empty, *counts_host = torch.cat(
+        [torch.stack([bad.any(), (counts == 0).any()]), counts]
+    ).tolist()
     if any_bad:
         t = int(bad.nonzero()[0, 0])
         raise ValueError(
@@ -103,7 +105,7 @@ def check_labels(labels, seq, num_seqs: int, vocab: int, ignore_index: int, *, r
         raise ValueError(
             f"{describe(s)} has no label != ignore_index={ignore_index}; its log-prob is undefined"
         )
-    return counts
+    return counts, counts_host
 
 
 def check_preference_tensor(name: str, x, B: int, K: int, device) -> torch.Tensor | None:

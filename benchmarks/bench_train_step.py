@@ -1,0 +1,308 @@
+"""One WRPO training step of a small Llama: packed rows + fused head loss vs padded rows + naive logits.
+
+Methods (same batches, same initial weights, forward + backward + AdamW step, precomputed reference
+log-probs, K = 3 responses per prompt):
+  packed-fused   the ``wrpo train`` path: the K responses of each prompt packed without padding
+                 (one row per group with a block-diagonal causal mask under sdpa; one row for the
+                 batch with flash-attention varlen on a GPU when installed), the body run without
+                 its head, then wrpo_kernels.fused_linear_wrpo_loss on the hidden states and
+                 lm_head.weight (which drops the prompt rows before the head)
+  padded-naive   the usual trainer path: one right-padded row per sequence, the model's full logits
+                 [S, T, V], log_softmax, gather, masked sum -> wrpo_kernels.wrpo_loss
+  packed-naive, padded-fused   the two other combinations, to separate the two effects
+
+Lengths like UltraFeedback's: prompts uniform in [100, 400] tokens, responses log-normal (median 250
+tokens) clipped to [50, 700]; every method sees the same batches.
+
+Throughput: real (non-padding) tokens of one round over all batches divided by its time; the median
+of --rounds rounds, methods interleaved round by round. Memory: CPU: peak RSS rise of one step on the
+longest batch in a fresh process per method (after a warm-up step has allocated the optimizer state);
+CUDA: max allocated above the model, gradients and optimizer state.
+
+    python benchmarks/bench_train_step.py --out "benchmarks/results/train_step_{device}.json"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from measure import MMAP_ENV, machine, peak_rss_rise_mb, write_json
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import wrpo_kernels as wk
+from wrpo.packing import IGNORE_INDEX, block_causal_mask, pack_groups, pad_groups
+from wrpo.trainer import body_hidden_states, head_inputs, varlen_attention
+
+METHODS = ("padded-naive", "packed-naive", "padded-fused", "packed-fused")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+K, NUM_CHOSEN, PAD_ID = 3, 2, 0
+
+
+def make_batches(args) -> list[list[dict]]:
+    """``args.batches`` batches of ``args.B`` groups: prompt ids, K response ids, reference log-probs."""
+    g = torch.Generator().manual_seed(args.seed)
+
+    def tokens(n):
+        return torch.randint(1, args.V, (n,), generator=g).tolist()
+
+    def response_length():
+        n = 250 * torch.exp(0.6 * torch.randn(1, generator=g)).item()
+        return int(min(max(n, 50), 700))
+
+    batches = []
+    for _ in range(args.batches):
+        groups = []
+        for _ in range(args.B):
+            prompt = tokens(int(torch.randint(100, 401, (1,), generator=g)))
+            responses = [tokens(response_length()) for _ in range(K)]
+            ref = [-len(r) * 10.4 + torch.randn(1, generator=g).item() for r in responses]
+            groups.append({"prompt_ids": prompt, "responses": responses, "num_chosen": NUM_CHOSEN,
+                           "ref_logps": ref})  # fmt: skip
+        batches.append(groups)
+    return batches
+
+
+def real_tokens(groups) -> int:
+    return sum(len(g["prompt_ids"]) + len(r) for g in groups for r in g["responses"])
+
+
+def build_model(args):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=args.V, hidden_size=args.H, intermediate_size=args.H * 8 // 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.H // 64, num_key_value_heads=args.H // 64, max_position_embeddings=4096,
+        tie_word_embeddings=False, pad_token_id=PAD_ID,
+    )  # fmt: skip
+    attn = "flash_attention_2" if args.device == "cuda" and _has_flash_attn() else "sdpa"
+    cfg._attn_implementation = attn
+    return LlamaForCausalLM(cfg).to(args.device, DTYPES[args.dtype])
+
+
+def _has_flash_attn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _to(batch, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def fused_loss(model, batch):
+    """Body without its head -> wrpo_kernels.fused_linear_wrpo_loss (packed rows or padded [S, T, H])."""
+    hidden = body_hidden_states(model, model, batch)
+    h, labels, cu = head_inputs(hidden, batch["labels"], batch)
+    return wk.fused_linear_wrpo_loss(
+        h, model.lm_head.weight, labels, cu, responses_per_prompt=K, num_chosen=NUM_CHOSEN,
+        ref_logps=batch["ref_logps"], alpha=0.1, beta=0.1,
+    ).loss  # fmt: skip
+
+
+def naive_loss(model, batch):
+    """The model's full logits -> log_softmax -> gather -> per-sequence sums -> wrpo_kernels.wrpo_loss."""
+    labels = batch["labels"]
+    if "cu_seqlens" in batch:
+        mask = block_causal_mask(batch["position_ids"], model.dtype)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+                       use_cache=False).logits  # fmt: skip
+    else:
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+    valid = labels != IGNORE_INDEX
+    tok = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * valid
+    if "cu_seqlens" in batch:
+        cu = batch["cu_seqlens"]
+        seq = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), cu.diff())
+        logps = torch.zeros(len(cu) - 1, device=tok.device).index_add_(0, seq, tok.reshape(-1))
+        lengths = torch.zeros_like(logps).index_add_(0, seq, valid.reshape(-1).float())
+    else:
+        logps, lengths = tok.sum(-1), valid.sum(-1).float()
+    B = logps.numel() // K
+    loss, _ = wk.wrpo_loss(logps.view(B, K), batch["ref_logps"], lengths.view(B, K), num_chosen=NUM_CHOSEN,
+                           alpha=0.1, beta=0.1)  # fmt: skip
+    return loss
+
+
+def build(method, args):
+    """-> step(groups): one forward + backward + AdamW step of ``method`` on a batch of groups."""
+    layout, loss_kind = method.split("-")
+    model = build_model(args)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    loss_fn = fused_loss if loss_kind == "fused" else naive_loss
+
+    def collate(groups):
+        if layout == "padded":
+            return _to(pad_groups(groups, PAD_ID), args.device)
+        return _to(
+            pack_groups(groups, row_per_group=not varlen_attention(model), pad_token_id=PAD_ID), args.device
+        )
+
+    def step(groups):
+        loss = loss_fn(model, collate(groups))
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_methods(args, batches) -> dict:
+    steps = {m: build(m, args) for m in args.methods}
+    for m in args.methods:  # warm-up: allocator, optimizer state, lazy init
+        steps[m](batches[0])
+    times = {m: [] for m in args.methods}
+    for _ in range(args.rounds):
+        for m in args.methods:
+            sync(args.device)
+            t = time.perf_counter()
+            for groups in batches:
+                steps[m](groups)
+            sync(args.device)
+            times[m].append(time.perf_counter() - t)
+    return times
+
+
+def peak_memory_mb(method, args, batches) -> float:
+    step = build(method, args)
+    step(batches[0])
+    longest = max(batches, key=real_tokens)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(longest)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return peak_rss_rise_mb(lambda: step(longest))
+
+
+def memory_in_child(method, args) -> float:
+    if args.device == "cuda":
+        return peak_memory_mb(method, args, make_batches(args))
+    cmd = [sys.executable, __file__, "--memory-child", method, *args.shape_argv]
+    out = subprocess.run(cmd, env={**os.environ, **MMAP_ENV}, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child for {method} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> list[dict]:
+    batches = make_batches(args)
+    tokens = sum(real_tokens(b) for b in batches)
+    padded = sum(K * len(b) * max(len(g["prompt_ids"]) + len(r) for g in b for r in g["responses"])
+                 for b in batches)  # fmt: skip
+    times = time_methods(args, batches)
+    results = []
+    for m in args.methods:
+        med = statistics.median(times[m])
+        results.append({"method": m, "round_times_s": times[m], "median_round_s": med,
+                        "tokens_per_s": tokens / med, "peak_mem_mb": memory_in_child(m, args)})  # fmt: skip
+    base = next((r for r in results if r["method"] == "padded-naive"), None)
+    for r in results:
+        r["speedup_vs_padded_naive"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+        r["mem_vs_padded_naive"] = r["peak_mem_mb"] / base["peak_mem_mb"] if base else None
+    args.tokens, args.padding_fraction = tokens, 1 - tokens / padded
+    return results
+
+
+def print_table(results, args):
+    print(f"device: {machine(args.device)['device']}; model {describe(args)}; {args.dtype}")
+    print(f"{args.batches} batches x {args.B} prompts x {K} responses, {args.tokens} real tokens per round "
+          f"(padded: +{100 * args.padding_fraction:.0f}%); median of {args.rounds} rounds")  # fmt: skip
+    print(f"{'method':<14}{'tokens/s':>10}{'round s':>9}{'peak MiB':>10}{'speed-up':>10}{'mem ratio':>11}")
+    for r in results:
+        su = f"{r['speedup_vs_padded_naive']:.2f}x" if r["speedup_vs_padded_naive"] else "-"
+        mr = f"{r['mem_vs_padded_naive']:.2f}" if r["mem_vs_padded_naive"] else "-"
+        print(f"{r['method']:<14}{r['tokens_per_s']:>10.0f}{r['median_round_s']:>9.2f}{r['peak_mem_mb']:>10.0f}"
+              f"{su:>10}{mr:>11}")  # fmt: skip
+
+
+def describe(args) -> str:
+    return f"Llama H={args.H} layers={args.layers} V={args.V}"
+
+
+def plot(results, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in results]
+    colors = ["tab:green" if n == "packed-fused" else "tab:gray" for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for ax, key, label in ((axes[0], "tokens_per_s", "train-step tokens/s (higher is better)"),
+                           (axes[1], "peak_mem_mb", "peak memory of a step (MiB)")):  # fmt: skip
+        ax.barh(names, [r[key] for r in results], color=colors)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        for i, r in enumerate(results):
+            ax.text(r[key], i, f" {r[key]:.0f}", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--H", type=int, default=256, help="hidden size (heads of 64)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--V", type=int, default=32000)
+    p.add_argument("--B", type=int, default=2, help="prompts per batch")
+    p.add_argument("--batches", type=int, default=4, help="batches per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {METHODS}")
+    p.add_argument("--out", default=None, help="JSON path, {device} filled in (a .png is written beside it)")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    if unknown := set(args.methods) - set(METHODS):
+        p.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    args.shape_argv = [f"--{k}={getattr(args, k)}" for k in ("device", "dtype", "H", "layers", "V", "B",
+                                                               "batches", "seed")]  # fmt: skip
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_child:
+        print(peak_memory_mb(args.memory_child, args, make_batches(args)))
+        return
+    results = run(args)
+    print_table(results, args)
+    if args.out:
+        out = Path(args.out.format(device=args.device))
+        record = {
+            "machine": machine(args.device), "model": describe(args), "dtype": args.dtype,
+            "batch": {"prompts": args.B, "responses_per_prompt": K, "batches_per_round": args.batches},
+            "lengths": "prompts U[100, 400]; responses lognormal(median 250, sigma 0.6) clipped [50, 700]",
+            "real_tokens_per_round": args.tokens, "padding_fraction": args.padding_fraction,
+            "rounds": args.rounds, "ref_logps": "precomputed", "date": time.strftime("%Y-%m-%d"),
+            "results": results,
+        }  # fmt: skip
+        write_json(out, record)
+        plot(
+            results, out.with_suffix(".png"), f"{record['machine']['device']} | {describe(args)} {args.dtype}"
+        )
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
