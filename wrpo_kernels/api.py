@@ -8,6 +8,7 @@ import os
 import torch
 
 from . import reference, torch_backend
+from .autoselect import auto_backend
 from .chunked.buffers import HeadOptions, math_dtype
 from .metrics import preference_metrics
 from .objective import make_spec, rewards
@@ -32,12 +33,13 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     )
 
 
-def resolve_backend(backend: str, device: torch.device):
-    """-> (name, implementation module). ``auto`` picks the chunked torch backend (see README);
-    an unknown backend, or one that cannot run on ``device``, raises (no silent fallback)."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """-> (name, implementation module). ``auto``: Triton on a CUDA device once its kernels pass a
+    self-test there (``autoselect``), else the chunked torch backend. An explicitly named backend
+    that cannot run on ``device`` raises (no silent fallback)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not available; choose one of {BACKENDS}")
-    name = "torch" if backend == "auto" else backend
+    name = auto_backend(device, dtype) if backend == "auto" else backend
     if name == "triton":
         reason = triton_unavailable_reason(device)
         if reason:
@@ -98,7 +100,7 @@ def linear_logprobs(
         hidden, weight, labels, cu_seqlens, bias, ignore_index,
         require_tokens=reduction == "mean", describe=lambda s: f"sequence {s}",
     )  # fmt: skip
-    name, impl = resolve_backend(backend, h.device)
+    name, impl = resolve_backend(backend, h.device, h.dtype)
     opts = HeadOptions(ignore_index, softcap, float(temperature))
     if name == "reference":
         out = reference.linear_logprobs(
@@ -172,7 +174,7 @@ def fused_linear_wrpo_loss(
         raise ValueError(f"loss_type={loss_type!r} needs ref_logps ([B, K] = [{B}, {K}] or [S] = [{S}])")
     ref = check_preference_tensor("ref_logps", ref_logps, B, K, h.device) if spec.needs_reference else None
     ref = None if ref is None else ref.detach().to(md)
-    name, impl = resolve_backend(backend, h.device)
+    name, impl = resolve_backend(backend, h.device, h.dtype)
     lengths = rows.counts.view(B, K).to(md)
     if name == "reference":
         return reference.fused_linear_wrpo_loss(
@@ -247,7 +249,7 @@ def wrpo_loss(
             b, k = (lengths <= 0).nonzero()[0].tolist()
             raise ValueError(f"lengths[{b}, {k}] = {lengths[b, k].item()}: every response needs >= 1 token")
         lengths = lengths.to(dt)
-    name, impl = resolve_backend(backend, dev)
+    name, impl = resolve_backend(backend, dev, dt)
     if name == "reference":
         return reference.wrpo_loss(spec, policy_logps, ref, lengths)
     loss = impl.wrpo_loss(spec, policy_logps, ref, lengths)
