@@ -101,9 +101,36 @@ def test_precomputed_reference_logps_train_like_on_the_fly(tmp_path):
     for flag in ("True", "False"):
         out = tmp_path / flag
         code = main(["train", "--output_dir", str(out), "--max_steps", "3", "--logging_steps", "1",
-                     "--eval_rows", "0", "--precompute_ref_logps", flag])  # fmt: skip
+                     "--eval_rows", "0", "--precompute_ref_logps", flag,
+                     "--ref_logps_cache", str(tmp_path / "cache")])  # fmt: skip
         assert code == 0
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         losses[flag] = [e["loss"] for e in history if "loss" in e]
     assert losses["True"] == pytest.approx(losses["False"], rel=1e-5)
     assert losses["True"][-1] != pytest.approx(losses["True"][0], rel=1e-6)  # training moved
+
+
+def test_precomputed_reference_logps_are_cached_on_disk(tmp_path, monkeypatch):
+    """The second run on the same data and reference model loads the cache instead of running the model."""
+    from wrpo import pipeline
+
+    cache = tmp_path / "cache"
+    args = ["train", "--max_steps", "1", "--eval_rows", "4", "--precompute_ref_logps", "true",
+            "--ref_logps_cache", str(cache), "--dataset", str(SAMPLE_DATA)]  # fmt: skip
+    assert main([*args, "--output_dir", str(tmp_path / "a")]) == 0
+    files = sorted(cache.glob("ref_logps-*.safetensors"))
+    assert len(files) == 2  # train and eval rows
+    computed = {}
+    real = pipeline.compute_ref_logps
+
+    def spy(ref_model, dataset, *a):
+        computed[len(dataset)] = real(ref_model, dataset, *a)
+        return computed[len(dataset)]
+
+    monkeypatch.setattr(pipeline, "compute_ref_logps", spy)
+    assert main([*args, "--output_dir", str(tmp_path / "b")]) == 0
+    assert computed == {}  # both came from the cache
+    assert main([*args, "--output_dir", str(tmp_path / "c"), "--seed_model", "1"]) == 0
+    assert len(computed) == 2  # another reference model: recomputed
+    assert len(list(cache.glob("ref_logps-*.safetensors"))) == 4
+    assert not list(cache.glob(".*.part"))

@@ -42,6 +42,11 @@ class WRPOConfig(TrainingArguments):
     max_length: int = 2048
     max_prompt_length: int = 1800
     precompute_ref_logps: bool = False
+    ref_logps_cache: str | None = field(
+        default=None,
+        metadata={"help": "directory of cached precomputed reference log-probs (default "
+                  "$XDG_CACHE_HOME/wrpo/ref_logps, i.e. ~/.cache/wrpo/ref_logps); 'off' disables"},
+    )  # fmt: skip
     kernel_backend: str = field(default="auto", metadata={"help": f"one of {BACKENDS}"})
     packing: bool = True
     chunk_tokens: int | None = None

@@ -7,6 +7,7 @@ from pathlib import Path
 import datasets
 import torch
 
+from . import ref_cache
 from .data import load_preference_data, tokenize_example
 from .models import load_policy, load_reference
 from .packing import PreferenceCollator
@@ -41,11 +42,10 @@ def build_datasets(examples, tokenizer, config, stage: str):
 
 
 @torch.no_grad()
-def precompute_ref_logps(ref_model, dataset, config, pad_token_id: int, device):
-    """Adds a ``ref_logps`` column ([K] per group) computed once with the forward-only path."""
-    collate = PreferenceCollator(
-        pad_token_id, packing=config.packing, row_per_group=not varlen_attention(ref_model)
-    )
+def compute_ref_logps(ref_model, dataset, config, pad_token_id: int, device) -> torch.Tensor:
+    """[rows, K] reference log-probs of every group, with the forward-only path."""
+    row_per_group = not varlen_attention(ref_model)
+    collate = PreferenceCollator(pad_token_id, packing=config.packing, row_per_group=row_per_group)
     ref_model = ref_model.to(device).eval()
     out = []
     step = max(config.per_device_eval_batch_size, 1)
@@ -53,8 +53,21 @@ def precompute_ref_logps(ref_model, dataset, config, pad_token_id: int, device):
         batch = collate([dataset[i] for i in range(start, min(start + step, len(dataset)))])
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         logps = reference_logps(ref_model, batch, config.kernel_backend)
-        out += logps.view(-1, batch["responses_per_prompt"]).cpu().tolist()
-    return dataset.add_column("ref_logps", out)
+        out.append(logps.view(-1, batch["responses_per_prompt"]).float().cpu())
+    return torch.cat(out)
+
+
+def precompute_ref_logps(ref_model, dataset, config, pad_token_id: int, device):
+    """Adds a ``ref_logps`` column ([K] per group): from the disk cache (``ref_cache``) when this data
+    and reference model were seen before, else computed once (the main process first) and cached."""
+    path = ref_cache.cache_path(dataset, config)
+    with config.main_process_first(desc="reference log-probs"):
+        logps = ref_cache.load(path) if path is not None else None
+        if logps is None or logps.shape[0] != len(dataset):
+            logps = compute_ref_logps(ref_model, dataset, config, pad_token_id, device)
+            if path is not None and config.local_process_index == 0:
+                ref_cache.save(path, logps)
+    return dataset.add_column("ref_logps", logps.tolist())
 
 
 def run_stage(stage: str, config, examples) -> dict:
