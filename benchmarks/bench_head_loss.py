@@ -3,7 +3,9 @@
 Methods (same tokens, same dtype, precomputed reference log-probs):
   naive-eager      wrpo_kernels.reference: full [N, V] logits, log_softmax, gather (K responses)
   naive-compile    the same under torch.compile
-  wrpo-torch       wrpo_kernels backend="torch" (chunked single pass)
+  wrpo-torch       wrpo_kernels backend="torch" (chunked single pass; on CPU its row work runs in the
+                   native kernels of csrc/ when they build, see wrpo_kernels.native)
+  wrpo-torch-nocsrc  the same with the pure-torch row ops (wrpo_kernels.native.disabled())
   wrpo-triton      wrpo_kernels backend="triton" (CUDA only)
   cce-logps        cut-cross-entropy per-token log-probs (reduction="none"), summed per sequence,
                    then wrpo_kernels.wrpo_loss (CUDA only; a peer for the log-prob part)
@@ -24,6 +26,7 @@ Memory: CUDA: max allocated above the inputs; CPU: peak RSS rise over one fwd+bw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -36,12 +39,12 @@ from pathlib import Path
 import torch
 
 import wrpo_kernels as wk
-from wrpo_kernels import reference
+from wrpo_kernels import native, reference
 from wrpo_kernels.objective import make_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METHODS = (
-    "naive-eager", "naive-compile", "wrpo-torch", "wrpo-triton", "cce-logps",
+    "naive-eager", "naive-compile", "wrpo-torch", "wrpo-torch-nocsrc", "wrpo-triton", "cce-logps",
     "naive-eager/k2", "wrpo-torch/k2", "wrpo-triton/k2", "liger-dpo/k2",
 )  # fmt: skip
 CUDA_ONLY = {"wrpo-triton", "wrpo-triton/k2", "cce-logps"}
@@ -85,10 +88,13 @@ def build(method, args):
             return compiled(hidden, weight)
 
     elif method.startswith(("wrpo-torch", "wrpo-triton")):
-        backend = method.split("/")[0].removeprefix("wrpo-")
+        name = method.split("/")[0]
+        backend = "triton" if name == "wrpo-triton" else "torch"
+        row_ops = native.disabled if name.endswith("-nocsrc") else contextlib.nullcontext
 
         def loss_fn():
-            return wk.fused_linear_wrpo_loss(hidden, weight, labels, cu, backend=backend, **opts).loss
+            with row_ops():
+                return wk.fused_linear_wrpo_loss(hidden, weight, labels, cu, backend=backend, **opts).loss
 
     elif method == "cce-logps":
         from cut_cross_entropy import linear_cross_entropy
@@ -145,6 +151,8 @@ def peak_memory_mb(method, args) -> float:
     step, _ = build(method, args)
     if method == "naive-compile" or args.device == "cuda":
         step()  # compile / lazy init outside the measurement
+    if args.device == "cpu" and method.startswith("wrpo-torch"):
+        native.row_kernels_enabled(torch.device("cpu"))  # load the native library outside the measurement
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -197,6 +205,7 @@ def machine(device) -> dict:
             platform.processor(),
         )
         info["device"] = f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        info["native_row_kernels"] = native.row_kernels_enabled(torch.device("cpu"))
     return info
 
 
@@ -300,18 +309,20 @@ def run(args) -> list[dict]:
 
 def print_table(results, args):
     shape = {"B": args.B, "K": "3 (2 for /k2)", "T": args.T, "H": args.H, "V": args.V}
-    print(
-        f"device: {machine(args.device)['device']}; shape {shape}; dtype {args.dtype}; median of {args.reps}"
+    info = machine(args.device)
+    native_note = (
+        f"; native row kernels: {info['native_row_kernels']}" if "native_row_kernels" in info else ""
     )
+    print(f"device: {info['device']}{native_note}; shape {shape}; dtype {args.dtype}; median of {args.reps}")
     print(
-        f"{'method':<16}{'tokens':>8}{'median ms':>12}{'TFLOP/s':>9}{'peak MiB':>10}{'extra MiB':>10}"
+        f"{'method':<19}{'tokens':>8}{'median ms':>12}{'TFLOP/s':>9}{'peak MiB':>10}{'extra MiB':>10}"
         f"{'speed-up':>10}{'mem ratio':>11}"
     )
     for r in results:
         su = f"{r['speedup_vs_naive']:.2f}x" if r["speedup_vs_naive"] else "-"
         mr = f"{r['mem_vs_naive']:.3f}" if r["mem_vs_naive"] else "-"
         print(
-            f"{r['method']:<16}{r['tokens']:>8}{r['median_ms']:>12.0f}{r['tflops']:>9.2f}{r['peak_mem_mb']:>10.0f}"
+            f"{r['method']:<19}{r['tokens']:>8}{r['median_ms']:>12.0f}{r['tflops']:>9.2f}{r['peak_mem_mb']:>10.0f}"
             f"{r['extra_mem_mb']:>10.0f}{su:>10}{mr:>11}"
         )
 

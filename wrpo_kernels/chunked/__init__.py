@@ -4,7 +4,7 @@ A backend plugs in its *row ops*, an object with:
   workspace(rows, V, dtype, device, softcap_grad)   buffers for one chunk of logits
   logits(ws, hidden, weight, bias, opts, for_grad)  the chunk's GEMM (+ what the row work needs) -> state
   stats(state, safe_labels, opts) -> lse, target    per row, fp32
-  grad(state, safe_labels, scale, lse, opts)         dL/dx in place, for dL/d(log p) = scale per row
+  grad(state, safe_labels, scale, lse, opts)         in-place dL/dx [n, V] (any strides), dL/d(log p) = scale
   lowp(ws, n)                                        a buffer in the input dtype for the gradient GEMMs
   group_loss(spec, tok, targets, chunk, ref, lengths) -> s, loss per group, dL/ds (for the chunk's
                                                      groups; ref and lengths are the whole batch's [B, K])

@@ -1,24 +1,35 @@
-"""Chunked PyTorch backend: runs anywhere (CPU, CI, GPU fallback); never materialises [N, V] logits."""
+"""Chunked PyTorch backend: runs anywhere (CPU, CI, GPU fallback); never materialises [N, V] logits.
+
+On CPU tensors the row work runs in the native kernels of ``csrc/`` when they build (see
+``wrpo_kernels.native``), else in torch element-wise ops.
+"""
 
 from __future__ import annotations
 
+from .. import native
 from ..chunked import run_fused, run_logprobs
+from .native_rows import NATIVE_ROW_OPS
 from .preference_loss import PreferenceLossFunction
 from .rows import TORCH_ROW_OPS
 
 
+def row_ops(device):
+    """The native row ops for CPU tensors when the extension is usable, else the pure-torch ones."""
+    return NATIVE_ROW_OPS if native.row_kernels_enabled(device) else TORCH_ROW_OPS
+
+
 def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chunk_tokens):
     """Log-probs of packed rows ([S] or [N]); ``rows``: the validated ``api.PackedRows``."""
-    return run_logprobs(TORCH_ROW_OPS, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens)
+    ops = row_ops(hidden.device)
+    return run_logprobs(ops, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens)
 
 
 def fused_linear_wrpo_loss(
     spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens
 ):
     """(loss, logps [B, K]) of packed groups in one pass over chunks of whole groups."""
-    return run_fused(
-        TORCH_ROW_OPS, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens
-    )
+    ops = row_ops(hidden.device)
+    return run_fused(ops, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens)
 
 
 def wrpo_loss(spec, logps, ref_logps, lengths):

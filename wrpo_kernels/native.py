@@ -1,0 +1,133 @@
+"""Lazy loader of the native CPU row kernels in ``csrc/`` (``torch.ops.wrpo_kernels.*``, DESIGN §3).
+
+Nothing is compiled at import. The first CPU call that can use the kernels builds the sources of
+``csrc/`` with ``torch.utils.cpp_extension.load`` (Linux; ninja, g++/``$CXX``) into torch's extension cache
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later processes reuse the build,
+ninja rebuilds when a source or header changes, and cpp_extension's file lock lets one of several
+processes (DDP ranks) compile while the others wait.
+
+Flags: ``-O3 -fopenmp`` (``at::parallel_for`` follows ``torch.set_num_threads``) plus the vector ISA
+that ATen itself dispatches to here (``torch.backends.cpu.get_cpu_capability()``): AVX512 ->
+``-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma``, AVX2 -> ``-mavx2 -mfma -mf16c``, anything else
+-> the compiler's baseline. Not ``-march=native``: the build is named after the capability, so machines
+sharing a home directory never load code for an ISA they lack.
+
+If ``WRPO_KERNELS_NO_EXT=1``, no compiler is found or the build fails, :func:`row_kernels_enabled`
+is False, the pure-torch row ops run, and a warning says why, once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+ENV_DISABLE = "WRPO_KERNELS_NO_EXT"
+SOURCES = ("ops.cpp", "lse_target.cpp", "logit_grad.cpp", "workspace.cpp")  # in csrc/, with head_math.h
+OPS = ("lse_target", "logit_grad_", "workspace")
+ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+}
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_loaded: bool | None = None  # None: not tried yet in this process
+_warned = False
+_switched_off = contextvars.ContextVar("wrpo_kernels_native_off", default=False)
+
+
+def source_dir() -> Path:
+    """``csrc/`` of a source checkout (next to the package) or of an installed wheel (inside it)."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "csrc", here.parent / "csrc"):
+        if all((d / f).is_file() for f in SOURCES):
+            return d
+    raise FileNotFoundError(f"the C++ sources (csrc/*.cpp) are neither in {here} nor next to it")
+
+
+def build_flags(capability: str) -> list[str]:
+    """Compiler flags for ATen's CPU ``capability`` ("AVX2", "AVX512", "DEFAULT", ...)."""
+    # CPU_CAPABILITY names the inline namespace of at::vec: ours must not clash with libtorch's.
+    return ["-O3", "-fopenmp", *ISA_FLAGS.get(capability, []), f"-DCPU_CAPABILITY=wrpo_{capability.lower()}"]
+
+
+def _build() -> None:
+    if not sys.platform.startswith("linux"):
+        raise RuntimeError(f"they are built on Linux only (g++, OpenMP), not on {sys.platform}")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH")
+    from torch.utils import cpp_extension
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    sources = [str(source_dir() / f) for f in SOURCES]
+    log.info(
+        "wrpo_kernels: building/loading the native CPU row kernels (%s); the first build takes ~1 min", cap
+    )
+    cpp_extension.load(
+        name=f"wrpo_kernels_rows_{cap.lower()}",
+        sources=sources,
+        extra_cflags=build_flags(cap),
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    missing = [op for op in OPS if not hasattr(torch.ops.wrpo_kernels, op)]
+    if missing:
+        raise RuntimeError(f"the built library registers no {missing}")
+
+
+def _say_once(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"wrpo_kernels: native CPU row kernels unavailable ({reason}); using the pure-torch row ops",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def load() -> bool:
+    """Build/load the extension once per process (thread safe); True if its operators are usable."""
+    global _loaded
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                try:
+                    _build()
+                    _loaded = True
+                except Exception as e:  # no compiler, ninja, headers; a failed build: fall back, loudly
+                    _loaded = False
+                    msg = str(e).strip()
+                    _say_once(f"{type(e).__name__}: {msg[-1500:]}")
+    return _loaded
+
+
+def row_kernels_enabled(device: torch.device) -> bool:
+    """Whether the chunked torch backend should use the native row kernels for tensors on ``device``."""
+    if device.type != "cpu" or _switched_off.get():
+        return False
+    if os.environ.get(ENV_DISABLE, "") not in ("", "0"):
+        _say_once(f"{ENV_DISABLE}={os.environ[ENV_DISABLE]}")
+        return False
+    return load()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Private switch: calls made inside use the pure-torch row ops (tests, benchmark comparisons)."""
+    token = _switched_off.set(True)
+    try:
+        yield
+    finally:
+        _switched_off.reset(token)
