@@ -1,6 +1,6 @@
 # make train : set up .venv/ if needed, then train the bundled tiny default with WRPO (CPU: < 1 minute)
 # make test  : set up .venv/ if needed, then lint and run the test suite
-# make bench : the fused-loss benchmark on this machine
+# make bench : the fused-loss and train-step benchmarks on this machine
 VENV := .venv
 STAMP := $(VENV)/.installed
 
@@ -17,6 +17,7 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_head_loss.py --out "benchmarks/results/head_loss_{device}.json"
+	$(VENV)/bin/python benchmarks/bench_train_step.py --out "benchmarks/results/train_step_{device}.json"
 
 # on a CUDA machine: the Llama-3-8B head shape, then the V x tokens x H sweep
 bench-gpu: $(STAMP)

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,8 @@ import time
 from pathlib import Path
 
 import torch
+from measure import MMAP_ENV, peak_rss_rise_mb, write_json
+from measure import machine as describe_machine
 
 import wrpo_kernels as wk
 from wrpo_kernels import native, reference
@@ -139,13 +139,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def rss_mb(field="VmRSS"):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory_mb(method, args) -> float:
     """Peak memory of one fwd+bwd above what the inputs already hold (see module docstring)."""
     step, _ = build(method, args)
@@ -160,16 +153,13 @@ def peak_memory_mb(method, args) -> float:
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = rss_mb()
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    step()
-    return rss_mb("VmHWM") - base
+    return peak_rss_rise_mb(step)
 
 
 def measure_memory_in_child(method, args) -> float:
     if args.device == "cuda":
         return peak_memory_mb(method, args)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", MALLOC_TRIM_THRESHOLD_="0")
+    env = {**os.environ, **MMAP_ENV}
     shape = [
         "--device",
         args.device,
@@ -192,19 +182,8 @@ def measure_memory_in_child(method, args) -> float:
 
 
 def machine(device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
-    if device == "cuda":
-        info["device"] = torch.cuda.get_device_name()
-    else:
-        model = next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if "model name" in ln
-            ),
-            platform.processor(),
-        )
-        info["device"] = f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    info = describe_machine(device)
+    if device == "cpu":
         info["native_row_kernels"] = native.row_kernels_enabled(torch.device("cpu"))
     return info
 
@@ -325,14 +304,6 @@ def print_table(results, args):
             f"{r['method']:<19}{r['tokens']:>8}{r['median_ms']:>12.0f}{r['tflops']:>9.2f}{r['peak_mem_mb']:>10.0f}"
             f"{r['extra_mem_mb']:>10.0f}{su:>10}{mr:>11}"
         )
-
-
-def write_json(path: Path, record: dict):
-    """Write through a temporary file so that an interrupted run leaves no half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
 
 
 def main(argv=None):
