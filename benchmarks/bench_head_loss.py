@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from measure import MMAP_ENV, peak_rss_rise_mb, write_json
+from measure import MMAP_ENV, bar_plot, peak_rss_rise_mb, write_json
 from measure import machine as describe_machine
 
 import wrpo_kernels as wk
@@ -206,26 +206,8 @@ def time_methods(methods, args) -> dict:
 
 
 def plot(results, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["method"] for r in results]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in (
-        (axes[0], "median_ms", "fwd+bwd median (ms)"),
-        (axes[1], "peak_mem_mb", "peak memory (MiB)"),
-    ):
-        colors = ["tab:green" if n.startswith("wrpo") else "tab:gray" for n in names]
-        ax.barh(names, [r[key] for r in results], color=colors)
-        ax.invert_yaxis()
-        ax.set_xlabel(label)
-        for i, r in enumerate(results):
-            ax.text(r[key], i, f" {r[key]:.0f}", va="center", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    panels = [("median_ms", "fwd+bwd median (ms)"), ("peak_mem_mb", "peak memory (MiB)")]
+    bar_plot(results, path, title, panels, highlight=lambda m: m.startswith("wrpo"))
 
 
 def parse_args(argv=None):

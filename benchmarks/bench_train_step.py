@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from measure import MMAP_ENV, machine, peak_rss_rise_mb, write_json
+from measure import MMAP_ENV, bar_plot, machine, peak_rss_rise_mb, write_json
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import wrpo_kernels as wk
@@ -237,24 +237,9 @@ def describe(args) -> str:
 
 
 def plot(results, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["method"] for r in results]
-    colors = ["tab:green" if n == "packed-fused" else "tab:gray" for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    for ax, key, label in ((axes[0], "tokens_per_s", "train-step tokens/s (higher is better)"),
-                           (axes[1], "peak_mem_mb", "peak memory of a step (MiB)")):  # fmt: skip
-        ax.barh(names, [r[key] for r in results], color=colors)
-        ax.invert_yaxis()
-        ax.set_xlabel(label)
-        for i, r in enumerate(results):
-            ax.text(r[key], i, f" {r[key]:.0f}", va="center", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    bar_plot(results, path, title, [("tokens_per_s", "train-step tokens/s (higher is better)"),
+                                    ("peak_mem_mb", "peak memory of a step (MiB)")],
+             highlight=lambda m: m == "packed-fused")  # fmt: skip
 
 
 def parse_args(argv=None):

@@ -50,3 +50,25 @@ def write_json(path: Path, record: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)
+
+
+def bar_plot(results: list[dict], path: Path, title: str, panels, highlight) -> None:
+    """One horizontal bar chart per ``(key, axis label)`` of ``panels``, a bar per result (its
+    ``method``); bars whose method satisfies ``highlight`` in green. Written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in results]
+    colors = ["tab:green" if highlight(n) else "tab:gray" for n in names]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.45 * len(names) + 1.4))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        ax.barh(names, [r[key] for r in results], color=colors)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        for i, r in enumerate(results):
+            ax.text(r[key], i, f" {r[key]:.0f}", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

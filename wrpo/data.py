@@ -105,14 +105,20 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
         yield from ((f"row {i}", row) for i, row in enumerate(rows, 1))
         return
-    for n, line in enumerate(text.split("\n"), 1):  # a .json file not holding a list is read as JSONL
+    # a .json file not holding a list is read as JSONL
+    yield from ((f"line {n}", row) for n, row in json_lines(path, text.split("\n")))
+
+
+def json_lines(path: Path, lines) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` of the non-blank ``lines`` of JSONL file ``path``; broken JSON
+    raises DataError naming its line."""
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {n}: invalid JSON ({e.msg})") from None
-        yield f"line {n}", row
 
 
 def _load_dataset_dir(path: Path) -> datasets.Dataset:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..data import DataError, _kind
+from ..data import DataError, _kind, json_lines
 
 
 class RowError(Exception):
@@ -31,13 +31,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
         raise DataError(f"{path}: no such file")
     rows = []
     with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n}: invalid JSON ({e.msg})") from None
+        for n, row in json_lines(path, f):
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {n}: expected a JSON object, got {_kind(row)}")
             rows.append((n, row))
