@@ -46,7 +46,7 @@ class TokenizedGroup:
     responses: tuple[tuple[int, ...], ...]
 
 
-class _Bad(Exception):
+class RowProblem(Exception):
     """What is wrong with one row (the caller adds path and line)."""
 
 
@@ -70,15 +70,15 @@ def load_preference_data(path: str | Path, *, num_chosen: int | None = None) -> 
             ex = _parse_row(row)
             counts = len(ex.chosen), len(ex.rejected)
             if num_chosen is not None and counts[0] != num_chosen:
-                raise _Bad(f"{counts[0]} chosen responses, expected num_chosen={num_chosen}")
+                raise RowProblem(f"{counts[0]} chosen responses, expected num_chosen={num_chosen}")
             if first is None:
                 first = (where, *counts)
             elif counts != first[1:]:
-                raise _Bad(
+                raise RowProblem(
                     f"{counts[0]} chosen and {counts[1]} rejected responses, but {first[0]} has "
                     f"{first[1]} and {first[2]} (all rows need the same K)"
                 )
-        except _Bad as e:
+        except RowProblem as e:
             raise DataError(f"{path} {where}: {e}") from None
         examples.append(ex)
     if not examples:
@@ -138,15 +138,15 @@ def _load_dataset_dir(path: Path) -> datasets.Dataset:
 
 def _parse_row(row: Any) -> PreferenceExample:
     if not isinstance(row, Mapping):
-        raise _Bad(f"expected a JSON object, got {_kind(row)}")
+        raise RowProblem(f"expected a JSON object, got {json_kind(row)}")
     flat = row.get("source_chosen") is not None or row.get("target_chosen") is not None
     keys = (
         ("prompt", "source_chosen", "target_chosen", "rejected") if flat else ("prompt", "chosen", "rejected")
     )
     for key in keys:
         if key not in row:
-            raise _Bad(f"missing key {key!r}")
-    prompt = _prompt(row["prompt"])
+            raise RowProblem(f"missing key {key!r}")
+    prompt = parse_prompt(row["prompt"])
     if flat:
         sources = _responses(row["source_chosen"], "source_chosen")
         chosen = (*sources, _response(row["target_chosen"], "target_chosen"))
@@ -155,7 +155,8 @@ def _parse_row(row: Any) -> PreferenceExample:
     return PreferenceExample(prompt=prompt, chosen=chosen, rejected=_responses(row["rejected"], "rejected"))
 
 
-def _prompt(value: Any) -> tuple[dict, ...]:
+def parse_prompt(value: Any) -> tuple[dict, ...]:
+    """Chat messages of a prompt: a string (one user message), a message dict or a message list."""
     if isinstance(value, str):
         messages = ({"role": "user", "content": _text(value, "prompt")},)
     elif isinstance(value, Mapping):
@@ -163,11 +164,13 @@ def _prompt(value: Any) -> tuple[dict, ...]:
     elif isinstance(value, list):
         messages = tuple(_message(m, f"prompt[{i}]") for i, m in enumerate(value))
     else:
-        raise _Bad(f"prompt: expected a string, a message or a list of messages, got {_kind(value)}")
+        raise RowProblem(
+            f"prompt: expected a string, a message or a list of messages, got {json_kind(value)}"
+        )
     if not any(m["role"] == "user" for m in messages):
-        raise _Bad("prompt has no user message")
+        raise RowProblem("prompt has no user message")
     if messages[-1]["role"] != "user":
-        raise _Bad(f"prompt must end with a user message, not a {messages[-1]['role']!r} one")
+        raise RowProblem(f"prompt must end with a user message, not a {messages[-1]['role']!r} one")
     return messages
 
 
@@ -175,7 +178,7 @@ def _responses(value: Any, key: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         return (_response(value, key),)
     if not value:
-        raise _Bad(f"{key} is an empty list")
+        raise RowProblem(f"{key} is an empty list")
     return tuple(_response(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
@@ -185,23 +188,25 @@ def _response(value: Any, where: str) -> str:
     if isinstance(value, Mapping):
         message = _message(value, where)
         if message["role"] != "assistant":
-            raise _Bad(f"{where}: expected an assistant message, got role {message['role']!r}")
+            raise RowProblem(f"{where}: expected an assistant message, got role {message['role']!r}")
         return message["content"]
     if isinstance(value, list):
         messages = [_message(m, f"{where}[{i}]") for i, m in enumerate(value)]
         replies = [m["content"] for m in messages if m["role"] == "assistant"]
         if not replies:
-            raise _Bad(f"{where}: no assistant message in the list")
+            raise RowProblem(f"{where}: no assistant message in the list")
         return replies[-1]
-    raise _Bad(f"{where}: expected text or an assistant message, got {_kind(value)}")
+    raise RowProblem(f"{where}: expected text or an assistant message, got {json_kind(value)}")
 
 
 def _message(value: Any, where: str) -> dict:
     if not isinstance(value, Mapping):
-        raise _Bad(f"{where}: expected a message {{'role': ..., 'content': ...}}, got {_kind(value)}")
+        raise RowProblem(
+            f"{where}: expected a message {{'role': ..., 'content': ...}}, got {json_kind(value)}"
+        )
     for key in ("role", "content"):
         if key not in value:
-            raise _Bad(f"{where}: message without {key!r}")
+            raise RowProblem(f"{where}: message without {key!r}")
     return {
         "role": _text(value["role"], f"{where}.role"),
         "content": _text(value["content"], f"{where}.content"),
@@ -210,13 +215,13 @@ def _message(value: Any, where: str) -> dict:
 
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise _Bad(f"{where}: expected text, got {_kind(value)}")
+        raise RowProblem(f"{where}: expected text, got {json_kind(value)}")
     if not value.strip():
-        raise _Bad(f"{where} is an empty string")
+        raise RowProblem(f"{where} is an empty string")
     return value
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """The JSON name of a value's type, for messages."""
     if value is None:
         return "null"

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..data import DataError, _kind, json_lines
+from ..data import DataError, json_kind, json_lines
 
 
 class RowError(Exception):
@@ -33,7 +33,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     with path.open(encoding="utf-8") as f:
         for n, row in json_lines(path, f):
             if not isinstance(row, dict):
-                raise DataError(f"{path} line {n}: expected a JSON object, got {_kind(row)}")
+                raise DataError(f"{path} line {n}: expected a JSON object, got {json_kind(row)}")
             rows.append((n, row))
     if not rows:
         raise DataError(f"{path}: no rows")
@@ -60,7 +60,7 @@ def get(row: dict, key: str, kind: type | tuple[type, ...] | None = None, where:
     if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
         raise RowError(f"{name}: expected {_names(kind)}, got a boolean")
     if not isinstance(value, kind):
-        raise RowError(f"{name}: expected {_names(kind)}, got {_kind(value)}")
+        raise RowError(f"{name}: expected {_names(kind)}, got {json_kind(value)}")
     return value
 
 
@@ -69,7 +69,7 @@ def number(value: Any, where: str) -> float:
     if value is None:
         raise RowError(f"{where} is null (not scored yet? run `wrpo data score`)")
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RowError(f"{where}: expected a number, got {_kind(value)}")
+        raise RowError(f"{where}: expected a number, got {json_kind(value)}")
     if not math.isfinite(value):
         raise RowError(f"{where}: expected a finite number, got {value}")
     return float(value)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import DataError, _Bad, _kind, _prompt
+from ..data import DataError, RowProblem, json_kind, parse_prompt
 from .jsonl import RowError, at_line, get, number, read_rows
 
 
@@ -71,8 +71,8 @@ def read_sample_rows(
 def prompt_messages(value: Any) -> tuple[dict, ...]:
     """The chat messages of a prompt (string, message or list of messages), as ``wrpo.data`` reads them."""
     try:
-        return _prompt(value)
-    except _Bad as e:
+        return parse_prompt(value)
+    except RowProblem as e:
         raise RowError(str(e)) from None
 
 
@@ -83,7 +83,9 @@ def _responses(items: list, need_model: bool, need_score: bool) -> tuple[Respons
     for i, item in enumerate(items):
         where = f"responses[{i}]"
         if not isinstance(item, dict):
-            raise RowError(f"{where}: expected an object {{'text': ..., 'score': ...}}, got {_kind(item)}")
+            raise RowError(
+                f"{where}: expected an object {{'text': ..., 'score': ...}}, got {json_kind(item)}"
+            )
         text = get(item, "text", str, where)
         model = get(item, "model", str, where) if need_model or "model" in item else None
         if model is not None and not model.strip():
