@@ -1,10 +1,11 @@
 # make train : set up .venv/ if needed, then train the bundled tiny default with WRPO (CPU: < 1 minute)
 # make test  : set up .venv/ if needed, then lint and run the test suite
 # make bench : the fused-loss and train-step benchmarks on this machine
+# make bench-csrc : the csrc row kernels against the pure-torch rows and the naive path (CPU)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train bench bench-gpu test lint setup
+.PHONY: train bench bench-csrc bench-gpu test lint setup
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -18,6 +19,10 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_head_loss.py --out "benchmarks/results/head_loss_{device}.json"
 	$(VENV)/bin/python benchmarks/bench_train_step.py --out "benchmarks/results/train_step_{device}.json"
+
+bench-csrc: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_head_loss.py --methods naive-eager,wrpo-torch,wrpo-torch-nocsrc \
+		--reps 12 --out "benchmarks/results/head_loss_csrc_{device}.json"
 
 # on a CUDA machine: the Llama-3-8B head shape, then the V x tokens x H sweep
 bench-gpu: $(STAMP)

@@ -15,7 +15,9 @@ Methods (same tokens, same dtype, precomputed reference log-probs):
 TFLOP/s is the model's work over the time: 6NHV for every method but cce-logps (8NHV: its
 backward recomputes the logits).
 
-Time: median of --reps fwd+bwd calls after a warm-up, methods interleaved round-robin in one process.
+Time: median of --reps fwd+bwd calls after a warm-up, methods interleaved round-robin in one process,
+the order rotated every round (use a multiple of the number of methods). ``paired_speedup_vs_nocsrc`` of
+wrpo-torch is the median over rounds of (wrpo-torch-nocsrc time / wrpo-torch time), when both run.
 Memory: CUDA: max allocated above the inputs; CPU: peak RSS rise over one fwd+bwd in a fresh process
 (VmHWM reset through /proc/self/clear_refs, large allocations forced to mmap so frees are returned).
 
@@ -195,8 +197,10 @@ def time_methods(methods, args) -> dict:
         for _ in range(args.warmup):
             steps[m]()
     times = {m: [] for m in methods}
-    for _ in range(args.reps):  # round-robin so that drifts of the machine hit every method alike
-        for m in methods:
+    for r in range(args.reps):
+        # round-robin, so that drifts of the machine hit every method alike, starting one method later
+        # each round: on the CPU host, a step that frees GiBs (naive) slows whatever runs next for ~1 s
+        for m in methods[r % len(methods) :] + methods[: r % len(methods)]:
             sync(args.device)
             t = time.perf_counter()
             steps[m]()
@@ -265,6 +269,12 @@ def run(args) -> list[dict]:
         b = by.get(r["baseline"])
         r["speedup_vs_naive"] = b["median_ms"] / r["median_ms"] if b else None
         r["mem_vs_naive"] = r["peak_mem_mb"] / b["peak_mem_mb"] if b else None
+        twin = by.get(r["method"] + "-nocsrc")
+        if twin:  # the csrc row kernels against the pure-torch rows, round by round
+            ratios = sorted(u / t for t, u in zip(r["times_s"], twin["times_s"], strict=True))
+            r["paired_speedup_vs_nocsrc"] = {
+                "median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1],
+            }  # fmt: skip
     return results
 
 
@@ -286,6 +296,13 @@ def print_table(results, args):
             f"{r['method']:<19}{r['tokens']:>8}{r['median_ms']:>12.0f}{r['tflops']:>9.2f}{r['peak_mem_mb']:>10.0f}"
             f"{r['extra_mem_mb']:>10.0f}{su:>10}{mr:>11}"
         )
+    for r in results:
+        p = r.get("paired_speedup_vs_nocsrc")
+        if p:
+            print(
+                f"{r['method']} vs {r['method']}-nocsrc, median of per-round ratios: {p['median']:.2f}x "
+                f"(rounds {p['min']:.2f}x to {p['max']:.2f}x)"
+            )
 
 
 def main(argv=None):

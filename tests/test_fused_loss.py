@@ -504,3 +504,38 @@ def test_hand_computed_two_rejected_uses_their_mean(backend):
     assert metrics["rewards/pivot_accuracies"].item() == pytest.approx(1.0)
     assert metrics["logps/rejected"].item() == pytest.approx(-5.0)
     assert max_rel_err(metrics["rewards/margins"], torch.tensor(3.2, dtype=torch.float64)) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_head_grads_first_chunk_overwrites_garbage(dtype):
+    """dW/db start uninitialised: the first chunk writes them (NaN garbage must not leak), later ones add."""
+    from wrpo_kernels.chunked import HeadGrads
+
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 7, 5, 11
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    dlogits = torch.randn(N, V, generator=g, dtype=torch.float64)
+    grads = HeadGrads(hidden.to(dtype), weight.to(dtype), (True, True, True))
+    grads.dW.fill_(float("nan"))
+    grads.db.fill_(float("nan"))
+    lowp = torch.empty(N, V, dtype=dtype)
+    for a, b in ((0, 3), (3, 7)):
+        grads.add_rows_(
+            dlogits[a:b].to(grads.dW.dtype), a, b, hidden.to(dtype), weight.to(dtype), lowp[: b - a]
+        )
+    dX, dW, db = grads.to_input_dtypes(dtype, dtype)
+    tol = 1e-12 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 2e-2)
+    assert_rel_close(dW.double(), dlogits.t() @ hidden, tol, "dW")
+    assert_rel_close(db.double(), dlogits.sum(0), tol, "db")
+    assert_rel_close(dX.double(), dlogits @ weight, tol, "dX")
+
+
+def test_head_grads_without_rows_are_zero():
+    from wrpo_kernels.chunked import HeadGrads
+
+    grads = HeadGrads(torch.randn(0, 4), torch.randn(6, 4), (True, True, True))
+    grads.dW.fill_(float("nan"))
+    grads.scale_(torch.tensor(2.0))
+    _, dW, db = grads.to_input_dtypes(torch.float32, torch.float32)
+    assert torch.equal(dW, torch.zeros(6, 4)) and torch.equal(db, torch.zeros(6))

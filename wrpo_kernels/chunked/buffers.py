@@ -50,13 +50,18 @@ class Targets:
 
 
 class HeadGrads:
-    """dX [N, H] (input dtype); dW [V, H] and db [V] accumulated in fp32 (fp64 for fp64); None if unneeded."""
+    """dX [N, H] (input dtype); dW [V, H] and db [V] accumulated in fp32 (fp64 for fp64); None if unneeded.
+
+    dW and db start uninitialised: the first :meth:`add_rows_` writes them (GEMM with beta = 0), later
+    ones add, so no zero fill of a [V, H] buffer is paid per call.
+    """
 
     def __init__(self, hidden, weight, needs):
         md = math_dtype(hidden.dtype)
         self.dX = torch.empty_like(hidden) if needs[0] else None
-        self.dW = torch.zeros(weight.shape, dtype=md, device=weight.device) if needs[1] else None
-        self.db = torch.zeros(weight.shape[0], dtype=md, device=weight.device) if needs[2] else None
+        self.dW = torch.empty(weight.shape, dtype=md, device=weight.device) if needs[1] else None
+        self.db = torch.empty(weight.shape[0], dtype=md, device=weight.device) if needs[2] else None
+        self._written = False
 
     def add_rows_(self, dlogits, a: int, b: int, hidden, weight, lowp=None):
         """Rows [a, b): dX = dlogits @ W; dW += dlogits^T @ hidden; db += sum of the rows of dlogits.
@@ -65,6 +70,8 @@ class HeadGrads:
         copy for the GEMMs) or already in the input dtype. Each chunk's dW product is formed in fp32,
         not rounded to bf16 before the sum.
         """
+        beta = 1.0 if self._written else 0.0  # beta = 0: the uninitialised buffer is not read
+        self._written = True
         g = dlogits
         if g.dtype != hidden.dtype:
             g = lowp.copy_(dlogits)
@@ -72,16 +79,36 @@ class HeadGrads:
             torch.mm(g, weight, out=self.dX[a:b])
         if self.dW is not None:
             if self.dW.dtype == g.dtype:
-                self.dW.addmm_(g.t(), hidden[a:b])
+                self.dW.addmm_(g.t(), hidden[a:b], beta=beta)
             elif g.is_cuda:
-                self.dW.add_(torch.mm(g.t(), hidden[a:b], out_dtype=self.dW.dtype))
+                part = torch.mm(g.t(), hidden[a:b], out_dtype=self.dW.dtype)
+                self.dW.add_(part) if beta else self.dW.copy_(part)
             else:
-                self.dW.addmm_(dlogits.t().to(self.dW.dtype), hidden[a:b].to(self.dW.dtype))
+                self.dW.addmm_(dlogits.t().to(self.dW.dtype), hidden[a:b].to(self.dW.dtype), beta=beta)
         if self.db is not None:
-            self.db.add_(dlogits.sum(0, dtype=self.db.dtype))
+            part = dlogits.sum(0, dtype=self.db.dtype)
+            self.db.add_(part) if beta else self.db.copy_(part)
+
+    def scale_(self, grad_output: torch.Tensor) -> None:
+        """Multiply the gradients by dL/d(output); skipped for a CPU 1.0 (``loss.backward()``)."""
+        self._zero_if_unwritten()
+        if grad_output.device.type == "cpu" and grad_output.numel() == 1 and grad_output.item() == 1.0:
+            return
+        for g in (self.dX, self.dW, self.db):
+            if g is not None:
+                g.mul_(grad_output)
+
+    def _zero_if_unwritten(self):
+        """No row reached the head (an empty batch): the gradients are zero."""
+        if not self._written:
+            for g in (self.dW, self.db):
+                if g is not None:
+                    g.zero_()
+            self._written = True
 
     def to_input_dtypes(self, weight_dtype, bias_dtype):
         """(dX, dW, db) with dW and db cast back to the parameters' dtypes."""
+        self._zero_if_unwritten()
         dW = None if self.dW is None else self.dW.to(weight_dtype)
         db = None if self.db is None else self.db.to(bias_dtype)
         return self.dX, dW, db

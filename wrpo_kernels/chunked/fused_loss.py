@@ -96,8 +96,6 @@ class FusedLinearWRPOFunction(torch.autograd.Function):
         if grads is None:
             raise RuntimeError("fused_linear_wrpo_loss: backward ran twice; its gradients are consumed once")
         ctx.grads = None
-        for g in (grads.dX, grads.dW, grads.db):
-            if g is not None:
-                g.mul_(grad_loss)
+        grads.scale_(grad_loss)
         dX, dW, db = grads.to_input_dtypes(*ctx.dtypes)
         return dX, dW, db, None, None, None
