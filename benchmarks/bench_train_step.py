@@ -2,11 +2,13 @@
 
 Methods (same batches, same initial weights, forward + backward + AdamW step, precomputed reference
 log-probs, K = 3 responses per prompt):
-  packed-fused   the ``wrpo train`` path: the K responses of each prompt packed without padding
-                 (one row per group with a block-diagonal causal mask under sdpa; one row for the
-                 batch with flash-attention varlen on a GPU when installed), the body run without
-                 its head, then wrpo_kernels.fused_linear_wrpo_loss on the hidden states and
+  packed-fused   the ``wrpo train`` path: every sequence of the batch packed into one row without
+                 padding, attention per sequence (flash-attention varlen on a GPU when installed,
+                 else wrpo.attention: one causal sdpa call per sequence), the body run without its
+                 head, then wrpo_kernels.fused_linear_wrpo_loss on the hidden states and
                  lm_head.weight (which drops the prompt rows before the head)
+  packed-mask-fused  the same, attention through sdpa with a dense block-diagonal causal mask
+                 (one row per group), what a model without a varlen attention gets
   padded-naive   the usual trainer path: one right-padded row per sequence, the model's full logits
                  [S, T, V], log_softmax, gather, masked sum -> wrpo_kernels.wrpo_loss
   packed-naive, padded-fused   the two other combinations, to separate the two effects
@@ -15,9 +17,9 @@ Lengths like UltraFeedback's: prompts uniform in [100, 400] tokens, responses lo
 tokens) clipped to [50, 700]; every method sees the same batches.
 
 Throughput: real (non-padding) tokens of one round over all batches divided by its time; the median
-of --rounds rounds, methods interleaved round by round. Memory: CPU: peak RSS rise of one step on the
-longest batch in a fresh process per method (after a warm-up step has allocated the optimizer state);
-CUDA: max allocated above the model, gradients and optimizer state.
+of --rounds rounds, methods interleaved round by round (order rotated each round). Memory: CPU: peak
+RSS rise of one step on the longest batch in a fresh process per method (after a warm-up step has
+allocated the optimizer state); CUDA: max allocated above the model, gradients and optimizer state.
 
     python benchmarks/bench_train_step.py --out "benchmarks/results/train_step_{device}.json"
 """
@@ -37,10 +39,11 @@ from measure import MMAP_ENV, bar_plot, machine, peak_rss_rise_mb, write_json
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import wrpo_kernels as wk
+from wrpo.attention import NAME as SEGMENT_ATTENTION
 from wrpo.packing import IGNORE_INDEX, block_causal_mask, pack_groups, pad_groups
 from wrpo.trainer import body_hidden_states, head_inputs, varlen_attention
 
-METHODS = ("padded-naive", "packed-naive", "padded-fused", "packed-fused")
+METHODS = ("padded-naive", "packed-naive", "padded-fused", "packed-mask-fused", "packed-fused")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 K, NUM_CHOSEN, PAD_ID = 3, 2, 0
 
@@ -73,7 +76,8 @@ def real_tokens(groups) -> int:
     return sum(len(g["prompt_ids"]) + len(r) for g in groups for r in g["responses"])
 
 
-def build_model(args):
+def build_model(args, varlen: bool):
+    """The small Llama; ``varlen``: attention separates packed sequences (no block mask needed)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=args.V, hidden_size=args.H, intermediate_size=args.H * 8 // 3,
@@ -81,9 +85,12 @@ def build_model(args):
         num_attention_heads=args.H // 64, num_key_value_heads=args.H // 64, max_position_embeddings=4096,
         tie_word_embeddings=False, pad_token_id=PAD_ID,
     )  # fmt: skip
-    attn = "flash_attention_2" if args.device == "cuda" and _has_flash_attn() else "sdpa"
-    cfg._attn_implementation = attn
-    return LlamaForCausalLM(cfg).to(args.device, DTYPES[args.dtype])
+    model = LlamaForCausalLM(cfg).to(args.device, DTYPES[args.dtype])
+    if varlen:
+        model.set_attn_implementation(
+            "flash_attention_2" if args.device == "cuda" and _has_flash_attn() else SEGMENT_ATTENTION
+        )
+    return model
 
 
 def _has_flash_attn() -> bool:
@@ -110,7 +117,7 @@ def naive_loss(model, batch):
     """The model's full logits -> log_softmax -> gather -> per-sequence sums -> wrpo_kernels.wrpo_loss."""
     labels = batch["labels"]
     if "cu_seqlens" in batch:
-        mask = block_causal_mask(batch["position_ids"], model.dtype)
+        mask = None if varlen_attention(model) else block_causal_mask(batch["position_ids"], model.dtype)
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
                        use_cache=False).logits  # fmt: skip
     else:
@@ -134,8 +141,8 @@ def naive_loss(model, batch):
 
 def build(method, args):
     """-> step(groups): one forward + backward + AdamW step of ``method`` on a batch of groups."""
-    layout, loss_kind = method.split("-")
-    model = build_model(args)
+    layout, *mask, loss_kind = method.split("-")
+    model = build_model(args, varlen=layout == "packed" and not mask)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
     loss_fn = fused_loss if loss_kind == "fused" else naive_loss
 
@@ -166,8 +173,8 @@ def time_methods(args, batches) -> dict:
     for m in args.methods:  # warm-up: allocator, optimizer state, lazy init
         steps[m](batches[0])
     times = {m: [] for m in args.methods}
-    for _ in range(args.rounds):
-        for m in args.methods:
+    for r in range(args.rounds):  # interleaved, the order rotated by one method every round
+        for m in args.methods[r % len(args.methods) :] + args.methods[: r % len(args.methods)]:
             sync(args.device)
             t = time.perf_counter()
             for groups in batches:
@@ -224,11 +231,11 @@ def print_table(results, args):
     print(f"device: {machine(args.device)['device']}; model {describe(args)}; {args.dtype}")
     print(f"{args.batches} batches x {args.B} prompts x {K} responses, {args.tokens} real tokens per round "
           f"(padded: +{100 * args.padding_fraction:.0f}%); median of {args.rounds} rounds")  # fmt: skip
-    print(f"{'method':<14}{'tokens/s':>10}{'round s':>9}{'peak MiB':>10}{'speed-up':>10}{'mem ratio':>11}")
+    print(f"{'method':<19}{'tokens/s':>10}{'round s':>9}{'peak MiB':>10}{'speed-up':>10}{'mem ratio':>11}")
     for r in results:
         su = f"{r['speedup_vs_padded_naive']:.2f}x" if r["speedup_vs_padded_naive"] else "-"
         mr = f"{r['mem_vs_padded_naive']:.2f}" if r["mem_vs_padded_naive"] else "-"
-        print(f"{r['method']:<14}{r['tokens_per_s']:>10.0f}{r['median_round_s']:>9.2f}{r['peak_mem_mb']:>10.0f}"
+        print(f"{r['method']:<19}{r['tokens_per_s']:>10.0f}{r['median_round_s']:>9.2f}{r['peak_mem_mb']:>10.0f}"
               f"{su:>10}{mr:>11}")  # fmt: skip
 
 
@@ -251,7 +258,7 @@ def parse_args(argv=None):
     p.add_argument("--V", type=int, default=32000)
     p.add_argument("--B", type=int, default=2, help="prompts per batch")
     p.add_argument("--batches", type=int, default=4, help="batches per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {METHODS}")
     p.add_argument("--out", default=None, help="JSON path, {device} filled in (a .png is written beside it)")

@@ -8,14 +8,16 @@ import importlib.util
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from .attention import NAME as SEGMENT_ATTENTION
 from .tiny import build_tiny_tokenizer, tiny_model_config
 
 
-def _attn_implementation() -> str | None:
-    """flash-attention 2 on a GPU when installed (it separates packed sequences by position ids)."""
+def _attn_implementation(packing: bool) -> str | None:
+    """flash-attention 2 on a GPU when installed; else, for packed rows, one sdpa call per sequence
+    (:mod:`wrpo.attention`, no dense block mask); else the model's default (sdpa)."""
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return None
+    return SEGMENT_ATTENTION if packing else None
 
 
 def load_policy(config):
@@ -25,10 +27,12 @@ def load_policy(config):
         with torch.random.fork_rng():
             torch.manual_seed(config.seed_model)
             model = LlamaForCausalLM(tiny_model_config(len(tokenizer)))
+        if impl := _attn_implementation(config.packing):
+            model.set_attn_implementation(impl)
         return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     kwargs = {"dtype": "auto"}
-    if impl := _attn_implementation():
+    if impl := _attn_implementation(config.packing):
         kwargs["attn_implementation"] = impl
     model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
     _apply_liger_patches(model)
@@ -42,7 +46,9 @@ def load_reference(config, policy):
     if config.loss_type == "simpo":
         return None
     if config.ref_model:
-        return AutoModelForCausalLM.from_pretrained(config.ref_model, dtype="auto")
+        impl = _attn_implementation(config.packing)
+        kwargs = {"attn_implementation": impl} if impl else {}
+        return AutoModelForCausalLM.from_pretrained(config.ref_model, dtype="auto", **kwargs)
     return copy.deepcopy(policy)
 
 

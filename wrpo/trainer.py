@@ -15,6 +15,7 @@ from transformers import Trainer
 
 from wrpo_kernels import fused_linear_wrpo_loss, linear_logprobs
 
+from .attention import NAME as SEGMENT_ATTENTION
 from .packing import PreferenceCollator, block_causal_mask
 from .schedule import alpha_at
 
@@ -38,8 +39,9 @@ def _final_hidden(model):
 
 
 def varlen_attention(model) -> bool:
-    """Whether ``model`` separates packed sequences by position ids alone (flash-attention varlen)."""
-    return model.config._attn_implementation in ("flash_attention_2", "flash_attention_3")
+    """Whether ``model`` separates packed sequences by position ids alone (flash-attention varlen, or
+    :mod:`wrpo.attention`'s per-sequence sdpa); else the trainer passes a dense block mask."""
+    return model.config._attn_implementation in ("flash_attention_2", "flash_attention_3", SEGMENT_ATTENTION)
 
 
 def body_hidden_states(model, unwrapped, inputs) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""Attention over packed rows without a mask: one causal sdpa call per sequence (DESIGN §5).
+
+Flash-attention's varlen kernel separates packed sequences by their position ids; without it (a CPU,
+or a GPU without the ``flash-attn`` extra) sdpa needs a dense block mask [R, 1, L, L], whose memory
+and work grow with the square of the row length L although only the blocks on the diagonal count.
+``segment_attention`` is a transformers attention function that runs
+``F.scaled_dot_product_attention(is_causal=True)`` on each sequence of each row instead: work
+sum_i l_i^2 instead of L^2 per row, no mask. Sequences start where ``position_ids`` restarts at 0.
+
+Registered with transformers as ``attn_implementation="wrpo_segments"`` (no mask function: the model
+builds none). Unpacked inputs (one sequence per row, no padding) work too: each row is one segment.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+NAME = "wrpo_segments"
+
+
+def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """[R, L] position ids -> per row, the [start, end) of each sequence (a new one wherever position 0)."""
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be [rows, L], got shape {tuple(position_ids.shape)}")
+    L = position_ids.shape[1]
+    starts = (position_ids == 0).clone()
+    starts[:, 0] = True
+    bounds = []
+    for row in starts.cpu():
+        s = row.nonzero().flatten().tolist()
+        bounds.append(list(zip(s, s[1:] + [L], strict=True)))
+    return bounds
+
+
+def segment_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kwargs
+):
+    """query [R, Hq, L, D], key/value [R, Hkv, L, D] -> (output [R, L, Hq, D], None).
+
+    Each sequence attends causally to itself only. ``attention_mask`` must be None: padding inside a
+    row is its own sequence (position ids restarting at 0), and its outputs are ignored by the loss.
+    """
+    if attention_mask is not None:
+        raise ValueError(
+            f"{NAME} attention takes packed rows separated by position_ids, not an attention_mask "
+            f"(got one of shape {tuple(attention_mask.shape)}); use sdpa for padded batches"
+        )
+    if position_ids is None:
+        raise ValueError(f"{NAME} attention needs position_ids [rows, L] to find the packed sequences")
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: share each key/value head
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    p = dropout if module.training else 0.0
+    rows = []
+    for r, segments in enumerate(segment_bounds(position_ids.expand(query.shape[0], -1))):
+        parts = [
+            F.scaled_dot_product_attention(
+                query[r : r + 1, :, a:b],
+                key[r : r + 1, :, a:b],
+                value[r : r + 1, :, a:b],
+                dropout_p=p,
+                is_causal=True,
+                scale=scaling,
+            )  # fmt: skip
+            for a, b in segments
+        ]
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, segment_attention)
