@@ -17,7 +17,7 @@ train: $(STAMP)
 	$(VENV)/bin/wrpo train --output_dir outputs/wrpo-tiny
 
 bench: $(STAMP)
-	$(VENV)/bin/python benchmarks/bench_head_loss.py --out "benchmarks/results/head_loss_{device}.json"
+	$(VENV)/bin/python benchmarks/bench_head_loss.py --reps 7 --out "benchmarks/results/head_loss_{device}.json"
 	$(VENV)/bin/python benchmarks/bench_train_step.py --out "benchmarks/results/train_step_{device}.json"
 
 bench-csrc: $(STAMP)
