@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -452,3 +453,23 @@ def test_unbuildable_setups_are_reported_without_compiling(monkeypatch, fresh_lo
     monkeypatch.setattr("torch.utils.cpp_extension.load", lambda **kw: pytest.fail("must not compile"))
     with pytest.warns(RuntimeWarning, match=match):
         assert native.load() is False
+
+
+def test_build_directory_is_under_torch_extensions_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    d = native.build_directory("wrpo_kernels_rows_test")
+    assert d.is_dir() and d.parent.parent == tmp_path and d.name == "wrpo_kernels_rows_test"
+    assert torch.__version__.replace("+", "_") in d.parent.name
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A killed build leaves its lock; cpp_extension would wait for it forever in every later process."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not native.clear_stale_lock(tmp_path) and lock.exists()  # a build may be running
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match=r"removed .*lock, a build lock 11 min old"):
+        assert native.clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    assert not native.clear_stale_lock(tmp_path)  # nothing to remove

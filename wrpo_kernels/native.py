@@ -1,10 +1,11 @@
 """Lazy loader of the native CPU row kernels in ``csrc/`` (``torch.ops.wrpo_kernels.*``, DESIGN §3).
 
 Nothing is compiled at import. The first CPU call that can use the kernels builds the sources of
-``csrc/`` with ``torch.utils.cpp_extension.load`` (Linux; ninja, g++/``$CXX``) into torch's extension cache
-(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later processes reuse the build,
-ninja rebuilds when a source or header changes, and cpp_extension's file lock lets one of several
-processes (DDP ranks) compile while the others wait.
+``csrc/`` with ``torch.utils.cpp_extension.load`` (Linux; ninja, g++/``$CXX``) into torch's extension
+cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, see :func:`build_directory`);
+later processes reuse the build, ninja rebuilds when a source or header changes, and cpp_extension's
+file lock lets one of several processes (DDP ranks) compile while the others wait. A lock left by a
+killed build is removed once it is older than ``STALE_LOCK_S``.
 
 Flags: ``-O3 -fopenmp`` (``at::parallel_for`` follows ``torch.set_num_threads``) plus the vector ISA
 that ATen itself dispatches to here (``torch.backends.cpu.get_cpu_capability()``): AVX512 ->
@@ -25,12 +26,14 @@ import os
 import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
 ENV_DISABLE = "WRPO_KERNELS_NO_EXT"
+STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build (a build takes ~1 min)
 SOURCES = ("ops.cpp", "lse_target.cpp", "logit_grad.cpp", "workspace.cpp")  # in csrc/, with head_math.h
 OPS = ("lse_target", "logit_grad_", "workspace")
 ISA_FLAGS = {
@@ -60,6 +63,40 @@ def build_flags(capability: str) -> list[str]:
     return ["-O3", "-fopenmp", *ISA_FLAGS.get(capability, []), f"-DCPU_CAPABILITY=wrpo_{capability.lower()}"]
 
 
+def build_directory(name: str) -> Path:
+    """The build folder (created): ``$TORCH_EXTENSIONS_DIR``/py<ver>_torch<ver>/``name``."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as cpp_extension does
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    directory = Path(root) / tag / name
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def clear_stale_lock(directory: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove a build lock older than ``max_age_s``; True if one was removed.
+
+    cpp_extension's builder holds ``<build dir>/lock`` while it compiles and releases it even on an
+    exception, but a killed build (SIGKILL, OOM, a lost node) leaves it behind, and every later
+    process would then wait for it forever. A build takes about a minute, so an old lock is stale.
+    """
+    lock = directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    lock.unlink(missing_ok=True)
+    warnings.warn(
+        f"wrpo_kernels: removed {lock}, a build lock {age / 60:.0f} min old left by an interrupted build",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return True
+
+
 def _build() -> None:
     if not sys.platform.startswith("linux"):
         raise RuntimeError(f"they are built on Linux only (g++, OpenMP), not on {sys.platform}")
@@ -70,14 +107,18 @@ def _build() -> None:
 
     cap = torch.backends.cpu.get_cpu_capability()
     sources = [str(source_dir() / f) for f in SOURCES]
+    name = f"wrpo_kernels_rows_{cap.lower()}"
+    directory = build_directory(name)
+    clear_stale_lock(directory)
     log.info(
         "wrpo_kernels: building/loading the native CPU row kernels (%s); the first build takes ~1 min", cap
     )
     cpp_extension.load(
-        name=f"wrpo_kernels_rows_{cap.lower()}",
+        name=name,
         sources=sources,
         extra_cflags=build_flags(cap),
         extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
         is_python_module=False,
         verbose=False,
     )
