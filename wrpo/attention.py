@@ -63,7 +63,7 @@ def segment_attention(
                 dropout_p=p,
                 is_causal=True,
                 scale=scaling,
-            )  # fmt: skip
+            )
             for a, b in segments
         ]
         rows.append(torch.cat(parts, dim=2))

@@ -82,12 +82,18 @@ class HeadGrads:
                 self.dW.addmm_(g.t(), hidden[a:b], beta=beta)
             elif g.is_cuda:
                 part = torch.mm(g.t(), hidden[a:b], out_dtype=self.dW.dtype)
-                self.dW.add_(part) if beta else self.dW.copy_(part)
+                if beta:
+                    self.dW.add_(part)
+                else:
+                    self.dW.copy_(part)
             else:
                 self.dW.addmm_(dlogits.t().to(self.dW.dtype), hidden[a:b].to(self.dW.dtype), beta=beta)
         if self.db is not None:
             part = dlogits.sum(0, dtype=self.db.dtype)
-            self.db.add_(part) if beta else self.db.copy_(part)
+            if beta:
+                self.db.add_(part)
+            else:
+                self.db.copy_(part)
 
     def scale_(self, grad_output: torch.Tensor) -> None:
         """Multiply the gradients by dL/d(output); skipped for a CPU 1.0 (``loss.backward()``)."""
