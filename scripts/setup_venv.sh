@@ -7,7 +7,7 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  .venv/bin/pip install -q "torch>=2.4,<2.15"
+  .venv/bin/pip install -q "torch>=2.6,<2.15"
 else
   # torch alone from the CPU index (no retries: a mirror or local wheel may answer instead);
   # its own dependencies come from the normal index with the project below.

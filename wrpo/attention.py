@@ -49,9 +49,7 @@ def segment_attention(
         )
     if position_ids is None:
         raise ValueError(f"{NAME} attention needs position_ids [rows, L] to find the packed sequences")
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: share each key/value head
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    gqa = key.shape[1] != query.shape[1]  # grouped-query attention: sdpa shares each key/value head
     p = dropout if module.training else 0.0
     rows = []
     for r, segments in enumerate(segment_bounds(position_ids.expand(query.shape[0], -1))):
@@ -63,6 +61,7 @@ def segment_attention(
                 dropout_p=p,
                 is_causal=True,
                 scale=scaling,
+                enable_gqa=gqa,
             )
             for a, b in segments
         ]
