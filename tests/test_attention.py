@@ -78,6 +78,9 @@ def test_bad_inputs_are_named():
         segment_attention(module, q, q, q, None)
     with pytest.raises(ValueError, match=r"not an attention_mask \(got one of shape \(1, 1, 5, 5\)\)"):
         segment_attention(module, q, q, q, torch.zeros(1, 1, 5, 5), position_ids=torch.arange(5)[None])
+    cached = torch.randn(1, 2, 9, 4)  # decoding with a KV cache: 1 new query against 9 keys
+    with pytest.raises(ValueError, match=r"query length 1 != key length 9: a KV cache\?"):
+        segment_attention(module, q[:, :, :1], cached, cached, None, position_ids=torch.tensor([[8]]))
 
 
 def test_wrpo_picks_segment_attention_for_packed_rows_without_flash_attn():

@@ -45,10 +45,16 @@ def segment_attention(
     if attention_mask is not None:
         raise ValueError(
             f"{NAME} attention takes packed rows separated by position_ids, not an attention_mask "
-            f"(got one of shape {tuple(attention_mask.shape)}); use sdpa for padded batches"
+            f"(got one of shape {tuple(attention_mask.shape)}); for padded batches or generation use "
+            "model.set_attn_implementation('sdpa')"
         )
     if position_ids is None:
         raise ValueError(f"{NAME} attention needs position_ids [rows, L] to find the packed sequences")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(
+            f"{NAME} attention runs whole packed rows (query length {query.shape[2]} != key length "
+            f"{key.shape[2]}: a KV cache?); generate with model.set_attn_implementation('sdpa')"
+        )
     gqa = key.shape[1] != query.shape[1]  # grouped-query attention: sdpa shares each key/value head
     p = dropout if module.training else 0.0
     rows = []
