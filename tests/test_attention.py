@@ -89,3 +89,22 @@ def test_wrpo_picks_segment_attention_for_packed_rows_without_flash_attn():
     assert _attn_implementation(packing=True) == NAME
     assert _attn_implementation(packing=False) is None
     assert varlen_attention(tiny_llama(NAME)) and not varlen_attention(tiny_llama("sdpa"))
+
+
+def test_bounds_are_found_once_per_forward(monkeypatch):
+    """Every layer gets the same position_ids tensor: one host sync per forward, not one per layer."""
+    import wrpo.attention as attention
+
+    calls = []
+    real = attention.segment_bounds
+    monkeypatch.setattr(attention, "segment_bounds", lambda pos: calls.append(1) or real(pos))
+    model = tiny_llama(NAME)  # 2 layers
+    pos = packed_positions([[4, 6]])
+    ids = torch.randint(0, 97, pos.shape, generator=torch.Generator().manual_seed(3))
+    first = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    assert len(calls) == 1
+    pos[0, 4:] = torch.arange(6)  # the same tensor changed in place: bounds are recomputed
+    pos[0, 2:] = torch.arange(8)
+    second = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    assert len(calls) == 2
+    assert torch.equal(first[0, :2], second[0, :2]) and not torch.allclose(first[0, 2:4], second[0, 2:4])

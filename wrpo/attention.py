@@ -13,6 +13,8 @@ builds none). Unpacked inputs (one sequence per row, no padding) work too: each 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -31,6 +33,21 @@ def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     for row in starts.cpu():
         s = row.nonzero().flatten().tolist()
         bounds.append(list(zip(s, s[1:] + [L], strict=True)))
+    return bounds
+
+
+_last_bounds: tuple[weakref.ref, int, list] | None = None  # (position_ids, its version, bounds)
+
+
+def _bounds_for_forward(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """:func:`segment_bounds`, computed once per forward: every layer gets the same ``position_ids``
+    tensor, so the later layers reuse the first one's bounds (no host sync per layer)."""
+    global _last_bounds
+    hit = _last_bounds
+    if hit is not None and hit[0]() is position_ids and hit[1] == position_ids._version:
+        return hit[2]
+    bounds = segment_bounds(position_ids)
+    _last_bounds = (weakref.ref(position_ids), position_ids._version, bounds)
     return bounds
 
 
@@ -58,7 +75,12 @@ def segment_attention(
     gqa = key.shape[1] != query.shape[1]  # grouped-query attention: sdpa shares each key/value head
     p = dropout if module.training else 0.0
     rows = []
-    for r, segments in enumerate(segment_bounds(position_ids.expand(query.shape[0], -1))):
+    bounds = _bounds_for_forward(position_ids)
+    if len(bounds) == 1:  # one row of positions shared by every row of the batch
+        bounds = bounds * query.shape[0]
+    if len(bounds) != query.shape[0]:
+        raise ValueError(f"position_ids has {len(bounds)} rows for a batch of {query.shape[0]} rows")
+    for r, segments in enumerate(bounds):
         parts = [
             F.scaled_dot_product_attention(
                 query[r : r + 1, :, a:b],
