@@ -11,9 +11,7 @@ import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wrpo.packing import pack_groups
-from wrpo.trainer import body_hidden_states, head_inputs
-from wrpo_kernels import fused_linear_wrpo_loss
+from wrpo import pack_groups, preference_loss
 
 GROUPS, K, VOCAB = 4, 3, 40
 
@@ -36,14 +34,9 @@ def global_batch():
              "ref_logps": (torch.randn(K, generator=g) - 15).tolist()} for _ in range(GROUPS)]  # fmt: skip
 
 
-def step_loss(model, unwrapped, groups):
+def step_loss(model, groups):
     batch = pack_groups(groups)
-    hidden = body_hidden_states(model, unwrapped, batch)
-    h, labels, cu = head_inputs(hidden, batch["labels"], batch)
-    return fused_linear_wrpo_loss(
-        h, unwrapped.lm_head.weight, labels, cu, responses_per_prompt=K, num_chosen=K - 1,
-        ref_logps=batch["ref_logps"].double(), beta=0.3, alpha=0.2,
-    ).loss  # fmt: skip
+    return preference_loss(model, batch, ref_logps=batch["ref_logps"].double(), beta=0.3, alpha=0.2).loss
 
 
 def main(out_path):
@@ -54,7 +47,7 @@ def main(out_path):
     wrapped = acc.prepare(model)
     share = GROUPS // acc.num_processes
     mine = global_batch()[acc.process_index * share : (acc.process_index + 1) * share]
-    loss = step_loss(wrapped, model, mine)
+    loss = step_loss(wrapped, mine)
     acc.backward(loss)
     losses = acc.gather(loss.detach()[None])
     if acc.is_main_process:

@@ -7,9 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from wrpo.attention import NAME, segment_attention, segment_bounds
+from wrpo.model_loss import varlen_attention
 from wrpo.models import _attn_implementation
 from wrpo.packing import block_causal_mask
-from wrpo.trainer import varlen_attention
 
 
 def packed_positions(rows: list[list[int]]) -> torch.Tensor:

@@ -15,10 +15,11 @@ METRICS = [
     "loss", "rewards/chosen", "rewards/source_chosen", "rewards/target_chosen", "rewards/rejected",
     "rewards/accuracies", "rewards/source_accuracies", "rewards/pivot_accuracies", "rewards/margins",
     "logps/chosen", "logps/source_chosen", "logps/target_chosen", "logps/rejected", "cur_alpha",
+    "logits/chosen", "logits/rejected",
 ]  # fmt: skip
 
 
-def test_train_logs_every_metric_and_alpha_rises_linearly(tmp_path):
+def test_train_logs_every_metric_and_alpha_rises_as_the_official_schedule(tmp_path):
     out = tmp_path / "D"
     code = main(["train", "--dataset", str(SAMPLE_DATA), "--output_dir", str(out), "--max_steps", "6",
                  "--alpha", "0.1", "--alpha_schedule", "linear", "--beta", "0.1",
@@ -30,7 +31,8 @@ def test_train_logs_every_metric_and_alpha_rises_linearly(tmp_path):
     for entry in logs:
         assert set(METRICS) <= entry.keys(), set(METRICS) - entry.keys()
     alphas = [e["cur_alpha"] for e in logs]
-    assert alphas == pytest.approx([0.0, 0.02, 0.04, 0.06, 0.08, 0.1], abs=1e-6)
+    # the official schedule: alpha * g / N at global step g of N = 6
+    assert alphas == pytest.approx([0.1 * g / 6 for g in range(6)], abs=1e-6)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.num_parameters() > 0 and (out / "training_curves.png").stat().st_size > 0
     assert torch.isfinite(torch.tensor([e["loss"] for e in logs])).all()

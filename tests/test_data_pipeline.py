@@ -51,5 +51,5 @@ def test_sample_score_build_split_sft_train(tmp_path, capsys):
          *steps)  # fmt: skip
     wrpo("train", "--model", d / "sft", "--dataset", split / "pref.jsonl", "--output_dir", d / "wrpo", *steps)
     history = json.loads((d / "wrpo" / "trainer_state.json").read_text())["log_history"]
-    assert [e["cur_alpha"] for e in history if "loss" in e] == pytest.approx([0.0, 0.1])
+    assert [e["cur_alpha"] for e in history if "loss" in e] == pytest.approx([0.0, 0.05])  # alpha * g / N
     assert (d / "wrpo" / "model.safetensors").is_file()

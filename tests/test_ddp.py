@@ -30,7 +30,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert ddp["world"] == 2
 
     model = build_model()
-    loss = step_loss(model, model, global_batch())
+    loss = step_loss(model, global_batch())
     loss.backward()
     assert torch.allclose(ddp["loss"], loss.detach(), rtol=1e-12)
     for name, p in model.named_parameters():

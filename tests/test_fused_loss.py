@@ -37,6 +37,8 @@ METRIC_NAMES = {
     "logps/target_chosen",
     "logps/rejected",
     "cur_alpha",
+    "logits/chosen",
+    "logits/rejected",
 }
 SOURCE_METRICS = {"rewards/source_chosen", "rewards/source_accuracies", "logps/source_chosen"}
 

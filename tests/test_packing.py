@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from wrpo import preference_loss
 from wrpo.packing import IGNORE_INDEX, block_causal_mask, pack_groups, pad_groups, sequence_with_labels
-from wrpo.trainer import body_hidden_states, head_inputs
 from wrpo_kernels import fused_linear_wrpo_loss
 
 
@@ -48,12 +48,7 @@ def tiny_llama(vocab=40, seed=0):
 
 def loss_and_grads(model, batch, loss_type):
     model.zero_grad()
-    hidden = body_hidden_states(model, model, batch)
-    h, labels, cu = head_inputs(hidden, batch["labels"], batch)
-    out = fused_linear_wrpo_loss(
-        h, model.lm_head.weight, labels, cu, responses_per_prompt=batch["responses_per_prompt"],
-        num_chosen=batch["num_chosen"], ref_logps=batch["ref_logps"].double(), loss_type=loss_type, beta=0.3,
-    )  # fmt: skip
+    out = preference_loss(model, batch, ref_logps=batch["ref_logps"].double(), loss_type=loss_type, beta=0.3)
     out.loss.backward()
     return out.loss.detach(), out.logps, {n: p.grad.clone() for n, p in model.named_parameters()}
 

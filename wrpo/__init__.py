@@ -1,5 +1,18 @@
-"""wrpo: the WRPO method on top of wrpo_kernels (alpha schedule; trainer and CLI to come)."""
+"""wrpo: the WRPO method on top of wrpo_kernels: the model-level loss, data collation, the alpha
+schedule, the trainer (``wrpo.trainer.WRPOTrainer``) and the ``wrpo`` command line."""
 
+from .model_loss import head_transform, preference_loss, sequence_logps
+from .packing import PreferenceCollator, batch_counts, pack_groups, pad_groups
 from .schedule import ALPHA_SCHEDULES, alpha_at
 
-__all__ = ["ALPHA_SCHEDULES", "alpha_at"]
+__all__ = [
+    "ALPHA_SCHEDULES",
+    "PreferenceCollator",
+    "alpha_at",
+    "batch_counts",
+    "head_transform",
+    "pack_groups",
+    "pad_groups",
+    "preference_loss",
+    "sequence_logps",
+]

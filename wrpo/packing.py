@@ -109,6 +109,22 @@ class PreferenceCollator:
         return pack_groups(features, row_per_group=self.row_per_group, pad_token_id=self.pad_token_id)
 
 
+def batch_counts(batch: dict) -> torch.Tensor:
+    """[2] int64: the number of groups of a collated batch and the label tokens of their first chosen
+    responses (what the group mean and the NLL mean divide by)."""
+    K = batch["responses_per_prompt"]
+    labels = batch["labels"]
+    if "cu_seqlens" in batch:
+        cu = batch["cu_seqlens"]
+        seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff())
+        first = (seq % K == 0) & (labels.reshape(-1) != IGNORE_INDEX)
+    else:
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        first = (rows[:, None] % K == 0) & (labels != IGNORE_INDEX)
+    S = batch["cu_seqlens"].numel() - 1 if "cu_seqlens" in batch else labels.shape[0]
+    return torch.stack([torch.tensor(S // K, device=labels.device), first.sum()])
+
+
 def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[R, L] position ids restarting per sequence -> additive mask [R, 1, L, L]: 0 where token i may
     attend to j (same sequence, j <= i), the dtype's minimum elsewhere. For sdpa/eager attention,

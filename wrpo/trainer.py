@@ -1,86 +1,41 @@
-"""``WRPOTrainer``: transformers' Trainer with the fused WRPO head loss (DESIGN §1-§3, issue 4).
+"""``WRPOTrainer``: transformers' Trainer with the fused WRPO head loss.
 
-The model body runs without its LM head (``logits_to_keep`` selects no position, a hook takes the
-body's final hidden states); :func:`wrpo_kernels.fused_linear_wrpo_loss` takes those and the head's
-weight. Going through the (DDP-wrapped) model's own forward keeps distributed gradient sync intact.
+Every loss goes through :func:`wrpo.preference_loss` (or :func:`wrpo.sequence_logps` for SFT and the
+reference model), which runs the body and the fused head inside the call to the (wrapped) model, so
+DDP, FSDP2 and ZeRO-3 hooks see the head weight. Under gradient accumulation each micro-batch's loss
+is divided by the counts of the whole optimizer step (groups, first-chosen tokens; summed over the
+processes): the micro-batch gradients add up to exactly the gradient of the whole batch's mean.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 from transformers import Trainer
 
-from wrpo_kernels import fused_linear_wrpo_loss, linear_logprobs
-
-from .attention import NAME as SEGMENT_ATTENTION
-from .packing import PreferenceCollator, block_causal_mask
+from .model_loss import preference_loss, sequence_logps, varlen_attention
+from .packing import PreferenceCollator, batch_counts
 from .schedule import alpha_at
 
 STAGES = ("train", "sft")
 
 
-@contextmanager
-def _final_hidden(model):
-    """Capture the final hidden states of ``model``'s body during a forward (list with one tensor)."""
-    body = getattr(model, model.base_model_prefix)
-    captured = []
-
-    def hook(_module, _args, output):
-        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-    handle = body.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def varlen_attention(model) -> bool:
-    """Whether ``model`` separates packed sequences by position ids alone (flash-attention varlen, or
-    :mod:`wrpo.attention`'s per-sequence sdpa); else the trainer passes a dense block mask."""
-    return model.config._attn_implementation in ("flash_attention_2", "flash_attention_3", SEGMENT_ATTENTION)
-
-
-def body_hidden_states(model, unwrapped, inputs) -> torch.Tensor:
-    """Final hidden states [rows, T, H] of the batch, the LM head skipped."""
-    kwargs = {"input_ids": inputs["input_ids"], "use_cache": False}
-    if "position_ids" in inputs:  # packed row
-        kwargs["position_ids"] = inputs["position_ids"]
-        if not varlen_attention(unwrapped):
-            kwargs["attention_mask"] = block_causal_mask(inputs["position_ids"], unwrapped.dtype)
-    else:
-        kwargs["attention_mask"] = inputs["attention_mask"]
-    no_position = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
-    with _final_hidden(unwrapped) as captured:
-        model(**kwargs, logits_to_keep=no_position)
-    return captured[-1]
-
-
 @torch.no_grad()
 def reference_logps(ref_model, inputs, backend: str) -> torch.Tensor:
     """Per-sequence reference log-probs [S] of a collated batch (forward-only path)."""
-    hidden = body_hidden_states(ref_model, ref_model, inputs)
-    h, labels, cu = head_inputs(hidden, inputs["labels"], inputs)
-    head = ref_model.get_output_embeddings()
-    return linear_logprobs(h, head.weight, labels, cu, bias=head.bias, backend=backend)
-
-
-def head_inputs(hidden, labels, inputs):
-    """Packed [R, L, H] -> rows [R*L, H] with cu_seqlens; padded [S, T, H] stays (cu_seqlens None)."""
-    if "cu_seqlens" in inputs:
-        return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), inputs["cu_seqlens"]
-    return hidden, labels, None
+    return sequence_logps(ref_model, inputs, backend=backend)
 
 
 class WRPOTrainer(Trainer):
     """Trains with the fused WRPO loss (``stage="train"``) or NLL on the first chosen response (``"sft"``).
 
     ``ref_model``: a frozen model for on-the-fly reference log-probs (dpo/ipo), unless the dataset
-    has a ``ref_logps`` column (precomputed). Logs the metrics of DESIGN §2 and ``cur_alpha``.
+    has a ``ref_logps`` column (precomputed). Logs the official WRPO metric names and ``cur_alpha``.
     """
+
+    # compute_loss divides by the whole optimizer step's counts: the Trainer must not divide again
+    loss_is_scaled_for_ga = True
 
     def __init__(self, model, args, *, ref_model=None, stage: str = "train", pad_token_id: int = 0, **kwargs):
         if stage not in STAGES:
@@ -94,33 +49,55 @@ class WRPOTrainer(Trainer):
         self.ref_model = None
         if ref_model is not None:
             self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False)
+        self.model_accepts_loss_kwargs = True  # transformers versions without ``loss_is_scaled_for_ga``
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def current_alpha(self) -> float:
-        """alpha at this optimizer step, by the schedule (linear: 0 -> alpha over all steps)."""
+        """alpha at this optimizer step (global step g of N, evaluation after the last: g = N), by the
+        schedule (linear: alpha * g / N, the official WRPO trainer's)."""
         total = max(self.state.max_steps, 1)
-        step = min(self.state.global_step, total - 1)
+        step = min(self.state.global_step, total)
         return alpha_at(step, total, alpha=self.args.alpha, schedule=self.args.alpha_schedule)
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The optimizer step's micro-batches and their counts [2] (groups, first-chosen tokens), summed
+        over the processes: what :meth:`compute_loss` divides by (transformers would count label tokens)."""
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not batch_samples:
+            return batch_samples, None
+        counts = torch.stack([batch_counts(b) for b in batch_samples]).sum(0).to(device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return batch_samples, counts
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        unwrapped = self.accelerator.unwrap_model(model)
-        head = unwrapped.get_output_embeddings()
-        hidden = body_hidden_states(model, unwrapped, inputs)
-        h, labels, cu = head_inputs(hidden, inputs["labels"], inputs)
+        """The micro-batch's share of the optimizer step's loss: its summed group losses over the step's
+        groups (``num_items_in_batch``, see :meth:`get_batch_samples`), times the number of processes
+        since DDP/FSDP average the gradients over them. Without counts (evaluation): the batch mean."""
         a = self.args
-        common = dict(bias=head.bias, softcap=getattr(unwrapped.config, "final_logit_softcapping", None),
-                      backend=a.kernel_backend, chunk_tokens=a.chunk_tokens)  # fmt: skip
+        norms = {}
+        if num_items_in_batch is not None:
+            world = self.accelerator.num_processes
+            norms = {
+                "num_groups": num_items_in_batch[0] / world,
+                "num_nll_tokens": num_items_in_batch[1] / world,
+            }
+        common = {"backend": a.kernel_backend, "chunk_tokens": a.chunk_tokens}
         if self.stage == "sft":
-            logps = linear_logprobs(h, head.weight, labels, cu, reduction="sum", **common)
-            n = (labels != -100).sum()
-            loss = -logps.sum() / n
-            self._store({"nll_loss": loss.detach()})
+            logps = sequence_logps(model, inputs, reduction="sum", **common)
+            tokens = norms.get("num_nll_tokens", batch_counts(inputs)[1].to(logps.device))
+            loss = -logps.sum() / tokens
+            self._store({"nll_loss": (-logps.sum() / batch_counts(inputs)[1]).detach()})
             return (loss, None) if return_outputs else loss
-        out = fused_linear_wrpo_loss(
-            h, head.weight, labels, cu, responses_per_prompt=inputs["responses_per_prompt"],
-            num_chosen=inputs["num_chosen"], alpha=self.current_alpha(), chosen_weights=a.chosen_weights,
-            ref_logps=self._ref_logps(inputs), loss_type=a.loss_type,
-            beta=a.beta, gamma=a.gamma, label_smoothing=a.label_smoothing, nll_weight=a.nll_weight, **common,
+        out = preference_loss(
+            model, inputs, ref_logps=self._ref_logps(inputs), alpha=self.current_alpha(),
+            chosen_weights=a.chosen_weights, loss_type=a.loss_type, beta=a.beta, gamma=a.gamma,
+            label_smoothing=a.label_smoothing, nll_weight=a.nll_weight, **norms, **common,
         )  # fmt: skip
         self._store(out.metrics)
         return (out.loss, out) if return_outputs else out.loss

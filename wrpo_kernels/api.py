@@ -10,7 +10,7 @@ import torch
 from . import reference, torch_backend
 from .autoselect import auto_backend
 from .chunked.buffers import HeadOptions, math_dtype
-from .metrics import preference_metrics
+from .metrics import mean_logit_metrics, preference_metrics
 from .objective import make_spec, rewards
 from .output import WRPOOutput
 from .packing import PackedRows, keep_labelled_rows, scatter_rows, sequence_ids
@@ -58,6 +58,26 @@ def _pack(hidden, weight, labels, cu_seqlens, bias, ignore_index, *, require_tok
         require_tokens=require_tokens, describe=describe,
     )  # fmt: skip
     return hidden, labels, PackedRows(cu, cu_host, seq, counts, counts_host)
+
+
+def batch_normalisers(num_groups, num_nll_tokens, dtype, device):
+    """-> (groups, nll tokens) as 0-dim ``dtype`` tensors on ``device`` (None: this call's own count)."""
+    out = []
+    for name, value in (("num_groups", num_groups), ("num_nll_tokens", num_nll_tokens)):
+        if value is None:
+            out.append(None)
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}"
+                )
+            out.append(value.detach().reshape(()).to(device=device, dtype=dtype))
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"{name} must be a positive number (or a tensor), got {value!r}")
+        out.append(torch.tensor(float(value), dtype=dtype, device=device))
+    return tuple(out)
 
 
 def _check_head_options(softcap, temperature, chunk_tokens):
@@ -140,6 +160,8 @@ def fused_linear_wrpo_loss(
     temperature: float = 1.0,
     backend: str = "auto",
     chunk_tokens: int | None = None,
+    num_groups=None,
+    num_nll_tokens=None,
 ) -> WRPOOutput:
     """LM head + WRPO loss in one pass over chunks of whole groups (DESIGN §2, §4).
 
@@ -149,6 +171,13 @@ def fused_linear_wrpo_loss(
     reference log-probs (required for dpo and ipo, unused by simpo). Chosen weights default to
     ``[alpha, 1 - alpha]`` for K = 3 (sources share alpha in general). Returns a :class:`WRPOOutput`:
     ``loss`` = mean group loss + ``nll_weight`` * mean NLL over the first chosen response's tokens.
+
+    ``num_groups`` / ``num_nll_tokens`` (number or 0-dim tensor): the denominators of those two means,
+    by default this call's B groups and its first-chosen tokens. To split a batch into micro-batches
+    (gradient accumulation, data parallel ranks) pass the whole batch's counts: the micro-batch losses
+    then sum to the whole batch's loss, and so do their gradients.
+    Metrics also hold ``logits/chosen`` and ``logits/rejected``: the mean raw logit ``h W^T + b``
+    over the vocabulary and the response tokens (as TRL logs them), from ``h . sum_v W_v`` (no logits).
     """
     spec = make_spec(
         responses_per_prompt=responses_per_prompt, num_chosen=num_chosen, alpha=alpha,
@@ -176,11 +205,15 @@ def fused_linear_wrpo_loss(
     ref = None if ref is None else ref.detach().to(md)
     name, impl = resolve_backend(backend, h.device, h.dtype)
     lengths = rows.counts.view(B, K).to(md)
+    norms = batch_normalisers(num_groups, num_nll_tokens, md, h.device)
     if name == "reference":
-        return reference.fused_linear_wrpo_loss(
+        out = reference.fused_linear_wrpo_loss(
             spec, h, weight, lab, rows.cu, ref, nll_weight=nll_weight, bias=bias,
             ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+            norms=norms,
         )  # fmt: skip
+        out.metrics.update(mean_logit_metrics(spec, h, weight, bias, rows, valid=lab != ignore_index))
+        return out
     opts = HeadOptions(ignore_index, softcap, float(temperature))
     h, lab, rows, _ = keep_labelled_rows(h, lab, rows, ignore_index)
     loss, logps = impl.fused_linear_wrpo_loss(
@@ -194,8 +227,10 @@ def fused_linear_wrpo_loss(
         opts=opts,
         nll_weight=nll_weight,
         chunk_tokens=chunk_tokens,
+        norms=norms,
     )
     metrics = preference_metrics(spec, logps, rewards(spec, logps, ref, lengths))
+    metrics.update(mean_logit_metrics(spec, h, weight, bias, rows))
     if nll_weight:
         metrics["nll_loss"] = -logps[:, 0].sum() / lengths[:, 0].sum()
     return WRPOOutput(loss=loss, metrics=metrics, logps=logps)

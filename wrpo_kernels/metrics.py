@@ -46,3 +46,31 @@ def preference_metrics(spec: PreferenceSpec, logps: torch.Tensor, rewards: torch
         m["rewards/source_accuracies"] = beats(source)
         m["logps/source_chosen"] = logps[:, : C - 1].mean()
     return m
+
+
+@torch.no_grad()
+def mean_logit_metrics(
+    spec: PreferenceSpec, hidden, weight, bias, rows, valid=None, block: int = 4096
+) -> dict:
+    """``logits/chosen``, ``logits/rejected``: the mean raw logit ``z = h W^T + b`` over the vocabulary
+    and over the tokens of the chosen (resp. rejected) responses, as TRL's ``mean_logits``.
+
+    ``mean_v z_tv = (h_t . sum_v W_v + sum_v b_v) / V``: one [H] vector, no logits. hidden [N, H]
+    with ``rows`` (``PackedRows``: seq [N], counts [S]); ``valid`` [N] marks counted rows (None: all).
+    """
+    md = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    V = weight.shape[0]
+    w_sum = weight.detach().sum(0, dtype=md)
+    b_sum = bias.detach().sum(dtype=md) if bias is not None else 0.0
+    h = hidden.detach()
+    row_mean = torch.cat([(h[i : i + block].to(md) @ w_sum + b_sum) / V for i in range(0, h.shape[0], block)])
+    if valid is not None:
+        row_mean = row_mean * valid.to(md)
+    K, C = spec.responses_per_prompt, spec.num_chosen
+    S = rows.counts.numel()
+    sums = torch.zeros(S, dtype=md, device=hidden.device).index_add_(0, rows.seq, row_mean).view(-1, K)
+    counts = rows.counts.to(md).view(-1, K)
+    return {
+        "logits/chosen": sums[:, :C].sum() / counts[:, :C].sum(),
+        "logits/rejected": sums[:, C:].sum() / counts[:, C:].sum(),
+    }

@@ -49,16 +49,21 @@ class FusedLinearWRPOLoss(_FusedHead):
 
     Options: those of :func:`~wrpo_kernels.fused_linear_wrpo_loss` (responses_per_prompt, num_chosen,
     alpha, chosen_weights, loss_type, beta, gamma, label_smoothing, nll_weight, ignore_index, softcap,
-    temperature, backend, chunk_tokens).
+    temperature, backend, chunk_tokens). ``num_groups`` / ``num_nll_tokens`` (gradient accumulation)
+    are per call, like ``ref_logps``.
     """
 
     _fn = staticmethod(fused_linear_wrpo_loss)
-    _per_call = ("bias", "ref_logps")
+    _per_call = ("bias", "ref_logps", "num_groups", "num_nll_tokens")
 
-    def forward(self, hidden, weight, labels, cu_seqlens=None, ref_logps=None, bias=None) -> WRPOOutput:
+    def forward(
+        self, hidden, weight, labels, cu_seqlens=None, ref_logps=None, bias=None, *, num_groups=None,
+        num_nll_tokens=None,
+    ) -> WRPOOutput:  # fmt: skip
         return fused_linear_wrpo_loss(
-            hidden, weight, labels, cu_seqlens, ref_logps=ref_logps, bias=bias, **self.options()
-        )
+            hidden, weight, labels, cu_seqlens, ref_logps=ref_logps, bias=bias, num_groups=num_groups,
+            num_nll_tokens=num_nll_tokens, **self.options(),
+        )  # fmt: skip
 
 
 class LinearLogprobs(_FusedHead):

@@ -44,8 +44,10 @@ def linear_logprobs(hidden, weight, labels, cu_seqlens, *, reduction="sum", igno
     return sums / counts
 
 
-def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths):
-    """(loss, metrics) from [B, K] log-probs, by the formulas of DESIGN §2, with plain autograd."""
+def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths, num_groups=None):
+    """(loss, metrics) from [B, K] log-probs, by the formulas of DESIGN §2, with plain autograd.
+
+    loss = sum of group losses / ``num_groups`` (default B: the mean)."""
     C, beta = spec.num_chosen, spec.beta
     if spec.loss_type == "dpo":
         r = beta * (logps - ref_logps)
@@ -60,7 +62,8 @@ def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths):
     else:
         eps = spec.label_smoothing
         losses = -(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
-    return losses.mean(), preference_metrics(spec, logps, r)
+    loss = losses.mean() if num_groups is None else losses.sum() / num_groups
+    return loss, preference_metrics(spec, logps, r)
 
 
 def fused_linear_wrpo_loss(
@@ -73,16 +76,21 @@ def fused_linear_wrpo_loss(
     *,
     nll_weight=0.0,
     ignore_index=-100,
+    norms=(None, None),
     **head,
 ) -> WRPOOutput:
-    """WRPO loss of packed groups, the naive way: full logits -> log-probs [B, K] -> loss (+ NLL)."""
+    """WRPO loss of packed groups, the naive way: full logits -> log-probs [B, K] -> loss (+ NLL).
+
+    ``norms``: (groups, first-chosen tokens) denominators of the two means (None: this batch's)."""
     K = spec.responses_per_prompt
     logps = linear_logprobs(hidden, weight, labels, cu_seqlens, ignore_index=ignore_index, **head).view(-1, K)
     seq = sequence_ids(cu_seqlens, labels.numel())
     lengths = segment_sum((labels != ignore_index).to(logps.dtype), seq, logps.numel()).view(-1, K)
-    loss, metrics = wrpo_loss(spec, logps, ref_logps, lengths)
+    num_groups, num_nll_tokens = norms
+    loss, metrics = wrpo_loss(spec, logps, ref_logps, lengths, num_groups)
     if nll_weight:
-        nll = -logps[:, 0].sum() / lengths[:, 0].sum()
-        loss = loss + nll_weight * nll
+        nll_sum = -logps[:, 0].sum()
+        nll = nll_sum / lengths[:, 0].sum()
+        loss = loss + nll_weight * (nll if num_nll_tokens is None else nll_sum / num_nll_tokens)
         metrics["nll_loss"] = nll.detach()
     return WRPOOutput(loss=loss, metrics=metrics, logps=logps.detach())

@@ -27,6 +27,8 @@ class FusedPlan:
     chunk_tokens: int
     nll_weight: float
     ops: object
+    num_groups: torch.Tensor | None = None  # denominator of the mean group loss (default: B)
+    num_nll_tokens: torch.Tensor | None = None  # of the mean NLL (default: this batch's first-chosen tokens)
 
 
 def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
@@ -39,8 +41,10 @@ def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
     dev = hidden.device
     want_grad = any(needs)
     lengths = t.counts.view(B, K).to(md)
+    groups = B if plan.num_groups is None else plan.num_groups
     # dL/ds of the NLL term: -nll_weight / (tokens of all first-chosen responses), on response 0.
-    nll_coef = plan.nll_weight / lengths[:, 0].sum()
+    nll_tokens = lengths[:, 0].sum() if plan.num_nll_tokens is None else plan.num_nll_tokens
+    nll_coef = plan.nll_weight / nll_tokens
 
     logps = torch.empty(S, dtype=md, device=dev)
     tok = torch.empty(hidden.shape[0], dtype=md, device=dev)
@@ -62,7 +66,7 @@ def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
         group_losses[c.g0 : c.g1] = loss_g
         if not want_grad:
             continue
-        ds = ds / B
+        ds = ds / groups
         ds[:, 0] -= nll_coef
         scale = ds.reshape(-1)[t.seq[c.t0 : c.t1] - c.g0 * K] * t.valid[c.t0 : c.t1]
         if c.single_pass:
@@ -73,7 +77,7 @@ def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
                 ops, ws, grads, hidden, weight, bias, t.safe, opts, lse, scale, c.tiles, c.t0
             )
 
-    loss = group_losses.mean()
+    loss = group_losses.mean() if plan.num_groups is None else group_losses.sum() / groups
     if plan.nll_weight:
         loss = loss - nll_coef * logps.view(B, K)[:, 0].sum()
     return loss, logps.view(B, K), grads
@@ -91,6 +95,7 @@ class FusedLinearWRPOFunction(torch.autograd.Function):
         return loss, logps
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_logps):
         grads = ctx.grads
         if grads is None:

@@ -25,11 +25,13 @@ def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chun
 
 
 def fused_linear_wrpo_loss(
-    spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens
+    spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens, norms=(None, None)
 ):
     """(loss, logps [B, K]) of packed groups in one pass over chunks of whole groups."""
     ops = row_ops(hidden.device)
-    return run_fused(ops, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens)
+    return run_fused(
+        ops, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens, norms
+    )
 
 
 def wrpo_loss(spec, logps, ref_logps, lengths):

@@ -38,13 +38,14 @@ def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chun
 
 
 def fused_linear_wrpo_loss(
-    spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens
+    spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens, norms=(None, None)
 ):
     """(loss, logps [B, K]) in one pass over chunks of whole groups, row work in Triton kernels."""
     _check_dtype(hidden.dtype)
     return run_fused(
-        TRITON_ROW_OPS, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens
-    )
+        TRITON_ROW_OPS, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens,
+        norms,
+    )  # fmt: skip
 
 
 def wrpo_loss(spec, logps, ref_logps, lengths):

@@ -1,0 +1,187 @@
+"""The model-level entry point: body + fused head loss *inside* the call to the model.
+
+Wrappers that shard or synchronise parameters act when the model is called: DDP prepares its gradient
+reduction, FSDP2 (``fully_shard``) all-gathers the root's parameters (the LM head among them) in a
+forward pre-hook, DeepSpeed ZeRO-3 gathers a submodule's parameters when that submodule is called.
+Reading ``lm_head.weight`` outside such a call sees a shard (a DTensor) or a released, 0-element
+parameter. :func:`preference_loss` therefore swaps the model's ``forward`` for one step so that
+calling the (wrapped) model runs the body and the fused loss, then restores it; the head itself is
+never called, so under ZeRO-3 its parameters are gathered explicitly around the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from transformers import PreTrainedModel
+
+from wrpo_kernels import WRPOOutput, fused_linear_wrpo_loss, linear_logprobs
+
+from .attention import NAME as SEGMENT_ATTENTION
+from .packing import block_causal_mask
+
+
+def causal_lm(model) -> PreTrainedModel:
+    """The transformers model inside ``model``'s wrappers (DDP, DeepSpeed engine, FSDP1, PEFT, compile)."""
+    m, seen = model, 0
+    while not isinstance(m, PreTrainedModel):
+        inner = getattr(m, "_orig_mod", None) or getattr(m, "module", None)
+        if inner is None and hasattr(m, "get_base_model"):
+            inner = m.get_base_model()
+        if not isinstance(inner, torch.nn.Module) or seen > 8:
+            raise TypeError(f"found no transformers PreTrainedModel inside {type(model).__name__}")
+        m, seen = inner, seen + 1
+    if m.get_output_embeddings() is None:
+        raise TypeError(f"{type(m).__name__} has no LM head (get_output_embeddings() is None)")
+    return m
+
+
+def head_transform(config) -> tuple[float | None, float]:
+    """(softcap, temperature) that turn the head's output into the model's logits, from its config.
+
+    Gemma-style ``final_logit_softcapping`` c: ``c tanh(z / c)``; Cohere's ``logit_scale`` s: ``s z``
+    (temperature 1/s); Granite's ``logits_scaling`` d: ``z / d`` (temperature d).
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(config, "final_logit_softcapping", None) or None
+    temperature = 1.0
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None and scale != 1:
+        temperature /= float(scale)
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor is not None and divisor != 1:
+        temperature *= float(divisor)
+    if softcap is not None and temperature != 1.0:
+        raise NotImplementedError(
+            f"{type(config).__name__} both soft-caps and scales its logits; the fused loss applies the "
+            "soft cap first, which may not be this model's order"
+        )
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"{type(config).__name__}: logit scaling gives temperature {temperature}")
+    return softcap, temperature
+
+
+def body_hidden_states(lm: PreTrainedModel, batch) -> torch.Tensor:
+    """Final hidden states of the model body (the LM head skipped): packed [R, L, H] or padded [S, T, H].
+
+    Packed rows are separated by ``position_ids``: flash-attention varlen and ``wrpo_segments`` do it
+    alone; other attention implementations get a dense block-causal mask."""
+    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+        if not varlen_attention(lm):
+            kwargs["attention_mask"] = block_causal_mask(batch["position_ids"], lm.dtype)
+    else:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    body = getattr(lm, lm.base_model_prefix)
+    out = body(**kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def varlen_attention(lm) -> bool:
+    """Whether ``lm`` separates packed sequences by position ids alone (flash-attention varlen, or
+    :mod:`wrpo.attention`'s per-sequence sdpa); else a dense block mask is passed."""
+    return lm.config._attn_implementation in ("flash_attention_2", "flash_attention_3", SEGMENT_ATTENTION)
+
+
+def head_inputs(hidden, batch):
+    """Packed [R, L, H] -> rows [R*L, H], labels [R*L], cu_seqlens; padded [S, T, H] stays (cu None)."""
+    if "cu_seqlens" in batch:
+        return hidden.reshape(-1, hidden.shape[-1]), batch["labels"].reshape(-1), batch["cu_seqlens"]
+    return hidden, batch["labels"], None
+
+
+@contextlib.contextmanager
+def gathered_head(head: torch.nn.Module):
+    """The head's parameters whole for the duration: DeepSpeed ZeRO-3 partitions them (``ds_id``)."""
+    params = [p for p in head.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed  # a ZeRO-3 parameter implies deepspeed is installed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def call_inside_forward(model, lm: torch.nn.Module, fn):
+    """Run ``fn()`` as ``lm.forward`` while calling ``model`` (``lm`` or a wrapper around it), so that
+    the wrappers' forward hooks (gathering, gradient sync) act around it; returns ``fn()``'s result."""
+    had_own = "forward" in vars(lm)
+    original = lm.forward
+
+    def restore():
+        if had_own:
+            lm.forward = original
+        else:
+            vars(lm).pop("forward", None)
+
+    def redirected(*_args, **_kwargs):
+        restore()  # a nested call of the model inside fn gets its real forward
+        return fn()
+
+    lm.forward = redirected
+    try:
+        return model()
+    finally:
+        restore()
+
+
+def _head_options(lm, options: dict) -> dict:
+    softcap, temperature = head_transform(lm.config)
+    if options.get("softcap") is None:
+        options["softcap"] = softcap
+    options["temperature"] = options.get("temperature", 1.0) * temperature
+    return options
+
+
+def preference_loss(model, batch: dict, *, ref_logps=None, **options) -> WRPOOutput:
+    """WRPO/DPO/SimPO/IPO loss of a collated batch of groups, computed inside the call to ``model``.
+
+    ``model``: a transformers causal LM, bare or wrapped (DDP, FSDP2 ``fully_shard``, accelerate).
+    ``batch``: what :class:`wrpo.PreferenceCollator` returns (packed or padded; ``ref_logps`` [B, K] if
+    precomputed), on the model's device. ``ref_logps`` overrides the batch's. ``options``: those of
+    :func:`wrpo_kernels.fused_linear_wrpo_loss` (``alpha``, ``beta``, ``loss_type``, ``num_groups``, ...);
+    ``responses_per_prompt`` / ``num_chosen`` come from the batch, the head's bias from the model, and
+    its logit transform (soft cap, logit scale) from the model's config (an explicit ``temperature``
+    multiplies it). Returns :class:`wrpo_kernels.WRPOOutput`.
+    """
+    lm = causal_lm(model)
+    options = _head_options(lm, dict(options))
+    options.setdefault("responses_per_prompt", batch["responses_per_prompt"])
+    options.setdefault("num_chosen", batch["num_chosen"])
+    if ref_logps is None:
+        ref_logps = batch.get("ref_logps")
+
+    def forward():
+        hidden = body_hidden_states(lm, batch)
+        h, labels, cu = head_inputs(hidden, batch)
+        head = lm.get_output_embeddings()
+        with gathered_head(head):
+            out = fused_linear_wrpo_loss(
+                h, head.weight, labels, cu, ref_logps=ref_logps, bias=head.bias, **options
+            )
+        # a dict of tensors: the wrappers' output hooks (FSDP's pre-backward) see the loss
+        return {"loss": out.loss, "logps": out.logps, "metrics": out.metrics}
+
+    out = call_inside_forward(model, lm, forward)
+    return WRPOOutput(loss=out["loss"], metrics=out["metrics"], logps=out["logps"])
+
+
+def sequence_logps(model, batch: dict, **options) -> torch.Tensor:
+    """Per-sequence log-probs [S] (``reduction="sum"`` by default) of a collated batch under ``model``,
+    computed inside the call to the model like :func:`preference_loss`; ``options`` are those of
+    :func:`wrpo_kernels.linear_logprobs`. Differentiable; under ``no_grad`` the forward-only path."""
+    lm = causal_lm(model)
+    options = _head_options(lm, dict(options))
+
+    def forward():
+        hidden = body_hidden_states(lm, batch)
+        h, labels, cu = head_inputs(hidden, batch)
+        head = lm.get_output_embeddings()
+        with gathered_head(head):
+            return {"logps": linear_logprobs(h, head.weight, labels, cu, bias=head.bias, **options)}
+
+    return call_inside_forward(model, lm, forward)["logps"]
