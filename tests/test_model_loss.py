@@ -1,0 +1,173 @@
+"""``wrpo.preference_loss`` / ``wrpo.sequence_logps`` against the model's own logits, in fp64.
+
+The model's forward applies its logit transform (Gemma's soft cap, Cohere's logit scale, Granite's
+logits scaling); the model-level entry must read the same transform from the config and give the
+log-probs and loss of the model's real logits. Also: wrappers are seen through, the model's own
+``forward`` is restored afterwards, and a model with no LM head gets a clear error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from wrpo import head_transform, pack_groups, pad_groups, preference_loss, sequence_logps
+from wrpo.model_loss import causal_lm
+from wrpo_kernels import wrpo_loss
+
+VOCAB, K = 48, 3
+SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}  # fmt: skip
+
+# Packed rows equal the padded model up to the fp32 steps inside some models: Gemma 2 (no sdpa here)
+# takes the eager attention's softmax in fp32, Cohere its LayerNorm. The padded layout runs the very
+# same ops as the naive path and must agree to fp64 rounding.
+MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"attn_implementation": "sdpa"}),
+    "gemma2-softcap": ("Gemma2Config", "Gemma2ForCausalLM",
+                       {"final_logit_softcapping": 0.7, "attn_implementation": "eager"}),
+    "cohere-logit-scale": ("CohereConfig", "CohereForCausalLM",
+                           {"logit_scale": 3.5, "attn_implementation": "sdpa"}),
+    "granite-logits-scaling": ("GraniteConfig", "GraniteForCausalLM",
+                               {"logits_scaling": 0.4, "attn_implementation": "sdpa"}),
+}  # fmt: skip
+PACKED_TOL = {"gemma2-softcap": 1e-7, "cohere-logit-scale": 1e-7}
+
+
+def build(name, seed=0):
+    config_cls, model_cls, extra = MODELS[name]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**SMALL, **extra)
+    model = getattr(transformers, model_cls)(config).double()
+    with torch.no_grad():  # heads initialised near 0 give near-uniform logits: spread them out
+        model.get_output_embeddings().weight.mul_(30.0)
+    return model
+
+
+def groups(seed=1, B=3):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        n = int(torch.randint(lo, hi, (1,), generator=g))
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    return [{"prompt_ids": ids(1, 6), "responses": [ids(1, 7) for _ in range(K)], "num_chosen": K - 1,
+             "ref_logps": (torch.randn(K, generator=g) * 3 - 20).tolist()} for _ in range(B)]  # fmt: skip
+
+
+def naive_logps(model, feats):
+    """[B, K] summed log-probs and token counts from the model's full logits (padded, one per row)."""
+    batch = pad_groups(feats, pad_token_id=0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    valid = labels != -100
+    picked = logits.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    return (picked * valid).sum(1).view(-1, K), valid.sum(1).view(-1, K)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_head_transform_is_read_from_the_config(name):
+    softcap, temperature = head_transform(build(name).config)
+    expected = {"llama": (None, 1.0), "gemma2-softcap": (0.7, 1.0), "cohere-logit-scale": (None, 1 / 3.5),
+                "granite-logits-scaling": (None, 0.4)}[name]  # fmt: skip
+    assert softcap == expected[0]
+    assert temperature == pytest.approx(expected[1], rel=1e-15)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sequence_logps_equal_the_models_own_logits(name, layout):
+    model, feats = build(name), groups()
+    expected, _ = naive_logps(model, feats)
+    batch = pad_groups(feats, 0) if layout == "padded" else pack_groups(feats, row_per_group=True)
+    ours = sequence_logps(model, batch, backend="torch").view(-1, K)
+    tol = PACKED_TOL.get(name, 1e-10) if layout == "packed" else 1e-10
+    torch.testing.assert_close(ours, expected, rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("loss_type", ["dpo", "simpo"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_preference_loss_and_gradients_equal_the_naive_path(name, loss_type, layout):
+    feats = groups(seed=2)
+    opts = {"loss_type": loss_type, "beta": 0.4, "alpha": 0.3, "num_chosen": K - 1}
+    naive = build(name)
+    logps, lengths = naive_logps(naive, feats)
+    ref = torch.tensor([f["ref_logps"] for f in feats], dtype=torch.float64)
+    loss, _ = wrpo_loss(logps, ref, lengths, backend="reference", **opts)
+    loss.backward()
+
+    ours = build(name)
+    batch = pad_groups(feats, 0) if layout == "padded" else pack_groups(feats, row_per_group=True)
+    out = preference_loss(ours, batch, ref_logps=ref, backend="torch", **opts)
+    out.loss.backward()
+    tol = PACKED_TOL.get(name, 1e-10) if layout == "packed" else 1e-10
+    torch.testing.assert_close(out.loss, loss, rtol=tol, atol=0)
+    for (n, p), q in zip(ours.named_parameters(), naive.parameters(), strict=True):
+        err = (p.grad - q.grad).norm() / q.grad.norm()
+        assert err <= 10 * tol, f"{n}: relative error {err:.2e}"
+
+
+def test_an_explicit_temperature_multiplies_the_models_scaling():
+    model, feats = build("cohere-logit-scale"), groups()
+    batch = pad_groups(feats, 0)
+    plain = sequence_logps(model, batch, backend="torch")
+    hotter = sequence_logps(model, batch, backend="torch", temperature=2.0)
+    # logits * 3.5 / 2 equals a model scaling by 1.75
+    model.config.logit_scale = 1.75
+    torch.testing.assert_close(hotter, sequence_logps(model, batch, backend="torch"), rtol=1e-12, atol=0)
+    assert (hotter - plain).abs().max() > 1e-3
+
+
+def test_ref_logps_are_taken_from_the_batch_when_not_given():
+    model, feats = build("llama"), groups()
+    batch = pack_groups(feats, row_per_group=True)
+    a = preference_loss(model, batch, backend="torch", beta=0.3).loss
+    b = preference_loss(model, batch, ref_logps=batch["ref_logps"], backend="torch", beta=0.3).loss
+    shifted = batch["ref_logps"] + torch.tensor([0.0, 0.0, 1.0])  # the rejected one only
+    c = preference_loss(model, batch, ref_logps=shifted, backend="torch", beta=0.3).loss
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_forward_is_restored_even_when_the_loss_raises():
+    model, feats = build("llama"), groups()
+    own = model.forward
+    with pytest.raises(ValueError, match="loss_type"):
+        preference_loss(model, pad_groups(feats, 0), loss_type="nope")
+    assert "forward" not in vars(model) and model.forward == own
+    assert model(input_ids=torch.tensor([[3, 4]])).logits.shape == (1, 2, VOCAB)
+
+
+def test_wrappers_are_seen_through():
+    model = build("llama")
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    assert causal_lm(Wrapper(Wrapper(model))) is model
+    feats = groups()
+    batch = pad_groups(feats, 0)
+    torch.testing.assert_close(
+        sequence_logps(Wrapper(model), batch, backend="torch"), sequence_logps(model, batch, backend="torch")
+    )
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        causal_lm(torch.nn.Linear(2, 2))
+
+
+def test_a_model_without_lm_head_is_refused():
+    config = transformers.LlamaConfig(**SMALL)
+    with pytest.raises(TypeError, match="no LM head"):
+        causal_lm(transformers.LlamaModel(config))
+
+
+def test_softcap_and_scaling_together_are_refused():
+    config = transformers.Gemma2Config(**SMALL, final_logit_softcapping=5.0)
+    config.logit_scale = 2.0
+    with pytest.raises(NotImplementedError, match="soft"):
+        head_transform(config)
