@@ -39,9 +39,10 @@ from measure import MMAP_ENV, bar_plot, machine, peak_rss_rise_mb, write_json
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import wrpo_kernels as wk
+from wrpo import preference_loss
 from wrpo.attention import NAME as SEGMENT_ATTENTION
+from wrpo.model_loss import varlen_attention
 from wrpo.packing import IGNORE_INDEX, block_causal_mask, pack_groups, pad_groups
-from wrpo.trainer import body_hidden_states, head_inputs, varlen_attention
 
 METHODS = ("padded-naive", "packed-naive", "padded-fused", "packed-mask-fused", "packed-fused")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -104,13 +105,10 @@ def _to(batch, device):
 
 
 def fused_loss(model, batch):
-    """Body without its head -> wrpo_kernels.fused_linear_wrpo_loss (packed rows or padded [S, T, H])."""
-    hidden = body_hidden_states(model, model, batch)
-    h, labels, cu = head_inputs(hidden, batch["labels"], batch)
-    return wk.fused_linear_wrpo_loss(
-        h, model.lm_head.weight, labels, cu, responses_per_prompt=K, num_chosen=NUM_CHOSEN,
-        ref_logps=batch["ref_logps"], alpha=0.1, beta=0.1,
-    ).loss  # fmt: skip
+    """Body without its head -> the fused loss, inside the model call (``wrpo.preference_loss``)."""
+    return preference_loss(
+        model, batch, responses_per_prompt=K, num_chosen=NUM_CHOSEN, alpha=0.1, beta=0.1
+    ).loss
 
 
 def naive_loss(model, batch):
