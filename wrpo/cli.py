@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             config = parse_config(rest, **defaults)
             if config.eval_rows == 0:  # nothing held out: no evaluation
                 config = parse_config(rest, **{**defaults, "eval_strategy": "no"})
+        from .checkpoints import resolve_resume
         from .pipeline import load_examples, run_stage
+
+        # a bad --resume_from_checkpoint path fails here, before any model is loaded
+        config.resume_from_checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)
 
         examples = load_examples(config)
     except (DataError, ValueError) as err:
