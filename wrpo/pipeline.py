@@ -8,7 +8,7 @@ import datasets
 import torch
 
 from . import ref_cache
-from .checkpoints import CompleteCheckpoints, resolve_resume, train_from_checkpoint
+from .checkpoints import resolve_resume, train_from_checkpoint
 from .data import load_preference_data, tokenize_example
 from .models import load_policy, load_reference
 from .packing import PreferenceCollator
@@ -86,7 +86,6 @@ def run_stage(stage: str, config, examples) -> dict:
     trainer = WRPOTrainer(
         model, config, ref_model=ref_model, stage=stage, pad_token_id=tokenizer.pad_token_id,
         train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-        callbacks=[CompleteCheckpoints()],
     )  # fmt: skip
     train_from_checkpoint(trainer, resolve_resume(config.resume_from_checkpoint, config.output_dir))
     final = trainer.evaluate() if evaluation is not None else {}

@@ -14,6 +14,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
+from .checkpoints import CompleteCheckpoints
 from .model_loss import preference_loss, sequence_logps, varlen_attention
 from .packing import PreferenceCollator, batch_counts
 from .schedule import alpha_at
@@ -50,6 +51,8 @@ class WRPOTrainer(Trainer):
         if ref_model is not None:
             self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False)
         self.model_accepts_loss_kwargs = True  # transformers versions without ``loss_is_scaled_for_ga``
+        if not any(isinstance(cb, CompleteCheckpoints) for cb in self.callback_handler.callbacks):
+            self.add_callback(CompleteCheckpoints())  # marks checkpoints complete (kill-safe resume)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def current_alpha(self) -> float:
