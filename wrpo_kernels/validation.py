@@ -5,6 +5,8 @@ Checks that read tensor values (labels, token counts) are batched into one host 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .packing import padded_to_packed, segment_sum
@@ -57,10 +59,42 @@ def as_packed_rows(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens):
     return hidden, labels, cu, cu_host
 
 
+def _is_dtensor(x) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (none can exist before that module loads)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
+def check_materialised(name: str, x) -> None:
+    """``x`` (the head's weight or bias) must be a plain, whole tensor, not a shard or a released parameter.
+
+    The fused head reads the full [V, H] matrix (and [V] bias) with plain tensor ops, so a parameter
+    that FSDP2 or DeepSpeed ZeRO-3 keeps partitioned outside the forward cannot be used as it is.
+    """
+    if _is_dtensor(x):
+        raise ValueError(
+            f"{name} is a DTensor (a sharded FSDP2 parameter, placements {tuple(x.placements)}); the head "
+            f"needs the whole tensor: call the loss inside the model's forward, e.g. through "
+            f"wrpo.preference_loss(model, batch), so FSDP gathers it"
+        )
+    if isinstance(x, torch.Tensor) and x.numel() == 0:
+        raise ValueError(
+            f"{name} has 0 elements (a parameter released by DeepSpeed ZeRO-3?), shape {tuple(x.shape)}: "
+            f"call the loss inside the model's forward, e.g. through wrpo.preference_loss(model, batch), "
+            f"so that the parameter is gathered (or gather it with deepspeed.zero.GatheredParameters)"
+        )
+
+
 def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor) -> None:
-    """hidden [N, H] and weight [V, H] of one float dtype on one device; bias [V]; integer labels [N]."""
+    """hidden [N, H] and weight [V, H] of one float dtype on one device; bias [V]; integer labels [N].
+
+    weight and bias must be whole tensors (:func:`check_materialised`).
+    """
     if hidden.dtype not in _FLOAT:
         raise ValueError(f"hidden must be a floating tensor, got {hidden.dtype}")
+    check_materialised("weight", weight)
+    if bias is not None:
+        check_materialised("bias", bias)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be [V, H] with H={hidden.shape[1]} (hidden's last dim), got {shape}")
