@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..objective import PreferenceSpec
+from ..once_differentiable import once_differentiable
 from .buffers import HeadGrads, HeadOptions, Targets, math_dtype
 from .logprobs import recompute_head_grads_
 from .schedule import GroupChunk
@@ -95,7 +96,7 @@ class FusedLinearWRPOFunction(torch.autograd.Function):
         return loss, logps
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_logps):
         grads = ctx.grads
         if grads is None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..once_differentiable import once_differentiable
 from ..packing import segment_sum
 from .buffers import HeadGrads, HeadOptions, Targets, math_dtype
 from .schedule import row_tiles
@@ -65,6 +66,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return reduce_token_logprobs(tok, plan.targets, plan.reduction)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, bias, lse = ctx.saved_tensors
         plan: LogprobPlan = ctx.plan

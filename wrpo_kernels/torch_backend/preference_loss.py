@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..objective import PreferenceSpec, group_loss_and_grad
+from ..once_differentiable import once_differentiable
 
 
 class PreferenceLossFunction(torch.autograd.Function):
@@ -12,6 +13,10 @@ class PreferenceLossFunction(torch.autograd.Function):
 
     ``group_loss(spec, logps, ref, lengths) -> (loss [B], dL/dlogps [B, K])`` does the work
     (torch ops by default; the Triton backend passes its kernel).
+
+    First-order only: the saved dL/dlogps is a constant to autograd, so a second derivative taken
+    through ``backward`` would miss d2L/dlogps2 (which depends on logps); ``once_differentiable``
+    makes such an attempt raise instead of returning a wrong value.
     """
 
     @staticmethod
@@ -21,6 +26,7 @@ class PreferenceLossFunction(torch.autograd.Function):
         return losses.to(logps.dtype).mean()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         grad = grad * grad_loss
