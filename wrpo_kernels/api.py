@@ -253,7 +253,9 @@ def wrpo_loss(
     """(loss, metrics) from per-response log-probs: the backend for trainers that compute log-probs.
 
     policy_logps [B, K] (summed over response tokens; differentiable), ref_logps [B, K] (dpo, ipo),
-    lengths [B, K] response token counts (simpo, ipo; may be None for dpo).
+    lengths [B, K] response token counts (simpo, ipo; may be None for dpo). The arithmetic runs in fp32
+    (fp64 for fp64 log-probs), lengths included, so that bf16 log-probs keep counts above 256 exact; the
+    loss comes back in the dtype of ``policy_logps``, the reward metrics in fp32 (fp64).
     """
     if not isinstance(policy_logps, torch.Tensor) or policy_logps.dim() != 2:
         shape = (
@@ -270,10 +272,11 @@ def wrpo_loss(
         loss_type=loss_type, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
     )  # fmt: skip
     dev, dt = policy_logps.device, policy_logps.dtype
+    md = math_dtype(dt)
     if spec.needs_reference and ref_logps is None:
         raise ValueError(f"loss_type={loss_type!r} needs ref_logps [B, K] = [{B}, {K}]")
     ref = check_preference_tensor("ref_logps", ref_logps, B, K, dev) if spec.needs_reference else None
-    ref = None if ref is None else ref.to(dt)
+    ref = None if ref is None else ref.to(md)
     if spec.length_normalised:
         if lengths is None:
             raise ValueError(f"loss_type={loss_type!r} needs lengths [B, K] (response token counts)")
@@ -283,9 +286,10 @@ def wrpo_loss(
         if bool((lengths <= 0).any()):
             b, k = (lengths <= 0).nonzero()[0].tolist()
             raise ValueError(f"lengths[{b}, {k}] = {lengths[b, k].item()}: every response needs >= 1 token")
-        lengths = lengths.to(dt)
+        lengths = lengths.to(md)
     name, impl = resolve_backend(backend, dev, dt)
     if name == "reference":
-        return reference.wrpo_loss(spec, policy_logps, ref, lengths)
+        loss, metrics = reference.wrpo_loss(spec, policy_logps, ref, lengths)
+        return loss.to(dt), metrics
     loss = impl.wrpo_loss(spec, policy_logps, ref, lengths)
     return loss, preference_metrics(spec, policy_logps, rewards(spec, policy_logps.detach(), ref, lengths))

@@ -9,6 +9,9 @@ then ``K - num_chosen`` rejected ones. For log-probs ``s`` [B, K] (summed over r
         | (m - 1 / (2 beta))^2                                   (ipo)
 
 and dL/ds_k = dL/dm * a_k * c_k with a = [w_1..w_C, -1/R, ..., -1/R].
+
+The arithmetic runs in fp32 (fp64 for fp64 log-probs) whatever the dtype of the log-probs: bf16 log-probs
+are upcast, and the token counts n are never rounded to bf16 (which holds integers exactly only up to 256).
 """
 
 from __future__ import annotations
@@ -97,11 +100,20 @@ def make_spec(
     )
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the loss arithmetic: fp64 for fp64 log-probs, else fp32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def reward_coefficients(spec: PreferenceSpec, lengths: torch.Tensor | None, like: torch.Tensor):
-    """c in r = c * (s - s_ref): a scalar tensor for dpo, ``beta / n`` or ``1 / n`` [B, K] otherwise."""
+    """c in r = c * (s - s_ref): a scalar tensor for dpo, ``beta / n`` or ``1 / n`` [B, K] otherwise.
+
+    In the math dtype of ``like`` (:func:`math_dtype`): counts above 256 stay exact for bf16 log-probs.
+    """
+    dt = math_dtype(like.dtype)
     if not spec.length_normalised:
-        return torch.tensor(spec.beta, dtype=like.dtype, device=like.device)
-    n = lengths.to(like.dtype)
+        return torch.tensor(spec.beta, dtype=dt, device=like.device)
+    n = lengths.to(dt)
     return (spec.beta if spec.loss_type == "simpo" else 1.0) / n
 
 
@@ -111,15 +123,23 @@ def margin_coefficients(spec: PreferenceSpec, like: torch.Tensor) -> torch.Tenso
     return torch.tensor(a, dtype=like.dtype, device=like.device)
 
 
+def _upcast(logps, ref_logps):
+    md = math_dtype(logps.dtype)
+    return logps.to(md), None if ref_logps is None else ref_logps.to(md)
+
+
 def rewards(spec: PreferenceSpec, logps, ref_logps, lengths) -> torch.Tensor:
-    """Implicit rewards r [B, K] (DESIGN §2); ``ref_logps`` is ignored for simpo."""
+    """Implicit rewards r [B, K] in the math dtype; ``ref_logps`` is ignored for simpo."""
+    logps, ref_logps = _upcast(logps, ref_logps)
     c = reward_coefficients(spec, lengths, logps)
     delta = logps if not spec.needs_reference else logps - ref_logps
     return c * delta
 
 
 def group_loss_and_grad(spec: PreferenceSpec, logps, ref_logps, lengths):
-    """Per-group loss L [B] and its gradient dL/ds [B, K] w.r.t. the policy log-probs ``s``."""
+    """Per-group loss L [B] and its gradient dL/ds [B, K] w.r.t. the policy log-probs ``s``, both in the
+    math dtype (fp32; fp64 for fp64 log-probs)."""
+    logps, ref_logps = _upcast(logps, ref_logps)
     c = reward_coefficients(spec, lengths, logps)
     a = margin_coefficients(spec, logps)
     r = c * (logps if not spec.needs_reference else logps - ref_logps)

@@ -49,12 +49,15 @@ def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths, num_groups=None):
 
     loss = sum of group losses / ``num_groups`` (default B: the mean)."""
     C, beta = spec.num_chosen, spec.beta
+    # the arithmetic in fp32 (fp64 for fp64): bf16 log-probs upcast, token counts never rounded to bf16
+    md = torch.promote_types(logps.dtype, torch.float32)
+    s, s_ref = logps.to(md), None if ref_logps is None else ref_logps.to(md)
     if spec.loss_type == "dpo":
-        r = beta * (logps - ref_logps)
+        r = beta * (s - s_ref)
     elif spec.loss_type == "simpo":
-        r = beta * logps / lengths
+        r = beta * s / lengths.to(md)
     else:
-        r = (logps - ref_logps) / lengths
+        r = (s - s_ref) / lengths.to(md)
     w = torch.tensor(spec.chosen_weights, dtype=r.dtype, device=r.device)
     margin = (r[:, :C] * w).sum(1) - r[:, C:].mean(1) - spec.gamma
     if spec.loss_type == "ipo":

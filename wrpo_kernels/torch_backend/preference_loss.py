@@ -1,4 +1,5 @@
-"""``wrpo_loss`` from [B, K] log-probs: the analytic gradient of DESIGN §2 in an autograd function."""
+"""``wrpo_loss`` from [B, K] log-probs: the analytic gradient of :mod:`wrpo_kernels.objective` in an
+autograd function."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ class PreferenceLossFunction(torch.autograd.Function):
     """logps [B, K], ref_logps [B, K] | None, lengths [B, K] | None -> mean group loss (0-dim).
 
     ``group_loss(spec, logps, ref, lengths) -> (loss [B], dL/dlogps [B, K])`` does the work
-    (torch ops by default; the Triton backend passes its kernel).
+    (torch ops by default; the Triton backend passes its kernel), in fp32 (fp64 for fp64 log-probs).
+    The loss is returned in the dtype of ``logps``; the gradients in the dtypes of the inputs.
 
     First-order only: the saved dL/dlogps is a constant to autograd, so a second derivative taken
     through ``backward`` would miss d2L/dlogps2 (which depends on logps); ``once_differentiable``
@@ -22,13 +24,15 @@ class PreferenceLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logps, ref_logps, lengths, spec: PreferenceSpec, group_loss=group_loss_and_grad):
         losses, dloss_dlogps = group_loss(spec, logps, ref_logps, lengths)
-        ctx.save_for_backward(dloss_dlogps.to(logps.dtype) / logps.shape[0])
-        return losses.to(logps.dtype).mean()
+        ctx.save_for_backward(dloss_dlogps / logps.shape[0])
+        ctx.dtypes = (logps.dtype, None if ref_logps is None else ref_logps.dtype)
+        return losses.mean().to(logps.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         grad = grad * grad_loss
-        dref = -grad if ctx.needs_input_grad[1] else None
-        return grad, dref, None, None, None
+        logps_dtype, ref_dtype = ctx.dtypes
+        dref = (-grad).to(ref_dtype) if ctx.needs_input_grad[1] else None
+        return grad.to(logps_dtype), dref, None, None, None
