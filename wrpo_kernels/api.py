@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -89,6 +90,26 @@ def _check_head_options(softcap, temperature, chunk_tokens):
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def compile_boundary(fn):
+    """Run ``fn`` eagerly when ``torch.compile`` meets it: the compiled graph stops at the call.
+
+    The public functions sync with the host (``cu_seqlens`` and label checks read values) and pick
+    their chunks in Python from those values, which dynamo could only trace as a dozen graph breaks and
+    recompilations per new batch layout. The native CPU operators have fake kernels all the same.
+    ``torch.compiler.disable`` is looked up at call time, only while compiling, so that importing
+    wrpo_kernels does not import ``torch._dynamo``. benchmarks/compile_boundary.py measures the choice.
+    """
+
+    @functools.wraps(fn)
+    def public(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return public
+
+
+@compile_boundary
 def linear_logprobs(
     hidden,
     weight,
@@ -138,6 +159,7 @@ def linear_logprobs(
     return out.view(out_shape) if reduction == "none" else out
 
 
+@compile_boundary
 def fused_linear_wrpo_loss(
     hidden,
     weight,
@@ -236,6 +258,7 @@ def fused_linear_wrpo_loss(
     return WRPOOutput(loss=loss, metrics=metrics, logps=logps)
 
 
+@compile_boundary
 def wrpo_loss(
     policy_logps,
     ref_logps,

@@ -15,6 +15,9 @@ sharing a home directory never load code for an ISA they lack.
 
 If ``WRPO_KERNELS_NO_EXT=1``, no compiler is found or the build fails, :func:`row_kernels_enabled`
 is False, the pure-torch row ops run, and a warning says why, once per process.
+
+Once loaded, the operators also get fake (meta) kernels (:func:`register_fake_kernels`): shapes and
+dtypes without data, so that ``torch.compile``, ``make_fx`` and FakeTensor tracing can pass over them.
 """
 
 from __future__ import annotations
@@ -127,6 +130,42 @@ def _build() -> None:
         raise RuntimeError(f"the built library registers no {missing}")
 
 
+def _fake_lse_target(logits_t, labels, softcap, temperature):
+    # logits_t [V, n] -> lse [n], target logit [n] in the math dtype (fp64 for fp64, else fp32)
+    md = torch.float64 if logits_t.dtype == torch.float64 else torch.float32
+    n = logits_t.shape[1]
+    return logits_t.new_empty(n, dtype=md), logits_t.new_empty(n, dtype=md)
+
+
+def _fake_logit_grad_(logits_t, labels, scale, lse, softcap, temperature):
+    return None  # in place on logits_t: no new tensor, same shape and dtype
+
+
+def _fake_workspace(rows, cols, dtype):
+    return torch.empty(rows, cols, dtype=dtype, device="cpu")
+
+
+def register_fake_kernels() -> None:
+    """Fake (meta) kernels of the three operators, following the schemas in ``csrc/ops.cpp``.
+
+    Called by :func:`load` after a successful build/load; registering again replaces the previous kernels.
+    """
+    for op, fn in zip(OPS, (_fake_lse_target, _fake_logit_grad_, _fake_workspace), strict=True):
+        torch.library.register_fake(f"wrpo_kernels::{op}", fn)
+
+
+def _register_fakes_or_warn() -> None:
+    try:
+        register_fake_kernels()
+    except Exception as e:  # eager calls do not need them: keep the kernels, say what tracing lacks
+        warnings.warn(
+            f"wrpo_kernels: no fake kernels for the native operators ({type(e).__name__}: {e}); "
+            f"torch.compile cannot trace through them (the public functions run eagerly anyway)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _say_once(reason: str) -> None:
     global _warned
     if not _warned:
@@ -151,6 +190,8 @@ def load() -> bool:
                     _loaded = False
                     msg = str(e).strip()
                     _say_once(f"{type(e).__name__}: {msg[-1500:]}")
+                if _loaded:
+                    _register_fakes_or_warn()
     return _loaded
 
 
