@@ -94,10 +94,11 @@ def compile_boundary(fn):
     """Run ``fn`` eagerly when ``torch.compile`` meets it: the compiled graph stops at the call.
 
     The public functions sync with the host (``cu_seqlens`` and label checks read values) and pick
-    their chunks in Python from those values, which dynamo could only trace as a dozen graph breaks and
-    recompilations per new batch layout. The native CPU operators have fake kernels all the same.
-    ``torch.compiler.disable`` is looked up at call time, only while compiling, so that importing
-    wrpo_kernels does not import ``torch._dynamo``. benchmarks/compile_boundary.py measures the choice.
+    their chunks in Python from those values. Traced, a small body + fused loss became 14 graphs (13
+    breaks, 2 recompilations over 4 batch layouts) and took about twice as long to compile, for no
+    faster step (benchmarks/compile_boundary.py; benchmarks/results/compile_boundary_cpu.json). The
+    native CPU operators have fake kernels all the same. ``torch.compiler.disable`` is looked up at call
+    time, only while compiling, so that importing wrpo_kernels does not import ``torch._dynamo``.
     """
 
     @functools.wraps(fn)
