@@ -1,5 +1,5 @@
 // Shared by the kernels in lse_target.cpp and logit_grad.cpp: vector loads/stores of the logits dtype in
-// the math dtype, the head transform z = softcap(x) / T = cap * tanh(x / cap) / T (DESIGN §2), checks.
+// the math dtype, the head transform z = softcap(x) / T = cap * tanh(x / cap) / T (docs/method.md §3), checks.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-// logit_grad_: a chunk's vocab-major logits turned in place into dL/dlogits (DESIGN §2, §4).
+// logit_grad_: a chunk's vocab-major logits turned in place into dL/dlogits (docs/method.md §3, §4).
 //
 // logits_t [V, n] (token t = column t; see lse_target.cpp for the layout). With z = softcap(x) / T,
 // tanh_ = tanh(x / cap), p = exp(z - lse_t):

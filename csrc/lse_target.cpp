@@ -1,4 +1,4 @@
-// lse_target: one read of a chunk's logits -> lse and target logit per token (DESIGN §4, "row kernel").
+// lse_target: one read of a chunk's logits -> lse and target logit per token (docs/method.md §4).
 //
 // The chunk is stored vocab-major, logits_t [V, n] (token t's logits are column t): that layout makes
 // the chunk's three GEMMs ~15% faster on CPUs than [n, V] (MKL, measured), and a sweep over vocab

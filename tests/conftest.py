@@ -1,6 +1,6 @@
 """Shared fixtures: a random packed batch of preference groups and error helpers.
 
-``make_batch`` builds S = B*K sequences packed group-major (DESIGN §3): per group the chosen
+``make_batch`` builds S = B*K sequences packed group-major (docs/method.md §2): per group the chosen
 responses first (sources, then the target), then the rejected ones. Every sequence gets at least
 one label != ignore_index unless ``allow_empty=True``.
 """

@@ -1,4 +1,4 @@
-"""``wrpo train`` / ``wrpo sft`` end to end on the CPU with the bundled tiny default (issue 4)."""
+"""``wrpo train`` / ``wrpo sft`` end to end on the CPU with the bundled tiny default."""
 
 from __future__ import annotations
 

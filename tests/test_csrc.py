@@ -1,5 +1,5 @@
 """Native CPU row kernels (csrc/, torch.ops.wrpo_kernels): operators against fp64, the torch backend
-with and without them, the pure-torch fallback, lazy loading and packaging (issue 6).
+with and without them, the pure-torch fallback, lazy loading and packaging.
 
 The first test that needs the kernels compiles them (once per machine and source version).
 """
@@ -337,7 +337,7 @@ def test_fused_loss_fp32_matches_fp64_reference(ops, K, softcap, temperature):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize(("softcap", "temperature"), [(None, 1.0), (4.0, 0.8)])
 def test_fused_loss_low_precision_no_worse_than_naive(ops, dtype, softcap, temperature):
-    """DESIGN §5: error vs fp64 (on the same rounded inputs) within 1.5x the naive path's in the dtype."""
+    """Low-precision bar: error vs fp64 (same rounded inputs) within 1.5x the naive path's in the dtype."""
     dt = LOWP[dtype]
     batch = make_batch(B=3, K=3, H=24, V=517, seed=11, min_len=2, max_len=12, ignore_frac=0.2).cast(dt)
     opts = {"beta": 0.3, "softcap": softcap, "temperature": temperature}

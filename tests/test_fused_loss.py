@@ -1,4 +1,4 @@
-"""fused_linear_wrpo_loss: the single-pass torch backend against the naive fp64 reference (DESIGN §2-§5)."""
+"""fused_linear_wrpo_loss: the single-pass torch backend against the fp64 oracle (docs/method.md §3, §6)."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_gradient_matches_finite_differences_torch_backend():
     """gradcheck of the torch backend by central differences in fp64.
 
     ``torch.autograd.gradcheck`` itself cannot be used: it runs backward twice on one graph to test
-    reentrancy, and the fused backward hands out its precomputed gradients once (DESIGN §4).
+    reentrancy, and the fused backward hands out its precomputed gradients once (docs/method.md §4).
     """
     batch = make_batch(B=2, K=3, H=3, V=5, seed=4, lengths=[2, 1, 2, 1, 3, 1], with_bias=True)
     opts = {"loss_type": "dpo", "beta": 0.7, "alpha": 0.3, "nll_weight": 0.2, "softcap": 2.0}
@@ -354,7 +354,7 @@ def test_ignored_rows_never_reach_the_head(monkeypatch, reduction):
 
 @pytest.mark.parametrize("chunk_tokens", [16, 80])
 def test_never_materialises_full_logits(chunk_tokens):
-    """One pass allocates one chunk of logits (whole groups or tiles of a group), never [N, V] (DESIGN §4)."""
+    """One pass allocates one chunk of logits (whole groups or tiles of a group), never [N, V]."""
     batch = make_batch(B=4, K=3, H=8, V=1000, seed=0, min_len=10, max_len=20, with_bias=True)
     full_logits = batch.N * batch.V * 8
     assert 2 * chunk_tokens < batch.N

@@ -1,4 +1,4 @@
-"""linear_logprobs: the chunked torch backend against the naive fp64 reference (DESIGN §3, §5)."""
+"""linear_logprobs: the chunked torch backend against the naive fp64 reference (docs/method.md §2, §6)."""
 
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def test_backward_can_run_twice_with_retain_graph():
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_never_materialises_full_logits(reduction):
-    """Forward + backward allocate at most a chunk of logits, never [N, V] (DESIGN §3, §4)."""
+    """Forward + backward allocate at most a chunk of logits, never [N, V] (docs/method.md §2, §4)."""
     batch = make_batch(B=4, K=3, H=8, V=1000, seed=0, min_len=20, max_len=40, with_bias=True)
     full_logits = batch.N * batch.V * 8
 

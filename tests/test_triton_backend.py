@@ -26,7 +26,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
     triton_unavailable_reason(DEVICE) is not None, reason=str(triton_unavailable_reason(DEVICE))
 )
-TOL32 = 2e-4  # issue 3: fp32 Triton vs fp64 reference
+TOL32 = 2e-4  # fp32 Triton vs fp64 reference
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -39,7 +39,7 @@ def on_device(batch):
 
 
 def assert_no_worse_than_naive(batch, dtype, **opts):
-    """The DESIGN §5 bar: Triton's error vs fp64 within 1.5x the naive path's in ``dtype`` (+1e-3)."""
+    """The low-precision bar: Triton's error vs fp64 within 1.5x the naive path's in ``dtype`` (+1e-3)."""
     ref = fused(batch, "reference", **opts)
     naive = fused(batch, "reference", dtype=dtype, **opts)
     ours = fused(batch, "triton", dtype=dtype, **opts)

@@ -1,4 +1,4 @@
-"""Attention over packed rows without a mask: one causal sdpa call per sequence (DESIGN §5).
+"""Attention over packed rows without a mask: one causal sdpa call per sequence (docs/method.md §5).
 
 Flash-attention's varlen kernel separates packed sequences by their position ids; without it (a CPU,
 or a GPU without the ``flash-attn`` extra) sdpa needs a dense block mask [R, 1, L, L], whose memory

@@ -1,4 +1,4 @@
-"""Preference data: read and validate rows, then tokenize each group (DESIGN §1).
+"""Preference data: read and validate rows, then tokenize each group (docs/method.md §1).
 
 Row layouts (one JSON object per JSONL line, per element of a JSON list, or per row of a directory
 saved with ``datasets.Dataset.save_to_disk``):

@@ -1,4 +1,4 @@
-"""Batches of preference groups: packed into one padding-free row, or padded (DESIGN §3, issue 4).
+"""Batches of preference groups: packed into one padding-free row, or padded (docs/method.md §2).
 
 A sequence is prompt + one response. Labels are shifted for the fused loss: the hidden state at
 position t predicts token t+1, so ``labels[t] = ids[t+1]`` where t+1 is a response token, else
@@ -128,7 +128,7 @@ def batch_counts(batch: dict) -> torch.Tensor:
 def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[R, L] position ids restarting per sequence -> additive mask [R, 1, L, L]: 0 where token i may
     attend to j (same sequence, j <= i), the dtype's minimum elsewhere. For sdpa/eager attention,
-    which do not separate packed sequences by position ids alone (DESIGN §5)."""
+    which do not separate packed sequences by position ids alone (docs/method.md §5)."""
     seq = torch.cumsum((position_ids == 0).to(torch.int64), 1)
     idx = torch.arange(position_ids.shape[1], device=position_ids.device)
     allowed = (seq[:, :, None] == seq[:, None, :]) & (idx[None, None, :] <= idx[None, :, None])

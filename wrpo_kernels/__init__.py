@@ -1,6 +1,6 @@
 """wrpo-kernels: fused, memory-lean LM-head losses for WRPO, DPO, SimPO and IPO.
 
-Public API (DESIGN §3): :func:`linear_logprobs`, :func:`fused_linear_wrpo_loss`, :func:`wrpo_loss`,
+Public API (docs/method.md §2): :func:`linear_logprobs`, :func:`fused_linear_wrpo_loss`, :func:`wrpo_loss`,
 and the modules :class:`LinearLogprobs`, :class:`FusedLinearWRPOLoss`.
 """
 

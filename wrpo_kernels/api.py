@@ -1,4 +1,4 @@
-"""Public functions: validate, pick a backend, run (DESIGN §3)."""
+"""Public functions: validate, pick a backend, run (docs/method.md §2)."""
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def fused_linear_wrpo_loss(
     num_groups=None,
     num_nll_tokens=None,
 ) -> WRPOOutput:
-    """LM head + WRPO loss in one pass over chunks of whole groups (DESIGN §2, §4).
+    """LM head + WRPO loss in one pass over chunks of whole groups (docs/method.md §3, §4).
 
     hidden [N, H]: the S = B*K responses back to back, group-major (per group: ``num_chosen`` chosen
     ones, sources first and the target last, then the rejected ones); ``cu_seqlens`` [S+1] their

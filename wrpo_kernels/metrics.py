@@ -1,4 +1,4 @@
-"""Logged metrics, named as the official WRPO trainer names them (DESIGN §2).
+"""Logged metrics, named as the official WRPO trainer names them (docs/method.md §3).
 
 All values are detached 0-dim tensors on the device of the inputs: no host synchronisation;
 the caller decides when to read them.

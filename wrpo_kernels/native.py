@@ -1,4 +1,4 @@
-"""Lazy loader of the native CPU row kernels in ``csrc/`` (``torch.ops.wrpo_kernels.*``, DESIGN §3).
+"""Lazy loader of the native CPU row kernels in ``csrc/`` (``torch.ops.wrpo_kernels.*``).
 
 Nothing is compiled at import. The first CPU call that can use the kernels builds the sources of
 ``csrc/`` with ``torch.utils.cpp_extension.load`` (Linux; ninja, g++/``$CXX``) into torch's extension

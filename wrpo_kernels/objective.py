@@ -1,4 +1,4 @@
-"""The WRPO objective on per-sequence log-probs, with its analytic gradient (DESIGN §2).
+"""The WRPO objective on per-sequence log-probs, with its analytic gradient (docs/method.md §3).
 
 A group is one prompt with K responses: ``num_chosen`` chosen ones (sources first, target last)
 then ``K - num_chosen`` rejected ones. For log-probs ``s`` [B, K] (summed over response tokens):

@@ -9,7 +9,7 @@ import torch
 
 @dataclass
 class WRPOOutput:
-    """``loss``: scalar, differentiable; ``metrics``: detached 0-dim tensors (DESIGN §2 names);
+    """``loss``: scalar, differentiable; ``metrics``: detached 0-dim tensors (names as in docs/method.md);
     ``logps``: [B, K] policy log-probs (fp32, or fp64 for fp64 inputs), detached."""
 
     loss: torch.Tensor

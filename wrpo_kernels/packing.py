@@ -1,6 +1,6 @@
 """Packed-row bookkeeping: which sequence each token belongs to, and per-sequence sums.
 
-Packed layout (DESIGN §3): the S = B*K sequences lie back to back in N rows, group-major;
+Packed layout (docs/method.md §2): the S = B*K sequences lie back to back in N rows, group-major;
 ``cu_seqlens`` [S+1] holds their bounds, ``cu_seqlens[0] = 0`` and ``cu_seqlens[S] = N``.
 """
 

@@ -45,7 +45,7 @@ def linear_logprobs(hidden, weight, labels, cu_seqlens, *, reduction="sum", igno
 
 
 def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths, num_groups=None):
-    """(loss, metrics) from [B, K] log-probs, by the formulas of DESIGN §2, with plain autograd.
+    """(loss, metrics) from [B, K] log-probs, by the formulas of docs/method.md §3, with plain autograd.
 
     loss = sum of group losses / ``num_groups`` (default B: the mean)."""
     C, beta = spec.num_chosen, spec.beta

@@ -1,4 +1,4 @@
-"""``wrpo data build``: scored source and target samples -> WRPO quadruples (x, y_ws, y_wt, y_l) (DESIGN §1).
+"""``wrpo data build``: scored samples -> WRPO quadruples (x, y_ws, y_wt, y_l) (docs/method.md §1).
 
 For each prompt: y_ws is the highest-scoring source response, y_wt the highest-scoring target response and
 y_l the lowest-scoring target response (ties go to the first occurrence). With ``num_source_chosen`` k > 1

@@ -1,4 +1,4 @@
-"""``wrpo data split``: prompts 1/3 for SFT, 2/3 for preference optimisation (DESIGN §1).
+"""``wrpo data split``: prompts 1/3 for SFT, 2/3 for preference optimisation (docs/method.md §1).
 
 Rows are any JSON objects (prompt rows, sample rows, built quadruples). ``round(n * sft_fraction)`` rows
 drawn with ``random.Random(seed)`` go to ``sft.jsonl``, the others to ``pref.jsonl``; each part keeps

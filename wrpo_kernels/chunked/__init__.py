@@ -1,4 +1,4 @@
-"""The chunk schedule and autograd functions shared by the chunked backends (DESIGN §4).
+"""The chunk schedule and autograd functions shared by the chunked backends (docs/method.md §4).
 
 A backend plugs in its *row ops*, an object with:
   workspace(rows, V, dtype, device, softcap_grad)   buffers for one chunk of logits

@@ -1,4 +1,4 @@
-"""Single-pass fused LM head + WRPO loss over chunks of whole groups (DESIGN §4), for any row-ops backend.
+"""Single-pass fused LM head + WRPO loss over chunks of whole groups (docs/method.md §4), any row ops.
 
 Per chunk of whole groups: logits once (GEMM) -> lse and target -> per-sequence log-probs s ->
 group loss and dL/ds -> logits turned in place into dL/dlogits -> dX for the chunk, dW and db

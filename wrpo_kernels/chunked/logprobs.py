@@ -1,4 +1,4 @@
-"""Two-pass ``linear_logprobs`` over chunks of rows (DESIGN §4, "Two pass"), for any row-ops backend.
+"""Two-pass ``linear_logprobs`` over chunks of rows (docs/method.md §4), for any row-ops backend.
 
 Forward keeps only lse per token (O(N)); backward recomputes each chunk's logits and turns them
 into dL/dlogits in place before the two gradient GEMMs. Memory: one chunk of logits + gradients.

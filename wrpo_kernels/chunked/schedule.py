@@ -1,4 +1,4 @@
-"""Chunk schedule: which rows share one logits buffer (DESIGN §4).
+"""Chunk schedule: which rows share one logits buffer (docs/method.md §4).
 
 The loss splits by group, so the fused loss takes chunks of *whole groups* up to a token budget and
 runs them in one pass. A group longer than the budget becomes a chunk of several row tiles, run in

@@ -1,4 +1,4 @@
-"""Row work on one chunk of logits, in place on a reused buffer (DESIGN §4).
+"""Row work on one chunk of logits, in place on a reused buffer (docs/method.md §4).
 
 For a chunk of n rows: ``z = softcap(h W^T + b) / T`` (one GEMM into the buffer, then in place),
 ``lse = log sum_v exp z_v``, ``log p = z[label] - lse``, and the gradient of the head

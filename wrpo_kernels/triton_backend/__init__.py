@@ -1,4 +1,4 @@
-"""Triton backend: row kernels, the group-loss kernel and a forward-only tiled kernel (DESIGN §4).
+"""Triton backend: row kernels, the group-loss kernel and a forward-only tiled kernel (docs/method.md §4).
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it; the
 variable must be set before this package is imported). Inputs: fp32, fp16, bf16.

@@ -1,4 +1,4 @@
-"""Forward-only log-probs with no [N, V] buffer at all (DESIGN §4; issue 3, item 3).
+"""Forward-only log-probs with no [N, V] buffer at all (docs/method.md §4).
 
 For the reference model and evaluation (``linear_logprobs`` under ``torch.no_grad()``): each
 program takes BLOCK_N rows, computes their logits tile by tile on chip (``tl.dot`` over H),

@@ -1,4 +1,4 @@
-"""Segment sums + the WRPO group loss in one launch (DESIGN §2; issue 3, item 2).
+"""Segment sums + the WRPO group loss in one launch (docs/method.md §3).
 
 One program per group g of K consecutive sequences: s_k = sum of its tokens' log-probs, then
 

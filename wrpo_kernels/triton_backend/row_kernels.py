@@ -1,4 +1,4 @@
-"""Row kernels over a chunk's logits buffer (DESIGN §4; issue 3, item 1).
+"""Row kernels over a chunk's logits buffer (docs/method.md §4).
 
 For row i with logits x (bf16/fp16/fp32 in memory, fp32 math), z = softcap(x) / T with
 softcap(x) = c * tanh(x / c):
