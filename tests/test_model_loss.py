@@ -171,3 +171,20 @@ def test_softcap_and_scaling_together_are_refused():
     config.logit_scale = 2.0
     with pytest.raises(NotImplementedError, match="soft"):
         head_transform(config)
+
+
+def test_a_compiled_model_gives_the_eager_loss_and_gradients():
+    """``torch.compile(model)`` (aot_eager): the body is compiled, the fused loss is a compile boundary."""
+    compiled, eager = build("llama"), build("llama")
+    wrapped = torch.compile(compiled, backend="aot_eager")
+    assert causal_lm(wrapped) is compiled
+    for seed in (10, 11):  # two batch shapes: recompiled or dynamic, never wrong
+        batch = pack_groups(groups(seed=seed), row_per_group=True)
+        a = preference_loss(wrapped, batch, backend="torch", beta=0.3)
+        b = preference_loss(eager, batch, backend="torch", beta=0.3)
+        a.loss.backward()
+        b.loss.backward()
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-12, atol=0)
+    for (n, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14, msg=n)
+    assert "forward" not in vars(compiled)
