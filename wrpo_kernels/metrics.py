@@ -16,7 +16,9 @@ def preference_metrics(spec: PreferenceSpec, logps: torch.Tensor, rewards: torch
 
     ``rewards/chosen`` is the weighted chosen reward ``sum_j w_j r_j``; ``source`` is the plain mean
     over the source responses (all chosen but the last), ``target`` the last chosen response.
-    Accuracies compare against every rejected response (``pivot``: target vs rejected).
+    Accuracies compare against every rejected response (``pivot``: target vs rejected). The official
+    trainer's ``rewards/pivot_accuracies`` broadcasts [B] against [B, 1] and so compares each target
+    with the rejected responses of *every* prompt; here each target meets its own prompt's only.
     """
     logps, rewards = logps.detach(), rewards.detach()
     C = spec.num_chosen
