@@ -188,3 +188,20 @@ def test_a_compiled_model_gives_the_eager_loss_and_gradients():
     for (n, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14, msg=n)
     assert "forward" not in vars(compiled)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"output_multiplier": 4.0}, 0.25),
+        ({"lm_head_multiplier": 0.5}, 2.0),
+        ({"logits_scaling": 8.0}, 8.0),
+        ({"logits_scaling": 8.0, "model_type": "hyperclovax"}, 0.125),
+        ({"logit_scale": 1.0}, 1.0),
+    ],
+)
+def test_other_logit_multipliers_become_a_temperature(fields, expected):
+    config = transformers.LlamaConfig(**SMALL)
+    for k, v in fields.items():
+        setattr(config, k, v)
+    assert head_transform(config) == (None, pytest.approx(expected, rel=1e-15))

@@ -39,20 +39,24 @@ def causal_lm(model) -> PreTrainedModel:
 
 
 def head_transform(config) -> tuple[float | None, float]:
-    """(softcap, temperature) that turn the head's output into the model's logits, from its config.
+    """(softcap, temperature) that turn the head's output z into the model's logits, from its config.
 
-    Gemma-style ``final_logit_softcapping`` c: ``c tanh(z / c)``; Cohere's ``logit_scale`` s: ``s z``
-    (temperature 1/s); Granite's ``logits_scaling`` d: ``z / d`` (temperature d).
+    Gemma-style ``final_logit_softcapping`` c: ``c tanh(z / c)``. A multiplier s (Cohere's
+    ``logit_scale``, ``output_multiplier``, Falcon-H1's ``lm_head_multiplier``): ``s z``, temperature
+    1/s. Granite's ``logits_scaling`` d: ``z / d``, temperature d (HyperCLOVA X multiplies by it).
     """
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     softcap = getattr(config, "final_logit_softcapping", None) or None
     temperature = 1.0
-    scale = getattr(config, "logit_scale", None)
-    if scale is not None and scale != 1:
-        temperature /= float(scale)
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(config, name, None)
+        if scale is not None:
+            temperature /= float(scale)
+            break
     divisor = getattr(config, "logits_scaling", None)
-    if divisor is not None and divisor != 1:
-        temperature *= float(divisor)
+    if divisor is not None:
+        multiplies = getattr(config, "model_type", "") == "hyperclovax"
+        temperature = temperature / float(divisor) if multiplies else temperature * float(divisor)
     if softcap is not None and temperature != 1.0:
         raise NotImplementedError(
             f"{type(config).__name__} both soft-caps and scales its logits; the fused loss applies the "

@@ -14,10 +14,10 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
+from .accumulation import ExactAccumulation
 from .checkpoints import CompleteCheckpoints
 from .model_loss import preference_loss, sequence_logps, varlen_attention
 from .packing import PreferenceCollator, batch_counts
-from .schedule import alpha_at
 
 STAGES = ("train", "sft")
 
@@ -28,15 +28,12 @@ def reference_logps(ref_model, inputs, backend: str) -> torch.Tensor:
     return sequence_logps(ref_model, inputs, backend=backend)
 
 
-class WRPOTrainer(Trainer):
+class WRPOTrainer(ExactAccumulation, Trainer):
     """Trains with the fused WRPO loss (``stage="train"``) or NLL on the first chosen response (``"sft"``).
 
     ``ref_model``: a frozen model for on-the-fly reference log-probs (dpo/ipo), unless the dataset
     has a ``ref_logps`` column (precomputed). Logs the official WRPO metric names and ``cur_alpha``.
     """
-
-    # compute_loss divides by the whole optimizer step's counts: the Trainer must not divide again
-    loss_is_scaled_for_ga = True
 
     def __init__(self, model, args, *, ref_model=None, stage: str = "train", pad_token_id: int = 0, **kwargs):
         if stage not in STAGES:
@@ -55,41 +52,12 @@ class WRPOTrainer(Trainer):
             self.add_callback(CompleteCheckpoints())  # marks checkpoints complete (kill-safe resume)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
-    def current_alpha(self) -> float:
-        """alpha at this optimizer step (global step g of N, evaluation after the last: g = N), by the
-        schedule (linear: alpha * g / N, the official WRPO trainer's)."""
-        total = max(self.state.max_steps, 1)
-        step = min(self.state.global_step, total)
-        return alpha_at(step, total, alpha=self.args.alpha, schedule=self.args.alpha_schedule)
-
-    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
-        """The optimizer step's micro-batches and their counts [2] (groups, first-chosen tokens), summed
-        over the processes: what :meth:`compute_loss` divides by (transformers would count label tokens)."""
-        batch_samples = []
-        for _ in range(num_batches):
-            try:
-                batch_samples.append(next(epoch_iterator))
-            except StopIteration:
-                break
-        if not batch_samples:
-            return batch_samples, None
-        counts = torch.stack([batch_counts(b) for b in batch_samples]).sum(0).to(device)
-        if self.accelerator.num_processes > 1:
-            counts = self.accelerator.reduce(counts, reduction="sum")
-        return batch_samples, counts
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The micro-batch's share of the optimizer step's loss: its summed group losses over the step's
-        groups (``num_items_in_batch``, see :meth:`get_batch_samples`), times the number of processes
+        groups (``num_items_in_batch``, see ``wrpo.accumulation``), times the number of processes
         since DDP/FSDP average the gradients over them. Without counts (evaluation): the batch mean."""
         a = self.args
-        norms = {}
-        if num_items_in_batch is not None:
-            world = self.accelerator.num_processes
-            norms = {
-                "num_groups": num_items_in_batch[0] / world,
-                "num_nll_tokens": num_items_in_batch[1] / world,
-            }
+        norms = self.loss_normalisers(num_items_in_batch)
         common = {"backend": a.kernel_backend, "chunk_tokens": a.chunk_tokens}
         if self.stage == "sft":
             logps = sequence_logps(model, inputs, reduction="sum", **common)
