@@ -110,6 +110,12 @@ def gathered_head(head: torch.nn.Module):
         yield
 
 
+def head_precision(hidden: torch.Tensor):
+    """Autocast off around the fused head: it computes in the head weight's dtype, accumulating in fp32,
+    whatever mixed precision the body ran under (hidden states are cast to the weight's dtype)."""
+    return torch.autocast(device_type=hidden.device.type, enabled=False)
+
+
 def call_inside_forward(model, lm: torch.nn.Module, fn):
     """Run ``fn()`` as ``lm.forward`` while calling ``model`` (``lm`` or a wrapper around it), so that
     the wrappers' forward hooks (gathering, gradient sync) act around it; returns ``fn()``'s result."""
@@ -163,9 +169,15 @@ def preference_loss(model, batch: dict, *, ref_logps=None, **options) -> WRPOOut
         hidden = body_hidden_states(lm, batch)
         h, labels, cu = head_inputs(hidden, batch)
         head = lm.get_output_embeddings()
-        with gathered_head(head):
+        with gathered_head(head), head_precision(h):
             out = fused_linear_wrpo_loss(
-                h, head.weight, labels, cu, ref_logps=ref_logps, bias=head.bias, **options
+                h.to(head.weight.dtype),
+                head.weight,
+                labels,
+                cu,
+                ref_logps=ref_logps,
+                bias=head.bias,
+                **options,
             )
         # a dict of tensors: the wrappers' output hooks (FSDP's pre-backward) see the loss
         return {"loss": out.loss, "logps": out.logps, "metrics": out.metrics}
@@ -185,7 +197,10 @@ def sequence_logps(model, batch: dict, **options) -> torch.Tensor:
         hidden = body_hidden_states(lm, batch)
         h, labels, cu = head_inputs(hidden, batch)
         head = lm.get_output_embeddings()
-        with gathered_head(head):
-            return {"logps": linear_logprobs(h, head.weight, labels, cu, bias=head.bias, **options)}
+        with gathered_head(head), head_precision(h):
+            logps = linear_logprobs(
+                h.to(head.weight.dtype), head.weight, labels, cu, bias=head.bias, **options
+            )
+        return {"logps": logps}
 
     return call_inside_forward(model, lm, forward)["logps"]

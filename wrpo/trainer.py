@@ -60,13 +60,16 @@ class WRPOTrainer(ExactAccumulation, Trainer):
         norms = self.loss_normalisers(num_items_in_batch)
         common = {"backend": a.kernel_backend, "chunk_tokens": a.chunk_tokens}
         if self.stage == "sft":
-            logps = sequence_logps(model, inputs, reduction="sum", **common)
+            with self.accelerator.autocast():
+                logps = sequence_logps(model, inputs, reduction="sum", **common)
             tokens = norms.get("num_nll_tokens", batch_counts(inputs)[1].to(logps.device))
             loss = -logps.sum() / tokens
             self._store({"nll_loss": (-logps.sum() / batch_counts(inputs)[1]).detach()})
             return (loss, None) if return_outputs else loss
-        out = preference_loss(
-            model, inputs, ref_logps=self._ref_logps(inputs), alpha=self.current_alpha(),
+        ref = self._ref_logps(inputs)
+        with self.accelerator.autocast():  # the body in the run's mixed precision (the head stays exact)
+            out = preference_loss(
+            model, inputs, ref_logps=ref, alpha=self.current_alpha(),
             chosen_weights=a.chosen_weights, loss_type=a.loss_type, beta=a.beta, gamma=a.gamma,
             label_smoothing=a.label_smoothing, nll_weight=a.nll_weight, **norms, **common,
         )  # fmt: skip
@@ -82,7 +85,8 @@ class WRPOTrainer(ExactAccumulation, Trainer):
             raise ValueError(
                 f"loss_type={self.args.loss_type!r} needs a reference model or precomputed ref_logps"
             )
-        return reference_logps(self.ref_model, inputs, self.args.kernel_backend)
+        with self.accelerator.autocast():
+            return reference_logps(self.ref_model, inputs, self.args.kernel_backend)
 
     def _store(self, metrics: dict):
         mode = "train" if self.model.training else "eval"

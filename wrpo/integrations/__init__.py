@@ -1,0 +1,1 @@
+"""Adapters that let other trainers use the fused WRPO loss (``wrpo.integrations.trl``: TRL)."""

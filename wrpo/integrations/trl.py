@@ -1,0 +1,265 @@
+"""TRL backend: ``WRPOConfig(trl.DPOConfig)`` and ``WRPOTrainer(trl.DPOTrainer)``.
+
+Switching from TRL is one import::
+
+    from wrpo.integrations.trl import WRPOConfig, WRPOTrainer  # instead of trl's DPOConfig, DPOTrainer
+
+TRL's standard preference data (``prompt`` / ``chosen`` / ``rejected``, text or conversational) trains
+as DPO (K = 2); WRPO data (``chosen: [y_ws, y_wt]``, or ``source_chosen`` / ``target_chosen``) as K = 3,
+and any K the data gives. Tokenization is TRL's own (``wrpo/integrations/trl_data.py``). The loss goes
+through :func:`wrpo.preference_loss`: the body and the fused head inside the model call, rows packed
+without padding (``packing``), exact gradient accumulation, the alpha schedule of ``wrpo train``.
+TRL options this backend does not implement are refused when the trainer is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import is_peft_model
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel
+from trl import DPOConfig, DPOTrainer
+from trl.data_utils import extract_prompt
+from trl.trainer.utils import use_adapter
+
+from wrpo_kernels import BACKENDS
+from wrpo_kernels.metrics import preference_metrics
+from wrpo_kernels.objective import make_spec
+
+from ..accumulation import ExactAccumulation
+from ..model_loss import causal_lm, preference_loss, sequence_logps, varlen_attention
+from ..packing import PreferenceCollator
+from ..schedule import ALPHA_SCHEDULES
+from .trl_data import LAYOUTS, detect_layout, expand_to_pairs, regroup
+
+logger = logging.getLogger(__name__)
+
+# TRL loss_type (one, or sigmoid + sft as RPO) -> ours
+LOSS_TYPES = {"sigmoid": "dpo", "ipo": "ipo", "simpo": "simpo"}
+
+
+@dataclass
+class WRPOConfig(DPOConfig):
+    """TRL's ``DPOConfig`` plus the WRPO options (``loss_type`` takes ``"sigmoid"``, ``"ipo"``,
+    ``"simpo"``, or ``["sigmoid", "sft"]`` for DPO + NLL on the chosen response)."""
+
+    alpha: float = field(default=0.1, metadata={"help": "fusion coefficient: weight of the source responses"})
+    alpha_schedule: str = field(
+        default="linear", metadata={"help": f"one of {ALPHA_SCHEDULES} (linear: alpha * step / steps)"}
+    )
+    chosen_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "explicit weights of the chosen responses (default [alpha, 1 - alpha])"},
+    )
+    gamma: float = field(default=0.0, metadata={"help": "SimPO's target margin"})
+    kernel_backend: str = field(default="auto", metadata={"help": f"fused-loss backend, one of {BACKENDS}"})
+    chunk_tokens: int | None = field(default=None, metadata={"help": "rows of logits held at once"})
+    packing: bool = field(
+        default=True, metadata={"help": "pack the K responses of each prompt without padding"}
+    )
+    chosen_layout: str = field(
+        default="auto",
+        metadata={
+            "help": f"one of {LAYOUTS}: how to read a list in `chosen` (see wrpo/integrations/trl_data.py)"
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, value, allowed in (
+            ("alpha_schedule", self.alpha_schedule, ALPHA_SCHEDULES),
+            ("kernel_backend", self.kernel_backend, BACKENDS),
+            ("chosen_layout", self.chosen_layout, LAYOUTS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"WRPOConfig.{name}={value!r} is not one of {allowed}")
+
+
+def loss_options(args: WRPOConfig) -> tuple[str, float]:
+    """(our loss_type, nll_weight) for TRL's ``loss_type`` / ``loss_weights``; refuses what we lack."""
+    types, weights = list(args.loss_type), args.loss_weights or [1.0] * len(args.loss_type)
+    nll = 0.0
+    if types[1:] == ["sft"] and types[0] == "sigmoid":
+        types, nll = ["sigmoid"], float(weights[1])
+        weights = weights[:1]
+    if len(types) != 1 or types[0] not in LOSS_TYPES:
+        raise ValueError(
+            f"WRPOConfig.loss_type={args.loss_type!r} is not supported by the wrpo backend; use one of "
+            f"{sorted(LOSS_TYPES)} or ['sigmoid', 'sft'] (or trl.DPOTrainer for the others)"
+        )
+    if weights != [1.0]:
+        raise ValueError(
+            f"WRPOConfig.loss_weights={args.loss_weights!r}: only a weight of 1.0 for {types[0]!r}"
+        )
+    return LOSS_TYPES[types[0]], nll
+
+
+def refuse_unsupported(args: WRPOConfig) -> None:
+    """Errors naming each TRL option this backend does not implement (rather than ignoring it)."""
+    loss_type, _ = loss_options(args)
+    refused = {
+        "f_divergence_type": args.f_divergence_type != "reverse_kl",
+        "ld_alpha": args.ld_alpha is not None,
+        "use_weighting": bool(args.use_weighting),
+        "sync_ref_model": bool(args.sync_ref_model),
+        "truncation_mode": args.truncation_mode != "keep_start",
+        "label_smoothing (with ipo)": loss_type == "ipo" and args.label_smoothing != 0,
+    }
+    bad = [name for name, is_set in refused.items() if is_set]
+    if bad:
+        raise ValueError(
+            f"WRPOConfig options not supported by the wrpo backend: {', '.join(bad)} "
+            "(leave them at their defaults, or use trl.DPOTrainer)"
+        )
+
+
+class WRPOTrainer(ExactAccumulation, DPOTrainer):
+    """``trl.DPOTrainer`` with the fused WRPO/DPO loss of ``wrpo_kernels`` (see the module docstring)."""
+
+    def __init__(self, model, ref_model=None, args: WRPOConfig | None = None, train_dataset=None, **kwargs):
+        if not isinstance(args, WRPOConfig):
+            raise TypeError(
+                f"WRPOTrainer needs a wrpo.integrations.trl.WRPOConfig, got {type(args).__name__}"
+            )
+        refuse_unsupported(args)
+        if train_dataset is not None:
+            sample = next(iter(train_dataset))
+            if "image" in sample or "images" in sample:
+                raise ValueError("WRPOTrainer: vision datasets are not supported by the wrpo backend")
+        if args.padding_free:  # TRL has it switched off; packing does it
+            args.padding_free, args.packing = False, True
+        self._loss_type, self._nll_weight = loss_options(args)
+        if (
+            ref_model is None
+            and isinstance(model, PreTrainedModel)
+            and not is_peft_model(model)
+            and kwargs.get("peft_config") is None
+            and not args.precompute_ref_log_probs
+            and self._loss_type != "simpo"
+        ):
+            ref_model = copy.deepcopy(model)  # the starting policy, as wrpo train does (TRL would reload it)
+        super().__init__(model, ref_model=ref_model, args=args, train_dataset=train_dataset, **kwargs)
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "WRPOTrainer: the MoE router auxiliary loss is not supported by the wrpo backend"
+            )
+        self.data_collator = self._collator()
+        self.model_accepts_loss_kwargs = True  # transformers versions without ``loss_is_scaled_for_ga``
+
+    # ---- data ---------------------------------------------------------------------------------------
+
+    def _collator(self) -> PreferenceCollator:
+        row_per_group = not varlen_attention(causal_lm(self.model))
+        return PreferenceCollator(
+            self._tokenizer.pad_token_id, packing=self.args.packing, row_per_group=row_per_group
+        )
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Groups {prompt_ids, responses [K], num_chosen} tokenized by TRL's own preparation."""
+        if "responses" in dataset.column_names and "prompt_ids" in dataset.column_names:
+            return dataset  # already prepared
+        first = next(iter(dataset))
+        layout = detect_layout(first) if args.chosen_layout == "auto" else args.chosen_layout
+        logger.warning(
+            "WRPOTrainer: %s dataset read as %s", dataset_name,
+            "alternative responses per prompt (WRPO layout)" if layout == "alternatives"
+            else "TRL preference pairs (chosen/rejected completions, K = 2)",
+        )  # fmt: skip
+        if "prompt" not in first:
+            dataset = dataset.map(extract_prompt)
+        pairs = expand_to_pairs(dataset, layout)
+        tokenized = super()._prepare_dataset(pairs, processing_class, args, dataset_name)
+        groups = regroup(tokenized, args.max_length)
+        if len(groups) == 0:
+            raise ValueError(f"WRPOTrainer: no {dataset_name} row left after tokenization (max_length?)")
+        return groups
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "responses", "num_chosen", "ref_logps"]
+
+    @torch.no_grad()
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """Adds ``ref_logps`` [K] per group, from the reference model (or the starting policy)."""
+        collate = PreferenceCollator(
+            self._tokenizer.pad_token_id, packing=self.args.packing, row_per_group=True
+        )
+        loader = self.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
+        out = []
+        for batch in loader:
+            logps = self._reference_logps(batch, force=True)
+            out.append(self.accelerator.gather_for_metrics(logps).float().cpu())
+        logps = torch.cat(out)[: len(dataset)]
+        return dataset.add_column("ref_logps", logps.tolist())
+
+    # ---- loss ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _reference_logps(self, inputs, force: bool = False):
+        """[B, K] reference log-probs: precomputed, or from the reference model, or from the policy with
+        its PEFT adapter disabled."""
+        K = inputs["responses_per_prompt"]
+        if "ref_logps" in inputs and not force:
+            return inputs["ref_logps"]
+        if self._loss_type == "simpo" and not force:
+            return None
+        opts = {"backend": self.args.kernel_backend, "chunk_tokens": self.args.chunk_tokens}
+        with self.accelerator.autocast():
+            return self._reference_logps_of(inputs, K, opts, force)
+
+    def _reference_logps_of(self, inputs, K, opts, force):
+        if self.ref_model is not None:
+            return sequence_logps(self.ref_model, inputs, **opts).view(-1, K)
+        if is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                return sequence_logps(self.model, inputs, **opts).view(-1, K)
+        if force:  # precomputing before training: the policy is still the reference
+            return sequence_logps(self.model, inputs, **opts).view(-1, K)
+        raise ValueError("WRPOTrainer: no reference model and no precomputed ref_logps")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        a = self.args
+        ref = self._reference_logps(inputs)
+        with self.accelerator.autocast():  # the body in the run's mixed precision (the head stays exact)
+            out = preference_loss(
+                model, inputs, ref_logps=ref, loss_type=self._loss_type, beta=a.beta, gamma=a.gamma,
+                label_smoothing=a.label_smoothing, nll_weight=self._nll_weight, alpha=self.current_alpha(),
+                chosen_weights=a.chosen_weights, backend=a.kernel_backend, chunk_tokens=a.chunk_tokens,
+                **self.loss_normalisers(num_items_in_batch),
+            )  # fmt: skip
+        self._record(out, inputs, ref)
+        return (out.loss, out) if return_outputs else out.loss
+
+    def _record(self, out, inputs, ref):
+        """Metrics under TRL's names (rewards/*, logps/*, logits/*) plus WRPO's, averaged over processes.
+        TRL's reward metrics are beta * (logps - ref_logps) for every loss type; so are ours here."""
+        metrics = dict(out.metrics)
+        if self._loss_type == "ipo":
+            spec = make_spec(
+                responses_per_prompt=inputs["responses_per_prompt"], num_chosen=inputs["num_chosen"],
+                alpha=self.current_alpha(), chosen_weights=self.args.chosen_weights, loss_type="dpo",
+                beta=self.args.beta, gamma=0.0, label_smoothing=0.0,
+            )  # fmt: skip
+            rewards = self.args.beta * (out.logps - ref.to(out.logps.dtype))
+            metrics.update(preference_metrics(spec, out.logps, rewards))
+        names = sorted(metrics)
+        values = torch.stack([metrics[n].detach().float() for n in names])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="mean")
+        mode = "train" if self.model.training else "eval"
+        for n, v in zip(names, values.tolist(), strict=True):
+            self._metrics[mode][n].append(v)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+__all__ = ["WRPOConfig", "WRPOTrainer", "loss_options", "refuse_unsupported"]
