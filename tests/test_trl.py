@@ -213,3 +213,25 @@ def test_a_model_instance_gets_a_copied_reference(model_path, tmp_path):
     assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
     for p, q in zip(trainer.model.parameters(), trainer.ref_model.parameters(), strict=True):
         assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+
+
+def test_peft_reference_is_the_model_with_its_adapter_disabled(model_path, tmp_path):
+    """A LoRA policy (peft_config): the reference is the base model (adapter off), as in TRL."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    data = pairs(False)
+    runs = {}
+    for name, trainer_cls, config_cls in (
+        ("trl", trl.DPOTrainer, trl.DPOConfig),
+        ("ours", WRPOTrainer, WRPOConfig),
+    ):
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        args = config_cls(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=3,
+                          logging_steps=1, learning_rate=5e-2, report_to="none", seed=3, beta=0.5,
+                          save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False,
+                          gradient_checkpointing=False)  # fmt: skip
+        trainer = trainer_cls(str(model_path), args=args, train_dataset=data, processing_class=tokenizer,
+                              peft_config=lora)  # fmt: skip
+        trainer.train()
+        runs[name] = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
+    assert_same_logs(runs["ours"], runs["trl"])
