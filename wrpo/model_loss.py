@@ -139,6 +139,15 @@ def call_inside_forward(model, lm: torch.nn.Module, fn):
         restore()
 
 
+def run_head(lm, batch: dict, head_fn, **options):
+    """``head_fn(hidden, weight, labels, cu_seqlens, bias=..., **options)`` on the body's hidden states,
+    the head's parameters gathered (ZeRO-3) and autocast off (see :func:`head_precision`)."""
+    h, labels, cu = head_inputs(body_hidden_states(lm, batch), batch)
+    head = lm.get_output_embeddings()
+    with gathered_head(head), head_precision(h):
+        return head_fn(h.to(head.weight.dtype), head.weight, labels, cu, bias=head.bias, **options)
+
+
 def _head_options(lm, options: dict) -> dict:
     softcap, temperature = head_transform(lm.config)
     if options.get("softcap") is None:
@@ -166,19 +175,7 @@ def preference_loss(model, batch: dict, *, ref_logps=None, **options) -> WRPOOut
         ref_logps = batch.get("ref_logps")
 
     def forward():
-        hidden = body_hidden_states(lm, batch)
-        h, labels, cu = head_inputs(hidden, batch)
-        head = lm.get_output_embeddings()
-        with gathered_head(head), head_precision(h):
-            out = fused_linear_wrpo_loss(
-                h.to(head.weight.dtype),
-                head.weight,
-                labels,
-                cu,
-                ref_logps=ref_logps,
-                bias=head.bias,
-                **options,
-            )
+        out = run_head(lm, batch, fused_linear_wrpo_loss, ref_logps=ref_logps, **options)
         # a dict of tensors: the wrappers' output hooks (FSDP's pre-backward) see the loss
         return {"loss": out.loss, "logps": out.logps, "metrics": out.metrics}
 
@@ -194,13 +191,6 @@ def sequence_logps(model, batch: dict, **options) -> torch.Tensor:
     options = _head_options(lm, dict(options))
 
     def forward():
-        hidden = body_hidden_states(lm, batch)
-        h, labels, cu = head_inputs(hidden, batch)
-        head = lm.get_output_embeddings()
-        with gathered_head(head), head_precision(h):
-            logps = linear_logprobs(
-                h.to(head.weight.dtype), head.weight, labels, cu, bias=head.bias, **options
-            )
-        return {"logps": logps}
+        return {"logps": run_head(lm, batch, linear_logprobs, **options)}
 
     return call_inside_forward(model, lm, forward)["logps"]
