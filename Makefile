@@ -2,10 +2,11 @@
 # make test  : set up .venv/ if needed, then lint and run the test suite
 # make bench : the fused-loss and train-step benchmarks on this machine
 # make bench-csrc : the csrc row kernels against the pure-torch rows and the naive path (CPU)
+# make gpu-check : on the first CUDA machine, < 8 min: GPU tests, auto self-test, 8B-head benchmark vs peers, sweep
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train bench bench-csrc bench-gpu test lint setup
+.PHONY: train bench bench-csrc bench-gpu gpu-check test lint setup
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -29,6 +30,10 @@ bench-gpu: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_head_loss.py --device cuda --B 4 --T 1024 --H 4096 --V 128256 \
 		--dtype bf16 --out benchmarks/results/head_loss_llama3_8b_cuda.json
 	$(VENV)/bin/python benchmarks/sweep_gpu.py --out benchmarks/results/sweep_cuda.json
+
+# one command for a CUDA machine, results under benchmarks/results/ (GPU_CHECK_ARGS=--dry-run: tiny CPU shapes)
+gpu-check: $(STAMP)
+	$(VENV)/bin/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
