@@ -295,6 +295,8 @@ def bench_step(step, cfg, log, env, timeout):
            "--reps", 2 if cfg.tiny else 10, "--time-budget", int(timeout), "--out", out]  # fmt: skip
     if cfg.tiny:
         cmd += ["--compile-backend", "aot_eager", "--memory-inproc"]
+    if cfg.peak_tflops:
+        cmd += ["--peak-tflops", cfg.peak_tflops]
     rc = run_child(cmd, timeout, log, env)
     rec = read_json(out) if rc is not None else None
     if rc is None:
@@ -357,13 +359,25 @@ def bench_step(step, cfg, log, env, timeout):
 def sweep_step(step, cfg, log, env, timeout):
     out = cfg.path("sweep_{device}.json" if not cfg.tiny else "sweep_tiny_{device}.json")
     if cfg.tiny:
+        methods = "naive-eager,wrpo-torch,naive-eager/k2,wrpo-torch/k2"
         grid = ["--vocabs", "96,160", "--tokens", "24", "--hidden", "16", "--dtype", "fp32", "--B", "1",
-                "--reps", "1", "--methods", "naive-eager,wrpo-torch,naive-eager/k2,wrpo-torch/k2",
-                "--bench-args=--memory-inproc"]  # fmt: skip
+                "--reps", "1", "--methods", methods]  # fmt: skip
+        bench_args = "--memory-inproc"
     else:
-        # the bench step checks the loss and gradients; here the time goes to more configurations
-        grid = ["--vocabs", "32000,128256,262144", "--tokens", "4096,16384", "--hidden", "4096",
-                "--reps", "3", "--bench-args=--no-check"]  # fmt: skip
+        grid = [
+            "--vocabs",
+            "32000,128256,262144",
+            "--tokens",
+            "4096,16384",
+            "--hidden",
+            "4096",
+            "--reps",
+            "3",
+        ]
+        bench_args = "--no-check"  # the bench step checks the loss and gradients; here time goes to configs
+    if cfg.peak_tflops:
+        bench_args += f" --peak-tflops {cfg.peak_tflops}"
+    grid.append(f"--bench-args={bench_args}")
     # the sweep stops starting configurations at its share, leaving time for the last one and the plot
     share = max(timeout - (10 if cfg.tiny else 25), 1)
     cmd = [
@@ -412,6 +426,7 @@ class Config:
         self.dtype = (TINY if args.tiny else LLAMA3_8B)["dtype"]
         self.out_dir = Path(args.out_dir)
         self.tests = args.tests
+        self.peak_tflops = args.peak_tflops
         self.tag = "cpu"
         self.auto_pick = None
 
@@ -442,6 +457,7 @@ def parse(argv=None):
     p.add_argument(
         "--budget", type=float, default=None, help=f"seconds for all steps (default {TOTAL_BUDGET})"
     )
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak, for an unlisted GPU")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     p.add_argument(
         "--limit", action="append", default=[], metavar="STEP=SECONDS", help="another time limit for a step"
