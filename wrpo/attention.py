@@ -9,10 +9,16 @@ sum_i l_i^2 instead of L^2 per row, no mask. Sequences start where ``position_id
 
 Registered with transformers as ``attn_implementation="wrpo_segments"`` (no mask function: the model
 builds none). Unpacked inputs (one sequence per row, no padding) work too: each row is one segment.
+
+Shared prefixes (:func:`wrpo.packing.pack_shared_prefix`): where positions restart at P > 0 instead
+of 0, a response follows its group's prompt (the group's first P tokens) without repeating it; its
+queries attend to ``cat(prompt keys, own keys)`` under a [R, P + R] causal mask aligned to the bottom
+right. The prompt and the first response, contiguous, take one causal call.
 """
 
 from __future__ import annotations
 
+import bisect
 import weakref
 
 import torch
@@ -36,19 +42,61 @@ def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return bounds
 
 
-_last_bounds: tuple[weakref.ref, int, list] | None = None  # (position_ids, its version, bounds)
+def segment_layout(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    """[R, L] position ids -> per row, ``(start, end, prefix_start, prefix_len)`` of each stretch.
+
+    A stretch runs while positions go on by one. Within a sequence (from a position 0), a stretch
+    whose positions restart at p > 0 is a response sharing the sequence's first p tokens (its prompt,
+    :func:`wrpo.packing.pack_shared_prefix`): it attends to them and causally to itself. Those p
+    tokens must lie in the sequence's first stretch; anything else is refused. Other stretches have
+    ``prefix_len`` 0.
+    """
+    out = []
+    pos_rows = position_ids.cpu()
+    for row, segments in zip(pos_rows, segment_bounds(position_ids), strict=True):
+        breaks = (row[1:] != row[:-1] + 1).nonzero().flatten().add(1).tolist()
+        pieces = []
+        for a, b in segments:
+            cuts = breaks[bisect.bisect_right(breaks, a) : bisect.bisect_left(breaks, b)]
+            starts = [a, *cuts]
+            first_end = starts[1] if len(starts) > 1 else b
+            for s, e in zip(starts, [*cuts, b], strict=True):
+                if s == a:
+                    pieces.append((s, e, a, 0))
+                    continue
+                p = int(row[s])
+                if p > first_end - a or int(row[a]) != 0:
+                    raise ValueError(
+                        f"position_ids restart at {p} at index {s}: a shared-prefix response needs its "
+                        f"group's first {p} tokens before it (positions 0..{p - 1} in one stretch, found "
+                        f"{first_end - a} from index {a})"
+                    )
+                pieces.append((s, e, a, p))
+        out.append(pieces)
+    return out
 
 
-def _bounds_for_forward(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """:func:`segment_bounds`, computed once per forward: every layer gets the same ``position_ids``
-    tensor, so the later layers reuse the first one's bounds (no host sync per layer)."""
+_last_bounds: tuple[weakref.ref, int, list] | None = None  # (position_ids, its version, layout)
+
+
+def _bounds_for_forward(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    """:func:`segment_layout`, computed once per forward: every layer gets the same ``position_ids``
+    tensor, so the later layers reuse the first one's layout (no host sync per layer)."""
     global _last_bounds
     hit = _last_bounds
     if hit is not None and hit[0]() is position_ids and hit[1] == position_ids._version:
         return hit[2]
-    bounds = segment_bounds(position_ids)
+    bounds = segment_layout(position_ids)
     _last_bounds = (weakref.ref(position_ids), position_ids._version, bounds)
     return bounds
+
+
+def _prefix_causal_mask(prefix_len: int, n: int, device) -> torch.Tensor:
+    """[n, prefix_len + n] boolean: query i sees every prefix key and keys prefix_len + j for j <= i
+    (causal aligned to the bottom right; sdpa's ``is_causal`` is aligned to the top left)."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(prefix_len + n, device=device)[None, :]
+    return j <= i + prefix_len
 
 
 def segment_attention(
@@ -80,19 +128,26 @@ def segment_attention(
         bounds = bounds * query.shape[0]
     if len(bounds) != query.shape[0]:
         raise ValueError(f"position_ids has {len(bounds)} rows for a batch of {query.shape[0]} rows")
+    window = kwargs.get("sliding_window")
     for r, segments in enumerate(bounds):
-        parts = [
-            F.scaled_dot_product_attention(
-                query[r : r + 1, :, a:b],
-                key[r : r + 1, :, a:b],
-                value[r : r + 1, :, a:b],
-                dropout_p=p,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=gqa,
+        parts = []
+        for a, b, g, plen in segments:
+            if window is not None and plen + b - a > window:
+                raise ValueError(
+                    f"{NAME} attention does not apply sliding windows: a sequence of {plen + b - a} "
+                    f"tokens exceeds this layer's window of {window}"
+                )
+            q, k, v = query[r : r + 1, :, a:b], key[r : r + 1, :, a:b], value[r : r + 1, :, a:b]
+            mask, causal = None, True
+            if plen:  # a response after a shared prompt: keys and values of the prompt, then its own
+                k = torch.cat([key[r : r + 1, :, g : g + plen], k], dim=2)
+                v = torch.cat([value[r : r + 1, :, g : g + plen], v], dim=2)
+                mask, causal = _prefix_causal_mask(plen, b - a, query.device), False
+            parts.append(
+                F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=scaling, enable_gqa=gqa
+                )
             )
-            for a, b in segments
-        ]
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 

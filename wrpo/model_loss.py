@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from wrpo_kernels import WRPOOutput, fused_linear_wrpo_loss, linear_logprobs
 
 from .attention import NAME as SEGMENT_ATTENTION
-from .packing import block_causal_mask
+from .packing import block_causal_mask, shared_prefix_mask
 
 
 def causal_lm(model) -> PreTrainedModel:
@@ -71,11 +71,21 @@ def body_hidden_states(lm: PreTrainedModel, batch) -> torch.Tensor:
     """Final hidden states of the model body (the LM head skipped): packed [R, L, H] or padded [S, T, H].
 
     Packed rows are separated by ``position_ids``: flash-attention varlen and ``wrpo_segments`` do it
-    alone; other attention implementations get a dense block-causal mask."""
+    alone; other attention implementations get a dense block-causal mask. Shared-prefix rows
+    (``head_index`` in the batch) need ``wrpo_segments`` or a dense mask: flash-attention varlen would
+    run each response on from the one before it."""
     kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
-        if not varlen_attention(lm):
+        impl = lm.config._attn_implementation
+        if "head_index" in batch and impl != SEGMENT_ATTENTION:
+            if varlen_attention(lm):
+                raise ValueError(
+                    f"shared-prefix batches need attn_implementation={SEGMENT_ATTENTION!r} (or sdpa/eager "
+                    f"with a dense mask); {impl} separates packed sequences at position 0 only"
+                )
+            kwargs["attention_mask"] = shared_prefix_mask(batch["position_ids"], lm.dtype)
+        elif not varlen_attention(lm):
             kwargs["attention_mask"] = block_causal_mask(batch["position_ids"], lm.dtype)
     else:
         kwargs["attention_mask"] = batch["attention_mask"]
@@ -91,7 +101,13 @@ def varlen_attention(lm) -> bool:
 
 
 def head_inputs(hidden, batch):
-    """Packed [R, L, H] -> rows [R*L, H], labels [R*L], cu_seqlens; padded [S, T, H] stays (cu None)."""
+    """Packed [R, L, H] -> rows [R*L, H], labels [R*L], cu_seqlens; padded [S, T, H] stays (cu None).
+
+    Shared-prefix rows: the rows ``head_index`` [N] of the flattened hidden states (a prompt's last
+    row once per response: autograd sums their gradients), labels and cu_seqlens over those N rows."""
+    if "head_index" in batch:
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["head_index"])
+        return rows, batch["labels"], batch["cu_seqlens"]
     if "cu_seqlens" in batch:
         return hidden.reshape(-1, hidden.shape[-1]), batch["labels"].reshape(-1), batch["cu_seqlens"]
     return hidden, batch["labels"], None

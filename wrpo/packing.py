@@ -4,7 +4,8 @@ A sequence is prompt + one response. Labels are shifted for the fused loss: the 
 position t predicts token t+1, so ``labels[t] = ids[t+1]`` where t+1 is a response token, else
 -100. Packed: every sequence of every group back to back in one row [1, L] (or one row per group),
 position ids restarting at 0 per sequence, ``cu_seqlens`` [S+1] marking the bounds. Padded: one
-sequence per row [S, T].
+sequence per row [S, T]. Shared prefix (:func:`pack_shared_prefix`): each prompt once per group,
+its responses after it with positions restarting at the prompt's length.
 """
 
 from __future__ import annotations
@@ -133,4 +134,89 @@ def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.T
     idx = torch.arange(position_ids.shape[1], device=position_ids.device)
     allowed = (seq[:, :, None] == seq[:, None, :]) & (idx[None, None, :] <= idx[None, :, None])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def pack_shared_prefix(features, *, row_per_group: bool = False, pad_token_id: int = 0) -> dict:
+    """Groups -> packed rows where each prompt is encoded once for its K responses.
+
+    A group lies as prompt + y_1 + ... + y_K in one stretch of a row. The prompt has positions 0..P-1;
+    every response's positions restart at P, as if it followed the prompt alone. That restart tells
+    the attention (:mod:`wrpo.attention`, or :func:`shared_prefix_mask`) that a response sees the
+    first P tokens of its group and itself, causally, never another response.
+
+    Returns ``input_ids`` and ``position_ids`` [R, L] (padding as in :func:`pack_groups`) for the
+    model body, and for the head ``head_index`` [N] (rows of the flattened [R*L] hidden states),
+    ``labels`` [N] and ``cu_seqlens`` [S+1] over those N gathered rows, one sequence per response.
+    Gathered row i predicts ``labels[i]``: the prompt's last row is gathered once per response (it
+    predicts each response's first token, and autograd sums its K gradients), then the response's
+    rows but its last. With an empty prompt, as in :func:`pack_groups`, a response's first token is
+    not predicted (its rows are gathered with labels shifted by one, the last ignored).
+    """
+    rows = [features] if not row_per_group else [[f] for f in features]
+    packed = []
+    for groups in rows:
+        ids, positions, gathered = [], [], []  # gathered: per response, [(row index in the row, label)]
+        for f in groups:
+            prompt = list(f["prompt_ids"])
+            P, g = len(prompt), len(ids)
+            ids += prompt
+            positions += range(P)
+            for response in f["responses"]:
+                response = list(response)
+                start = len(ids)
+                ids += response
+                positions += range(P, P + len(response))
+                if P > 0:
+                    rows_k = [g + P - 1] + list(range(start, start + len(response) - 1))
+                    labels_k = response
+                else:
+                    rows_k = list(range(start, start + len(response)))
+                    labels_k = response[1:] + [IGNORE_INDEX]
+                if not rows_k:  # an empty response: one ignored row keeps its sequence non-empty
+                    rows_k, labels_k = [max(start - 1, 0)], [IGNORE_INDEX]
+                gathered.append(list(zip(rows_k, labels_k, strict=True)))
+        packed.append((ids, positions, gathered))
+    L = max(len(p[0]) for p in packed)
+    input_ids, positions, head_index, labels, cu = [], [], [], [], [0]
+    for r, (ids, pos, gathered) in enumerate(packed):
+        pad = L - len(ids)
+        input_ids.append(ids + [pad_token_id] * pad)
+        positions.append(pos + list(range(pad)))
+        for seq in gathered:
+            head_index += [r * L + t for t, _ in seq]
+            labels += [lab for _, lab in seq]
+            cu.append(cu[-1] + len(seq))
+    batch = {
+        "input_ids": torch.tensor(input_ids),
+        "position_ids": torch.tensor(positions),
+        "labels": torch.tensor(labels),
+        "cu_seqlens": torch.tensor(cu),
+        "head_index": torch.tensor(head_index),
+    }
+    return _with_ref(batch, features)
+
+
+def shared_prefix_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense additive mask [R, 1, L, L] of :func:`pack_shared_prefix`'s rows, for sdpa/eager
+    attention: token i may attend to j <= i of its own stretch (where positions run on by one), and a
+    response to the first ``position_ids[start]`` tokens of its group (the prompt)."""
+    R, L = position_ids.shape
+    dev = position_ids.device
+    idx = torch.arange(L, device=dev)
+    prev = torch.cat([position_ids.new_full((R, 1), -2), position_ids[:, :-1]], 1)
+    stretch_start = (position_ids != prev + 1) | (idx == 0)
+    group_start = (position_ids == 0) | (idx == 0)
+    stretch = torch.cumsum(stretch_start.to(torch.int64), 1)
+    group = torch.cumsum(group_start.to(torch.int64), 1)
+    # where a token's group starts, and how long the prefix its stretch shares is
+    g0 = torch.cummax(torch.where(group_start, idx, 0), 1).values
+    shared = torch.where(stretch_start & ~group_start, position_ids, 0)
+    s0 = torch.cummax(torch.where(stretch_start, idx, 0), 1).values
+    plen = shared.gather(1, s0)
+    causal = idx[None, None, :] <= idx[None, :, None]
+    same_stretch = stretch[:, :, None] == stretch[:, None, :]
+    in_prefix = (group[:, :, None] == group[:, None, :]) & (idx[None, None, :] < (g0 + plen)[:, :, None])
+    allowed = causal & (same_stretch | in_prefix)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
