@@ -223,3 +223,35 @@ def test_what_cannot_be_exact_is_refused():
 
 def test_report_max_differences():
     print({k: f"{v:.1e}" for k, v in MAX_DIFF.items()})
+
+
+def _train_losses(tmp_path, name, extra):
+    import json
+
+    from wrpo.cli import main
+
+    out = tmp_path / name
+    code = main(["train", "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "3",
+                 "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--report_to", "none",
+                 "--eval_rows", "0", "--beta", "0.3", "--seed", "7", *extra])  # fmt: skip
+    assert code == 0
+    logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [[e[k] for k in ("loss", "logps/chosen", "logps/rejected")] for e in logs if "loss" in e]
+
+
+def test_wrpo_train_with_prefix_sharing_logs_the_same_losses(tmp_path, caplog):
+    """``wrpo train --prefix_sharing`` (fp32, tiny model) logs the losses of the unshared packed run."""
+    plain = _train_losses(tmp_path, "plain", [])
+    with caplog.at_level("WARNING", logger="wrpo.trainer"):
+        shared = _train_losses(tmp_path, "shared", ["--prefix_sharing", "true"])
+    assert "prefix sharing: each prompt is encoded once" in caplog.text
+    assert len(plain) == len(shared) == 4
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(plain), rtol=1e-5, atol=0)
+    assert plain[0] != plain[-1]
+
+
+def test_prefix_sharing_needs_packing():
+    from wrpo.config import parse_config
+
+    with pytest.raises(ValueError, match="--prefix_sharing needs --packing"):
+        parse_config(["--prefix_sharing", "true", "--packing", "false", "--output_dir", "/tmp/x"])

@@ -49,6 +49,11 @@ class WRPOConfig(TrainingArguments):
     )  # fmt: skip
     kernel_backend: str = field(default="auto", metadata={"help": f"one of {BACKENDS}"})
     packing: bool = True
+    prefix_sharing: bool = field(
+        default=False,
+        metadata={"help": "with packing: encode each prompt once for its responses (exact; needs "
+                  "wrpo_segments, sdpa or eager attention, switches flash-attention to wrpo_segments)"},
+    )  # fmt: skip
     chunk_tokens: int | None = None
     seed_model: int = field(default=0, metadata={"help": "seed of the tiny model's random initialisation"})
     output_dir: str = "outputs/wrpo"
@@ -68,6 +73,10 @@ class WRPOConfig(TrainingArguments):
         ):
             if value not in allowed:
                 raise ValueError(f"--{name} {value!r} is not one of {allowed}")
+        if self.prefix_sharing and not self.packing:
+            raise ValueError(
+                "--prefix_sharing needs --packing (it packs each group's responses after its prompt)"
+            )
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must stay False: the collator reads the token columns")
 

@@ -99,15 +99,25 @@ class PreferenceCollator:
 
     ``row_per_group``: with packing, one row per group instead of one row for the batch (see
     :func:`pack_groups`); the trainer sets it unless the model attends with flash-attention varlen.
+    ``prefix_sharing``: with packing, each prompt once for its responses (:func:`pack_shared_prefix`).
     """
 
-    def __init__(self, pad_token_id: int, *, packing: bool = True, row_per_group: bool = False):
+    def __init__(
+        self,
+        pad_token_id: int,
+        *,
+        packing: bool = True,
+        row_per_group: bool = False,
+        prefix_sharing: bool = False,
+    ):
         self.pad_token_id, self.packing, self.row_per_group = pad_token_id, packing, row_per_group
+        self.prefix_sharing = prefix_sharing
 
     def __call__(self, features) -> dict:
         if not self.packing:
             return pad_groups(features, self.pad_token_id)
-        return pack_groups(features, row_per_group=self.row_per_group, pad_token_id=self.pad_token_id)
+        pack = pack_shared_prefix if self.prefix_sharing else pack_groups
+        return pack(features, row_per_group=self.row_per_group, pad_token_id=self.pad_token_id)
 
 
 def batch_counts(batch: dict) -> torch.Tensor:
