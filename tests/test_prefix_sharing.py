@@ -255,3 +255,17 @@ def test_prefix_sharing_needs_packing():
 
     with pytest.raises(ValueError, match="--prefix_sharing needs --packing"):
         parse_config(["--prefix_sharing", "true", "--packing", "false", "--output_dir", "/tmp/x"])
+
+
+@pytest.mark.parametrize("impl", [NAME, "sdpa"])
+def test_precomputed_reference_logps_equal(impl):
+    from types import SimpleNamespace
+
+    from wrpo.pipeline import compute_ref_logps
+
+    model, groups = build("qwen2-gqa", impl), random_groups(5, 3, seed=13, empty_prompt=True)
+    config = SimpleNamespace(packing=True, per_device_eval_batch_size=2, kernel_backend="torch")
+    plain = compute_ref_logps(model, groups, config, 0, "cpu")
+    shared = compute_ref_logps(model, groups, SimpleNamespace(**vars(config), prefix_sharing=True), 0, "cpu")
+    assert shared.shape == (5, 3)
+    torch.testing.assert_close(shared, plain, rtol=1e-6, atol=0)  # both returned in fp32

@@ -14,7 +14,7 @@ from .models import load_policy, load_reference
 from .packing import PreferenceCollator
 from .report import plot_curves, summary
 from .tiny import SAMPLE_DATA
-from .trainer import WRPOTrainer, reference_logps, varlen_attention
+from .trainer import WRPOTrainer, prepare_prefix_sharing, reference_logps, varlen_attention
 
 
 def load_examples(config):
@@ -44,9 +44,15 @@ def build_datasets(examples, tokenizer, config, stage: str):
 
 @torch.no_grad()
 def compute_ref_logps(ref_model, dataset, config, pad_token_id: int, device) -> torch.Tensor:
-    """[rows, K] reference log-probs of every group, with the forward-only path."""
+    """[rows, K] reference log-probs of every group, with the forward-only path (each prompt encoded
+    once for its responses with ``prefix_sharing``)."""
+    sharing = bool(getattr(config, "prefix_sharing", False)) and config.packing
+    if sharing:
+        prepare_prefix_sharing(ref_model)
     row_per_group = not varlen_attention(ref_model)
-    collate = PreferenceCollator(pad_token_id, packing=config.packing, row_per_group=row_per_group)
+    collate = PreferenceCollator(
+        pad_token_id, packing=config.packing, row_per_group=row_per_group, prefix_sharing=sharing
+    )
     ref_model = ref_model.to(device).eval()
     out = []
     step = max(config.per_device_eval_batch_size, 1)

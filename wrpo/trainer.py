@@ -31,7 +31,7 @@ def reference_logps(ref_model, inputs, backend: str) -> torch.Tensor:
     return sequence_logps(ref_model, inputs, backend=backend)
 
 
-def _attend_with_shared_prefixes(*models) -> None:
+def prepare_prefix_sharing(*models) -> None:
     """Flash-attention varlen cannot run shared-prefix rows: such models switch to ``wrpo_segments``
     (sdpa and eager get a dense shared-prefix mask). Logs that prefix sharing is used."""
     for model in models:
@@ -59,7 +59,7 @@ class WRPOTrainer(ExactAccumulation, Trainer):
             raise ValueError(f"stage {stage!r} is not one of {STAGES}")
         sharing = bool(getattr(args, "prefix_sharing", False)) and args.packing
         if sharing:
-            _attend_with_shared_prefixes(model, ref_model)
+            prepare_prefix_sharing(model, ref_model)
         collator = PreferenceCollator(
             pad_token_id,
             packing=args.packing,
