@@ -90,7 +90,7 @@ def test_fused_loss_fp16_error_no_worse_than_naive(loss_type):
 @pytest.mark.parametrize("grad", [True, False], ids=["two-pass", "forward-only"])
 @pytest.mark.parametrize(("N_seqs", "H", "V"), [(4, 20, 67), (30, 70, 300)])
 def test_linear_logprobs_fp32_matches_fp64_reference(reduction, grad, N_seqs, H, V):
-    """V and H larger than one tile of the forward kernel (128 x 64), N larger than its 64 rows."""
+    """N, V and H larger than one tile of the forward kernel in each dimension (fp32: 32 x 64 x 32)."""
     batch = on_device(
         make_batch(B=N_seqs, K=1, H=H, V=V, seed=N_seqs, max_len=9, ignore_frac=0.2, with_bias=True)
     )

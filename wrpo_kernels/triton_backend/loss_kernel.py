@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..objective import PreferenceSpec, margin_coefficients
+from .launch import Launch, launch
 
 LOSS_CODES = {"dpo": 0, "simpo": 1, "ipo": 2}
 BLOCK_T = 256
@@ -27,7 +28,23 @@ def _log_sigmoid(x):
     return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
-@triton.jit
+# Gathers at data-dependent offsets: alignment or value hints buy nothing, so one variant per loss
+# type and K serves every chunk (the first group of a chunk, ``seq0``, changes from chunk to chunk).
+_NO_HINTS = [
+    "tok_ptr",
+    "cu_ptr",
+    "ref_ptr",
+    "counts_ptr",
+    "coef_ptr",
+    "logps_ptr",
+    "loss_ptr",
+    "dlogps_ptr",
+    "seq0",
+    "K",
+]
+
+
+@triton.jit(do_not_specialize=_NO_HINTS)
 def _group_loss_kernel(
     tok_ptr, cu_ptr, ref_ptr, counts_ptr, coef_ptr, logps_ptr, loss_ptr, dlogps_ptr,
     seq0, K, beta, gamma, eps,
@@ -72,6 +89,24 @@ def _group_loss_kernel(
     tl.store(loss_ptr + g, loss)
 
 
+def group_loss_launch(
+    spec: PreferenceSpec, tok, cu, counts, ref, coef, g0: int, g1: int, logps, loss, dlogps
+):
+    """The launch for groups [g0, g1): one program per group (see :func:`group_loss`)."""
+    K = spec.responses_per_prompt
+    args = (
+        tok, cu, ref, counts, coef, logps, loss, dlogps,
+        g0 * K, K, spec.beta, spec.gamma, spec.label_smoothing,
+    )  # fmt: skip
+    constexprs = {
+        "LOSS": LOSS_CODES[spec.loss_type],
+        "HAS_REF": spec.needs_reference,
+        "BLOCK_K": triton.next_power_of_2(K),
+        "BLOCK_T": BLOCK_T,
+    }
+    return Launch(_group_loss_kernel, (g1 - g0,), args, constexprs)
+
+
 def group_loss(spec: PreferenceSpec, tok, cu, counts, ref, g0: int, g1: int):
     """Groups [g0, g1): per-token log-probs ``tok`` [N] fp32, sequence bounds ``cu`` [S+1], token
     counts [S], ``ref`` [B, K] (or None) -> s [b*K], loss [b], dL/ds [b, K] (fp32)."""
@@ -82,12 +117,7 @@ def group_loss(spec: PreferenceSpec, tok, cu, counts, ref, g0: int, g1: int):
     loss = torch.empty(b, dtype=torch.float32, device=dev)
     coef = margin_coefficients(spec, logps)
     ref_arg = ref.to(torch.float32).contiguous() if ref is not None and spec.needs_reference else logps
-    _group_loss_kernel[(b,)](
-        tok, cu, ref_arg, counts, coef, logps, loss, dlogps,
-        g0 * K, K, spec.beta, spec.gamma, spec.label_smoothing,
-        LOSS=LOSS_CODES[spec.loss_type], HAS_REF=spec.needs_reference,
-        BLOCK_K=triton.next_power_of_2(K), BLOCK_T=BLOCK_T,
-    )  # fmt: skip
+    launch(group_loss_launch(spec, tok, cu, counts, ref_arg, coef, g0, g1, logps, loss, dlogps))
     return logps, loss, dlogps
 
 

@@ -15,8 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .indexing import wide_offset
+from .launch import Launch, launch
+
 # One row per program; 4096 columns per step keeps a Hopper/Ampere SM busy with 8 warps (fixed
 # config, chosen for large vocabularies: 32k-256k); smaller vocabularies use the next power of 2.
+# Same config on sm_80 and sm_90: no spills on either (benchmarks/results/triton_resources.json).
 MAX_BLOCK_V = 4096
 NUM_WARPS = 8
 
@@ -33,13 +37,15 @@ def softcapped(x, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
     return z, t
 
 
-@triton.jit
+# Per-row scalars (label, lse, target, scale): one element per program, so 16-byte alignment buys
+# nothing; not specialising on it keeps one compiled variant whatever row a chunk starts at.
+@triton.jit(do_not_specialize=["labels_ptr", "lse_ptr", "target_ptr"])
 def _row_stats_kernel(
     x_ptr, stride, labels_ptr, lse_ptr, target_ptr, V, softcap, inv_temp,
     HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride
+    x_row = x_ptr + wide_offset(row, stride)
     label = tl.load(labels_ptr + row)
     cols0 = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # running max per lane
@@ -62,13 +68,13 @@ def _row_stats_kernel(
     tl.store(target_ptr + row, tl.sum(tgt, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["labels_ptr", "lse_ptr", "scale_ptr"])
 def _row_grad_kernel(
     x_ptr, stride, labels_ptr, lse_ptr, scale_ptr, V, softcap, inv_temp,
     HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride
+    x_row = x_ptr + wide_offset(row, stride)
     label = tl.load(labels_ptr + row)
     lse = tl.load(lse_ptr + row)
     coef = tl.load(scale_ptr + row) * inv_temp
@@ -84,11 +90,28 @@ def _row_grad_kernel(
         tl.store(x_row + cols, g.to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_args(logits: torch.Tensor, opts):
+def _constexprs(logits: torch.Tensor, opts) -> dict:
     V = logits.shape[1]
-    block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    return {"HAS_SOFTCAP": opts.softcap is not None, "BLOCK_V": min(MAX_BLOCK_V, triton.next_power_of_2(V))}
+
+
+def _head_args(opts):
     softcap = float(opts.softcap) if opts.softcap is not None else 1.0
-    return V, softcap, 1.0 / float(opts.temperature), opts.softcap is not None, block
+    return softcap, 1.0 / float(opts.temperature)
+
+
+def row_stats_launch(logits, safe_labels, lse, target, opts) -> Launch:
+    """Reads logits [n, V] (any row stride), writes lse [n] and the target logit [n] (fp32)."""
+    n, V = logits.shape
+    args = (logits, logits.stride(0), safe_labels, lse, target, V, *_head_args(opts))
+    return Launch(_row_stats_kernel, (n,), args, _constexprs(logits, opts), num_warps=NUM_WARPS)
+
+
+def row_grad_launch(logits, safe_labels, lse, scale, opts) -> Launch:
+    """Overwrites logits [n, V] with dL/dlogits given lse [n] and dL/d(log p) = ``scale`` [n] (fp32)."""
+    n, V = logits.shape
+    args = (logits, logits.stride(0), safe_labels, lse, scale, V, *_head_args(opts))
+    return Launch(_row_grad_kernel, (n,), args, _constexprs(logits, opts), num_warps=NUM_WARPS)
 
 
 def row_stats(logits: torch.Tensor, safe_labels: torch.Tensor, opts):
@@ -96,20 +119,12 @@ def row_stats(logits: torch.Tensor, safe_labels: torch.Tensor, opts):
     n = logits.shape[0]
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     target = torch.empty(n, dtype=torch.float32, device=logits.device)
-    V, softcap, inv_temp, has_cap, block = _launch_args(logits, opts)
-    _row_stats_kernel[(n,)](
-        logits, logits.stride(0), safe_labels, lse, target, V, softcap, inv_temp,
-        HAS_SOFTCAP=has_cap, BLOCK_V=block, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    launch(row_stats_launch(logits, safe_labels, lse, target, opts))
     return lse, target
 
 
 def row_grad_(logits: torch.Tensor, safe_labels, scale, lse, opts) -> torch.Tensor:
     """In place: logits [n, V] <- dL/dlogits for dL/d(log p) = ``scale`` [n] (fp32), given ``lse`` [n]."""
-    n = logits.shape[0]
-    V, softcap, inv_temp, has_cap, block = _launch_args(logits, opts)
-    _row_grad_kernel[(n,)](
-        logits, logits.stride(0), safe_labels, lse.contiguous(), scale.to(torch.float32).contiguous(),
-        V, softcap, inv_temp, HAS_SOFTCAP=has_cap, BLOCK_V=block, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    scale = scale.to(torch.float32).contiguous()
+    launch(row_grad_launch(logits, safe_labels, lse.contiguous(), scale, opts))
     return logits
