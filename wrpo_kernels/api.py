@@ -10,7 +10,7 @@ import torch
 
 from . import reference, torch_backend
 from .autoselect import auto_backend
-from .chunked.buffers import HeadOptions, math_dtype
+from .chunked.options import HeadOptions, math_dtype
 from .metrics import mean_logit_metrics, preference_metrics
 from .objective import make_spec, rewards
 from .output import WRPOOutput

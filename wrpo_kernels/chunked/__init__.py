@@ -10,11 +10,13 @@ A backend plugs in its *row ops*, an object with:
                                                      groups; ref and lengths are the whole batch's [B, K])
 """
 
-from .buffers import HeadGrads, HeadOptions, Targets, default_chunk_tokens, math_dtype
 from .entry import run_fused, run_logprobs
 from .fused_loss import FusedLinearWRPOFunction, FusedPlan
+from .grads import HeadGrads
 from .logprobs import LinearLogprobsFunction, LogprobPlan, reduce_token_logprobs
+from .options import HeadOptions, default_chunk_tokens, math_dtype
 from .schedule import plan_group_chunks, row_tiles
+from .targets import Targets
 
 __all__ = [
     "FusedLinearWRPOFunction",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .buffers import Targets, default_chunk_tokens
 from .fused_loss import FusedLinearWRPOFunction, FusedPlan
 from .logprobs import LinearLogprobsFunction, LogprobPlan
+from .options import default_chunk_tokens
 from .schedule import plan_group_chunks
+from .targets import Targets
 
 
 def run_logprobs(ops, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens):

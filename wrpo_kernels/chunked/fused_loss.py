@@ -14,9 +14,11 @@ import torch
 
 from ..objective import PreferenceSpec
 from ..once_differentiable import once_differentiable
-from .buffers import HeadGrads, HeadOptions, Targets, math_dtype
+from .grads import HeadGrads
 from .logprobs import recompute_head_grads_
+from .options import HeadOptions, math_dtype
 from .schedule import GroupChunk
+from .targets import Targets
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ import torch
 
 from ..once_differentiable import once_differentiable
 from ..packing import segment_sum
-from .buffers import HeadGrads, HeadOptions, Targets, math_dtype
+from .grads import HeadGrads
+from .options import HeadOptions, math_dtype
 from .schedule import row_tiles
+from .targets import Targets
 
 
 @dataclass(frozen=True)

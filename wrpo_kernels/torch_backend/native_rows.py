@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..chunked.buffers import HeadOptions
+from ..chunked.options import HeadOptions
 from .rows import TorchRowOps
 
 

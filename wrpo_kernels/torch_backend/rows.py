@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..chunked.buffers import HeadOptions, math_dtype
+from ..chunked.options import HeadOptions, math_dtype
 from ..chunked.schedule import GroupChunk
 from ..objective import PreferenceSpec, group_loss_and_grad
 from ..packing import segment_sum
