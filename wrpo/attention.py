@@ -104,8 +104,10 @@ def segment_attention(
 ):
     """query [R, Hq, L, D], key/value [R, Hkv, L, D] -> (output [R, L, Hq, D], None).
 
-    Each sequence attends causally to itself only. ``attention_mask`` must be None: padding inside a
+    Each sequence attends causally to itself only (a shared-prefix response: to its prompt and
+    causally to itself, see :func:`segment_layout`). ``attention_mask`` must be None: padding inside a
     row is its own sequence (position ids restarting at 0), and its outputs are ignored by the loss.
+    A ``sliding_window`` shorter than a sequence is refused (windows are not applied).
     """
     if attention_mask is not None:
         raise ValueError(
