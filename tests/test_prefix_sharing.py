@@ -269,3 +269,16 @@ def test_precomputed_reference_logps_equal(impl):
     shared = compute_ref_logps(model, groups, SimpleNamespace(**vars(config), prefix_sharing=True), 0, "cpu")
     assert shared.shape == (5, 3)
     torch.testing.assert_close(shared, plain, rtol=1e-6, atol=0)  # both returned in fp32
+
+
+def test_flash_attention_models_switch_to_segments(caplog):
+    from wrpo.trainer import prepare_prefix_sharing
+
+    policy, ref = build("llama"), build("llama", "sdpa")
+    policy.config._attn_implementation = "flash_attention_2"  # as loaded on a GPU with flash-attn
+    with caplog.at_level("WARNING", logger="wrpo.trainer"):
+        prepare_prefix_sharing(policy, ref)
+    assert policy.config._attn_implementation == NAME and ref.config._attn_implementation == "sdpa"
+    assert "switched from flash_attention_2 to wrpo_segments" in caplog.text
+    batch = pack_shared_prefix(random_groups(2, 2, seed=1))
+    assert body_hidden_states(policy, batch).shape == (*batch["input_ids"].shape, 32)
