@@ -53,6 +53,8 @@ def main(out_path):
     if acc.is_main_process:
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         torch.save({"loss": losses.mean(), "world": acc.num_processes, "grads": grads}, out_path)
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # a group alive at exit can abort a rank while it shuts down
 
 
 if __name__ == "__main__":

@@ -62,8 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError) as err:
         print(f"wrpo {stage}: {err}", file=sys.stderr)
         return 2
-    run_stage(stage, config, examples)
+    try:
+        run_stage(stage, config, examples)
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Leave a distributed run cleanly: a process group still alive at interpreter exit can abort the
+    process while its communication threads shut down."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
