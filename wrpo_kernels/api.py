@@ -3,50 +3,27 @@
 from __future__ import annotations
 
 import functools
-import importlib
-import os
 
 import torch
 
-from . import reference, torch_backend
-from .autoselect import auto_backend
+from .autoselect import BACKENDS, resolve_backend, triton_unavailable_reason
 from .chunked.options import HeadOptions, math_dtype
 from .metrics import mean_logit_metrics, preference_metrics
 from .objective import make_spec, rewards
 from .output import WRPOOutput
-from .packing import PackedRows, keep_labelled_rows, scatter_rows, sequence_ids
+from .packing import PackedRows, sequence_ids
 from .validation import as_packed_rows, check_head, check_labels, check_preference_tensor
 
-BACKENDS = ("auto", "torch", "triton", "reference")
+__all__ = [
+    "BACKENDS",
+    "REDUCTIONS",
+    "fused_linear_wrpo_loss",
+    "linear_logprobs",
+    "resolve_backend",
+    "triton_unavailable_reason",
+    "wrpo_loss",
+]
 REDUCTIONS = ("sum", "mean", "none")
-
-
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton backend cannot run on ``device`` here, or None if it can."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return (
-        f"Triton kernels run on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got {device.type}"
-    )
-
-
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """-> (name, implementation module). ``auto``: Triton on a CUDA device once its kernels pass a
-    self-test there (``autoselect``), else the chunked torch backend. An explicitly named backend
-    that cannot run on ``device`` raises (no silent fallback)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not available; choose one of {BACKENDS}")
-    name = auto_backend(device, dtype) if backend == "auto" else backend
-    if name == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason:
-            raise RuntimeError(f"backend='triton' cannot run here: {reason}")
-        return name, importlib.import_module(".triton_backend", __package__)
-    return name, reference if name == "reference" else torch_backend
 
 
 def _pack(hidden, weight, labels, cu_seqlens, bias, ignore_index, *, require_tokens, describe):
@@ -142,21 +119,11 @@ def linear_logprobs(
         hidden, weight, labels, cu_seqlens, bias, ignore_index,
         require_tokens=reduction == "mean", describe=lambda s: f"sequence {s}",
     )  # fmt: skip
-    name, impl = resolve_backend(backend, h.device, h.dtype)
+    _, impl = resolve_backend(backend, h.device, h.dtype)
     opts = HeadOptions(ignore_index, softcap, float(temperature))
-    if name == "reference":
-        out = reference.linear_logprobs(
-            h, weight, lab, rows.cu, reduction=reduction, bias=bias, ignore_index=ignore_index,
-            softcap=softcap, temperature=temperature,
-        )  # fmt: skip
-    else:
-        N = h.shape[0]
-        h, lab, rows, kept = keep_labelled_rows(h, lab, rows, ignore_index)
-        out = impl.linear_logprobs(
-            h, weight, lab, rows, bias=bias, opts=opts, reduction=reduction, chunk_tokens=chunk_tokens
-        )
-        if reduction == "none":
-            out = scatter_rows(out, kept, N)
+    out = impl.linear_logprobs(
+        h, weight, lab, rows, bias=bias, opts=opts, reduction=reduction, chunk_tokens=chunk_tokens
+    )
     return out.view(out_shape) if reduction == "none" else out
 
 
@@ -226,34 +193,16 @@ def fused_linear_wrpo_loss(
         raise ValueError(f"loss_type={loss_type!r} needs ref_logps ([B, K] = [{B}, {K}] or [S] = [{S}])")
     ref = check_preference_tensor("ref_logps", ref_logps, B, K, h.device) if spec.needs_reference else None
     ref = None if ref is None else ref.detach().to(md)
-    name, impl = resolve_backend(backend, h.device, h.dtype)
+    _, impl = resolve_backend(backend, h.device, h.dtype)
     lengths = rows.counts.view(B, K).to(md)
     norms = batch_normalisers(num_groups, num_nll_tokens, md, h.device)
-    if name == "reference":
-        out = reference.fused_linear_wrpo_loss(
-            spec, h, weight, lab, rows.cu, ref, nll_weight=nll_weight, bias=bias,
-            ignore_index=ignore_index, softcap=softcap, temperature=temperature,
-            norms=norms,
-        )  # fmt: skip
-        out.metrics.update(mean_logit_metrics(spec, h, weight, bias, rows, valid=lab != ignore_index))
-        return out
     opts = HeadOptions(ignore_index, softcap, float(temperature))
-    h, lab, rows, _ = keep_labelled_rows(h, lab, rows, ignore_index)
     loss, logps = impl.fused_linear_wrpo_loss(
-        spec,
-        h,
-        weight,
-        lab,
-        rows,
-        ref,
-        bias=bias,
-        opts=opts,
-        nll_weight=nll_weight,
-        chunk_tokens=chunk_tokens,
-        norms=norms,
-    )
+        spec, h, weight, lab, rows, ref, bias=bias, opts=opts, nll_weight=nll_weight,
+        chunk_tokens=chunk_tokens, norms=norms,
+    )  # fmt: skip
     metrics = preference_metrics(spec, logps, rewards(spec, logps, ref, lengths))
-    metrics.update(mean_logit_metrics(spec, h, weight, bias, rows))
+    metrics.update(mean_logit_metrics(spec, h, weight, bias, rows, valid=lab != ignore_index))
     if nll_weight:
         metrics["nll_loss"] = -logps[:, 0].sum() / lengths[:, 0].sum()
     return WRPOOutput(loss=loss, metrics=metrics, logps=logps)
@@ -311,9 +260,6 @@ def wrpo_loss(
             b, k = (lengths <= 0).nonzero()[0].tolist()
             raise ValueError(f"lengths[{b}, {k}] = {lengths[b, k].item()}: every response needs >= 1 token")
         lengths = lengths.to(md)
-    name, impl = resolve_backend(backend, dev, dt)
-    if name == "reference":
-        loss, metrics = reference.wrpo_loss(spec, policy_logps, ref, lengths)
-        return loss.to(dt), metrics
+    _, impl = resolve_backend(backend, dev, dt)
     loss = impl.wrpo_loss(spec, policy_logps, ref, lengths)
     return loss, preference_metrics(spec, policy_logps, rewards(spec, policy_logps.detach(), ref, lengths))

@@ -1,19 +1,88 @@
-"""What ``backend="auto"`` runs: the Triton kernels on a CUDA device once they pass a self-test there.
+"""Which backend runs: the backends, what each answers, and what ``backend="auto"`` picks.
 
-The first ``auto`` call per (device, dtype) runs a small fused loss (fwd + bwd) and a forward-only
-log-prob with both backends and compares them. Triton wins if it compiles and agrees; otherwise
-``auto`` uses the torch backend and warns once, naming the reason. ``backend="triton"`` never falls
-back: it raises.
+Every backend answers the three calls of :class:`Backend` on validated, packed inputs: ``"torch"``
+(chunked PyTorch, runs anywhere), ``"triton"`` (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``), ``"reference"`` (the naive oracle, ``reference.ReferenceBackend``).
+
+``"auto"`` runs the Triton kernels on a CUDA device once they pass a self-test there: the first
+``auto`` call per (device, dtype) runs a small fused loss (fwd + bwd) and a forward-only log-prob
+with both backends and compares them. Triton wins if it compiles and agrees; otherwise ``auto`` uses
+the torch backend and warns once, naming the reason. An explicitly named backend never falls back:
+it raises if it cannot run.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import warnings
+from typing import Protocol, runtime_checkable
 
 import torch
 
+from . import reference, torch_backend
+from .chunked.options import HeadOptions
+from .objective import make_spec
+from .packing import PackedRows, sequence_ids
+
+BACKENDS = ("auto", "torch", "triton", "reference")
 _TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 _verdicts: dict[tuple[str, torch.dtype], str | None] = {}
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The calls every backend answers; ``rows`` is the validated layout (``packing.PackedRows``) and
+    ``opts`` the head's options (``chunked.HeadOptions``). Rows with ignored labels are included."""
+
+    def linear_logprobs(self, hidden, weight, labels, rows, *, bias, opts, reduction, chunk_tokens):
+        """Log-probs [S] ("sum", "mean") or [N] ("none"), differentiable w.r.t. hidden, weight, bias."""
+
+    def fused_linear_wrpo_loss(
+        self, spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens, norms
+    ):
+        """(loss, policy log-probs [B, K] detached); ``norms``: the denominators of the two means."""
+
+    def wrpo_loss(self, spec, logps, ref_logps, lengths):
+        """The loss from [B, K] log-probs, in their dtype, differentiable w.r.t. ``logps``."""
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton backend cannot run on ``device`` here, or None if it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (
+        f"Triton kernels run on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got {device.type}"
+    )
+
+
+def backend(name: str) -> Backend:
+    """The implementation of a named backend (``triton`` is imported on first use)."""
+    if name == "torch":
+        return torch_backend
+    if name == "triton":
+        return importlib.import_module(".triton_backend", __package__)
+    if name == "reference":
+        return reference.BACKEND
+    raise ValueError(f"backend={name!r} is not available; choose one of {BACKENDS}")
+
+
+def resolve_backend(
+    name: str, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[str, Backend]:
+    """-> (name, implementation). ``auto``: :func:`auto_backend`. A named backend that cannot run on
+    ``device`` raises (no silent fallback)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not available; choose one of {BACKENDS}")
+    if name == "auto":
+        name = auto_backend(device, dtype)
+    if name == "triton" and (reason := triton_unavailable_reason(device)):
+        raise RuntimeError(f"backend='triton' cannot run here: {reason}")
+    return name, backend(name)
 
 
 def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
@@ -33,32 +102,58 @@ def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "torch" if _verdicts[key] else "triton"
 
 
-def triton_self_test(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if the Triton backend matches the torch backend on a small odd-shaped case; else why not."""
-    from .api import fused_linear_wrpo_loss, linear_logprobs, triton_unavailable_reason
-
-    if reason := triton_unavailable_reason(device):
-        return reason
+def _self_test_batch(device, dtype):
+    """2 groups of K = 3 with one ignored label; V and H multiples of nothing."""
     g = torch.Generator().manual_seed(0)
-    lengths = [5, 3, 7, 2, 6, 4]  # 2 groups of K = 3, V and H multiples of nothing
+    lengths = [5, 3, 7, 2, 6, 4]
     N, H, V = sum(lengths), 40, 509
     hidden = torch.randn(N, H, generator=g).to(device, dtype)
     weight = (torch.randn(V, H, generator=g) * H**-0.5).to(device, dtype)
     labels = torch.randint(0, V, (N,), generator=g).to(device)
     labels[0] = -100
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
+    cu_host = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    cu = torch.tensor(cu_host, device=device)
+    seq = sequence_ids(cu, N)
+    counts = torch.zeros(len(lengths), dtype=torch.int64, device=device).index_add_(
+        0, seq, (labels != -100).long()
+    )
+    rows = PackedRows(cu, cu_host, seq, counts, counts.tolist())
     ref = torch.randn(2, 3, generator=g).to(device) - 40.0
+    return hidden, weight, labels, rows, ref
+
+
+def triton_self_test(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if the Triton backend matches the torch backend on a small odd-shaped case; else why not."""
+    if reason := triton_unavailable_reason(device):
+        return reason
+    hidden, weight, labels, rows, ref = _self_test_batch(device, dtype)
+    spec = make_spec(
+        responses_per_prompt=3, num_chosen=2, alpha=0.1, chosen_weights=None, loss_type="dpo", beta=0.5,
+        gamma=0.0, label_smoothing=0.0,
+    )  # fmt: skip
+    head = {"bias": None, "opts": HeadOptions(), "chunk_tokens": None}
     results = {}
     try:
-        for backend in ("torch", "triton"):
+        for name in ("torch", "triton"):
+            impl = backend(name)
             # the caller may be under no_grad / inference_mode / autocast: the test needs plain autograd
             with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
                 h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-                out = fused_linear_wrpo_loss(h, w, labels, cu, ref_logps=ref, beta=0.5, backend=backend)
-                out.loss.backward()
+                loss, _ = impl.fused_linear_wrpo_loss(
+                    spec,
+                    h,
+                    w,
+                    labels,
+                    rows,
+                    ref.to(torch.float32),
+                    nll_weight=0.0,
+                    norms=(None, None),
+                    **head,
+                )
+                loss.backward()
                 with torch.no_grad():
-                    logps = linear_logprobs(hidden, weight, labels, cu, backend=backend)
-            results[backend] = {"loss": out.loss.detach(), "dX": h.grad, "dW": w.grad, "logps": logps}
+                    logps = impl.linear_logprobs(hidden, weight, labels, rows, reduction="sum", **head)
+            results[name] = {"loss": loss.detach(), "dX": h.grad, "dW": w.grad, "logps": logps}
     except Exception as err:  # a compile or launch failure on this device: report it, do not crash auto
         return f"{type(err).__name__}: {err}"
     tol = _TOLERANCE[dtype]

@@ -97,3 +97,47 @@ def fused_linear_wrpo_loss(
         loss = loss + nll_weight * (nll if num_nll_tokens is None else nll_sum / num_nll_tokens)
         metrics["nll_loss"] = nll.detach()
     return WRPOOutput(loss=loss, metrics=metrics, logps=logps.detach())
+
+
+def _head(opts) -> dict:
+    return {"ignore_index": opts.ignore_index, "softcap": opts.softcap, "temperature": opts.temperature}
+
+
+class ReferenceBackend:
+    """``backend="reference"``: the naive functions above behind the calls every backend answers
+    (``autoselect.Backend``). It keeps every row, ignored ones included, and materialises their logits."""
+
+    name = "reference"
+
+    @staticmethod
+    def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chunk_tokens):
+        return linear_logprobs(hidden, weight, labels, rows.cu, reduction=reduction, bias=bias, **_head(opts))
+
+    @staticmethod
+    def fused_linear_wrpo_loss(
+        spec,
+        hidden,
+        weight,
+        labels,
+        rows,
+        ref_logps,
+        *,
+        bias,
+        opts,
+        nll_weight,
+        chunk_tokens,
+        norms=(None, None),
+    ):
+        out = fused_linear_wrpo_loss(
+            spec, hidden, weight, labels, rows.cu, ref_logps, nll_weight=nll_weight, norms=norms, bias=bias,
+            **_head(opts),
+        )  # fmt: skip
+        return out.loss, out.logps
+
+    @staticmethod
+    def wrpo_loss(spec, logps, ref_logps, lengths):
+        loss, _ = wrpo_loss(spec, logps, ref_logps, lengths)
+        return loss.to(logps.dtype)
+
+
+BACKEND = ReferenceBackend()

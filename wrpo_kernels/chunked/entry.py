@@ -1,26 +1,44 @@
-"""Entry points of a chunked backend: build the plan, run the autograd function."""
+"""Entry points of a chunked backend: keep the labelled rows, build the plan, run the autograd function.
+
+Rows whose label is ``ignore_index`` (prompt tokens, padding) never reach the head (docs/method.md §4):
+the GEMMs and row work see only the labelled rows, and per-token results come back for every row.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from ..packing import PackedRows, keep_labelled_rows, scatter_rows
 from .fused_loss import FusedLinearWRPOFunction, FusedPlan
 from .logprobs import LinearLogprobsFunction, LogprobPlan
-from .options import default_chunk_tokens
+from .options import HeadOptions, default_chunk_tokens
+from .row_ops import RowOps
 from .schedule import plan_group_chunks
 from .targets import Targets
 
 
-def run_logprobs(ops, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens):
+def on_labelled_rows(compute, hidden, labels, rows: PackedRows, opts: HeadOptions, reduction: str):
+    """``compute(hidden, labels, rows)`` on the labelled rows only; with ``reduction="none"`` its
+    per-token result is scattered back to all rows (0 where the label is ignored)."""
+    N = hidden.shape[0]
+    hidden, labels, rows, kept = keep_labelled_rows(hidden, labels, rows, opts.ignore_index)
+    out = compute(hidden, labels, rows)
+    return scatter_rows(out, kept, N) if reduction == "none" else out
+
+
+def run_logprobs(ops: RowOps, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens):
     """Log-probs [S] or [N] of packed rows with ``ops`` doing the row work (two-pass)."""
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.device)
-    targets = Targets.build(labels, rows, opts.ignore_index, hidden.dtype)
-    plan = LogprobPlan(targets, opts, reduction, chunk, ops)
-    return LinearLogprobsFunction.apply(hidden, weight, bias, plan)
+
+    def compute(h, lab, r):
+        plan = LogprobPlan(Targets.build(lab, r, opts.ignore_index, h.dtype), opts, reduction, chunk, ops)
+        return LinearLogprobsFunction.apply(h, weight, bias, plan)
+
+    return on_labelled_rows(compute, hidden, labels, rows, opts, reduction)
 
 
 def run_fused(
-    ops,
+    ops: RowOps,
     spec,
     hidden,
     weight,
@@ -37,6 +55,7 @@ def run_fused(
 
     ``norms``: (groups, first-chosen tokens) denominators of the batch means, None for this batch's own."""
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.device)
+    hidden, labels, rows, _ = keep_labelled_rows(hidden, labels, rows, opts.ignore_index)
     targets = Targets.build(labels, rows, opts.ignore_index, hidden.dtype)
     chunks = tuple(plan_group_chunks(rows.cu_host, spec.responses_per_prompt, chunk))
     plan = FusedPlan(spec, targets, opts, chunks, chunk, float(nll_weight), ops, *norms)

@@ -17,6 +17,7 @@ from ..once_differentiable import once_differentiable
 from .grads import HeadGrads
 from .logprobs import recompute_head_grads_
 from .options import HeadOptions, math_dtype
+from .row_ops import RowOps
 from .schedule import GroupChunk
 from .targets import Targets
 
@@ -29,7 +30,7 @@ class FusedPlan:
     chunks: tuple[GroupChunk, ...]
     chunk_tokens: int
     nll_weight: float
-    ops: object
+    ops: RowOps
     num_groups: torch.Tensor | None = None  # denominator of the mean group loss (default: B)
     num_nll_tokens: torch.Tensor | None = None  # of the mean NLL (default: this batch's first-chosen tokens)
 

@@ -15,6 +15,7 @@ from ..once_differentiable import once_differentiable
 from ..packing import segment_sum
 from .grads import HeadGrads
 from .options import HeadOptions, math_dtype
+from .row_ops import RowOps
 from .schedule import row_tiles
 from .targets import Targets
 
@@ -25,7 +26,7 @@ class LogprobPlan:
     opts: HeadOptions
     reduction: str
     chunk_tokens: int
-    ops: object
+    ops: RowOps
 
 
 def token_logprobs_and_lse(hidden, weight, bias, plan: LogprobPlan):
@@ -44,7 +45,7 @@ def token_logprobs_and_lse(hidden, weight, bias, plan: LogprobPlan):
 
 
 def recompute_head_grads_(
-    ops, ws, grads: HeadGrads, hidden, weight, bias, safe, opts, lse, scale, tiles, offset=0
+    ops: RowOps, ws, grads: HeadGrads, hidden, weight, bias, safe, opts, lse, scale, tiles, offset=0
 ):
     """Add the gradients of sum_t scale_t * log p_t over ``tiles`` of rows to ``grads``.
 

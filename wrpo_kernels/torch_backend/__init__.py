@@ -7,9 +7,8 @@ On CPU tensors the row work runs in the native kernels of ``csrc/`` when they bu
 from __future__ import annotations
 
 from .. import native
-from ..chunked import run_fused, run_logprobs
+from ..chunked import PreferenceLossFunction, run_fused, run_logprobs
 from .native_rows import NATIVE_ROW_OPS
-from .preference_loss import PreferenceLossFunction
 from .rows import TORCH_ROW_OPS
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..chunked import Targets, reduce_token_logprobs, run_fused, run_logprobs
-from ..torch_backend.preference_loss import PreferenceLossFunction
+from ..chunked import PreferenceLossFunction, Targets, reduce_token_logprobs, run_fused, run_logprobs
+from ..chunked.entry import on_labelled_rows
 from .forward_kernel import forward_token_logprobs
 from .loss_kernel import group_loss_from_logps
 from .ops import TRITON_ROW_OPS
@@ -30,11 +30,15 @@ def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chun
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    if not needs_grad:
-        targets = Targets.build(labels, rows, opts.ignore_index, hidden.dtype)
-        tok, _ = forward_token_logprobs(hidden, weight, bias, targets.safe, targets.valid, opts)
+    if needs_grad:
+        return run_logprobs(TRITON_ROW_OPS, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens)
+
+    def forward_only(h, lab, r):
+        targets = Targets.build(lab, r, opts.ignore_index, h.dtype)
+        tok, _ = forward_token_logprobs(h, weight, bias, targets.safe, targets.valid, opts)
         return reduce_token_logprobs(tok, targets, reduction)
-    return run_logprobs(TRITON_ROW_OPS, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens)
+
+    return on_labelled_rows(forward_only, hidden, labels, rows, opts, reduction)
 
 
 def fused_linear_wrpo_loss(

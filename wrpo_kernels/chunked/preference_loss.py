@@ -1,5 +1,5 @@
 """``wrpo_loss`` from [B, K] log-probs: the analytic gradient of :mod:`wrpo_kernels.objective` in an
-autograd function."""
+autograd function, shared by the torch and Triton backends (which pass their group-loss kernel)."""
 
 from __future__ import annotations
 
