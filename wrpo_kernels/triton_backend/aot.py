@@ -10,6 +10,11 @@ compiled the way Triton's JIT would compile it at that launch (same signature, c
 divisibility hints, warps and stages). ptxas then reports registers, spills and shared memory per
 kernel variant, and the Triton IR is checked for 32-bit products of an index with a stride
 (see :mod:`.indexing`). Needs TRITON_INTERPRET unset: the interpreter replaces the kernels.
+
+The report written with ``--out`` is also the cache of the next run: a variant whose kernel source,
+specialisation and toolchain (Triton, ptxas) are unchanged keeps its figures instead of being
+compiled again (a full compile takes ~70 s on 2 CPU cores), and the heaviest stored variant of each
+kernel and target is compiled again every run and must reproduce them. ``--fresh`` compiles all.
 tests/test_triton_compile.py runs this module and checks its report.
 """
 
@@ -115,7 +120,7 @@ def record(case: Case, arch: int) -> list:
     with recording(arch) as launches:
         # training: one chunk per group, and a budget below one group (two passes over row tiles)
         for chunk in (group, group // 2 + 1):
-            loss, _ = tb.fused_linear_wrpo_loss(
+            tb.fused_linear_wrpo_loss(
                 spec, hidden, weight, labels, rows, ref, nll_weight=0.5, chunk_tokens=chunk, **head
             )
         with torch.no_grad():  # reference model: the forward-only kernel
@@ -380,9 +385,11 @@ def write_json(report: dict, path: str) -> None:
         "targets": report["targets"],
         "variants": report["variants"],
     }
-    with open(path, "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
 
 
 def main(argv=None) -> int:
