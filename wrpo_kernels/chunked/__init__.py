@@ -4,7 +4,7 @@ A backend plugs in its row ops, an object of the :class:`RowOps` protocol (:mod:
 chunk's GEMM, per-row log-sum-exp and target logit, the in-place softmax gradient and the group loss.
 """
 
-from .entry import run_fused, run_logprobs
+from .entry import on_labelled_rows, run_fused, run_logprobs
 from .fused_loss import FusedLinearWRPOFunction, FusedPlan
 from .grads import HeadGrads
 from .logprobs import LinearLogprobsFunction, LogprobPlan, reduce_token_logprobs
@@ -26,6 +26,7 @@ __all__ = [
     "Targets",
     "default_chunk_tokens",
     "math_dtype",
+    "on_labelled_rows",
     "plan_group_chunks",
     "reduce_token_logprobs",
     "row_tiles",

@@ -1,15 +1,23 @@
 """Triton backend: row kernels, the group-loss kernel and a forward-only tiled kernel (docs/method.md §4).
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it; the
-variable must be set before this package is imported). Inputs: fp32, fp16, bf16.
+variable must be set before this package is imported). Inputs: fp32, fp16, bf16. Every launch is a
+``launch.Launch`` record (tiles chosen per GPU generation and dtype in ``forward_kernel.TILES``), so
+``aot`` compiles exactly what the launchers would run, for sm_80 and sm_90, without a GPU.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..chunked import PreferenceLossFunction, Targets, reduce_token_logprobs, run_fused, run_logprobs
-from ..chunked.entry import on_labelled_rows
+from ..chunked import (
+    PreferenceLossFunction,
+    Targets,
+    on_labelled_rows,
+    reduce_token_logprobs,
+    run_fused,
+    run_logprobs,
+)
 from .forward_kernel import forward_token_logprobs
 from .loss_kernel import group_loss_from_logps
 from .ops import TRITON_ROW_OPS
