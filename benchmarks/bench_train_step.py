@@ -7,6 +7,10 @@ log-probs, K = 3 responses per prompt):
                  else wrpo.attention: one causal sdpa call per sequence), the body run without its
                  head, then wrpo_kernels.fused_linear_wrpo_loss on the hidden states and
                  lm_head.weight (which drops the prompt rows before the head)
+  packed-shared-fused  the same with each prompt encoded once for its K responses
+                 (wrpo.packing.pack_shared_prefix: responses restart at position P and attend to the
+                 prompt and themselves); tokens/s still counts the unshared tokens (prompt once per
+                 response), so the same work counts the same; --profile picks the lengths
   packed-mask-fused  the same, attention through sdpa with a dense block-diagonal causal mask
                  (one row per group), what a model without a varlen attention gets
   padded-naive   the usual trainer path: one right-padded row per sequence, the model's full logits
@@ -42,9 +46,19 @@ import wrpo_kernels as wk
 from wrpo import preference_loss
 from wrpo.attention import NAME as SEGMENT_ATTENTION
 from wrpo.model_loss import varlen_attention
-from wrpo.packing import IGNORE_INDEX, block_causal_mask, pack_groups, pad_groups
+from wrpo.packing import IGNORE_INDEX, block_causal_mask, pack_groups, pack_shared_prefix, pad_groups
 
-METHODS = ("padded-naive", "packed-naive", "padded-fused", "packed-mask-fused", "packed-fused")
+METHODS = (
+    "padded-naive",
+    "packed-naive",
+    "padded-fused",
+    "packed-mask-fused",
+    "packed-fused",
+    "packed-shared-fused",
+)
+# (prompt range, response range or None for the lognormal of median 250 clipped to [50, 700])
+PROFILES = {"ultrafeedback": ((100, 400), None), "prompt-heavy": ((800, 1200), (50, 200)),
+            "response-heavy": ((20, 60), (400, 800))}  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 K, NUM_CHOSEN, PAD_ID = 3, 2, 0
 
@@ -56,7 +70,11 @@ def make_batches(args) -> list[list[dict]]:
     def tokens(n):
         return torch.randint(1, args.V, (n,), generator=g).tolist()
 
+    (p_lo, p_hi), response_range = PROFILES[args.profile]
+
     def response_length():
+        if response_range is not None:
+            return int(torch.randint(response_range[0], response_range[1] + 1, (1,), generator=g))
         n = 250 * torch.exp(0.6 * torch.randn(1, generator=g)).item()
         return int(min(max(n, 50), 700))
 
@@ -64,7 +82,7 @@ def make_batches(args) -> list[list[dict]]:
     for _ in range(args.batches):
         groups = []
         for _ in range(args.B):
-            prompt = tokens(int(torch.randint(100, 401, (1,), generator=g)))
+            prompt = tokens(int(torch.randint(p_lo, p_hi + 1, (1,), generator=g)))
             responses = [tokens(response_length()) for _ in range(K)]
             ref = [-len(r) * 10.4 + torch.randn(1, generator=g).item() for r in responses]
             groups.append({"prompt_ids": prompt, "responses": responses, "num_chosen": NUM_CHOSEN,
@@ -139,14 +157,16 @@ def naive_loss(model, batch):
 
 def build(method, args):
     """-> step(groups): one forward + backward + AdamW step of ``method`` on a batch of groups."""
-    layout, *mask, loss_kind = method.split("-")
-    model = build_model(args, varlen=layout == "packed" and not mask)
+    layout, *variant, loss_kind = method.split("-")
+    model = build_model(args, varlen=layout == "packed" and "mask" not in variant)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
     loss_fn = fused_loss if loss_kind == "fused" else naive_loss
 
     def collate(groups):
         if layout == "padded":
             return _to(pad_groups(groups, PAD_ID), args.device)
+        if "shared" in variant:  # each prompt once for its K responses
+            return _to(pack_shared_prefix(groups, pad_token_id=PAD_ID), args.device)
         return _to(
             pack_groups(groups, row_per_group=not varlen_attention(model), pad_token_id=PAD_ID), args.device
         )
@@ -218,9 +238,16 @@ def run(args) -> list[dict]:
         results.append({"method": m, "round_times_s": times[m], "median_round_s": med,
                         "tokens_per_s": tokens / med, "peak_mem_mb": memory_in_child(m, args)})  # fmt: skip
     base = next((r for r in results if r["method"] == "padded-naive"), None)
+    unshared = next((r for r in results if r["method"] == "packed-fused"), None)
     for r in results:
         r["speedup_vs_padded_naive"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
         r["mem_vs_padded_naive"] = r["peak_mem_mb"] / base["peak_mem_mb"] if base else None
+        r["speedup_vs_packed_fused"] = r["tokens_per_s"] / unshared["tokens_per_s"] if unshared else None
+        # per round: the same batches, side by side
+        if unshared:
+            r["round_ratios_vs_packed_fused"] = [
+                u / t for u, t in zip(unshared["round_times_s"], r["round_times_s"], strict=True)
+            ]
     args.tokens, args.padding_fraction = tokens, 1 - tokens / padded
     return results
 
@@ -229,12 +256,21 @@ def print_table(results, args):
     print(f"device: {machine(args.device)['device']}; model {describe(args)}; {args.dtype}")
     print(f"{args.batches} batches x {args.B} prompts x {K} responses, {args.tokens} real tokens per round "
           f"(padded: +{100 * args.padding_fraction:.0f}%); median of {args.rounds} rounds")  # fmt: skip
-    print(f"{'method':<19}{'tokens/s':>10}{'round s':>9}{'peak MiB':>10}{'speed-up':>10}{'mem ratio':>11}")
+    print(f"{'method':<20}{'tokens/s':>10}{'round s':>9}{'peak MiB':>10}{'speed-up':>10}{'mem ratio':>11}"
+          f"{'vs packed-fused':>17}")  # fmt: skip
     for r in results:
         su = f"{r['speedup_vs_padded_naive']:.2f}x" if r["speedup_vs_padded_naive"] else "-"
         mr = f"{r['mem_vs_padded_naive']:.2f}" if r["mem_vs_padded_naive"] else "-"
-        print(f"{r['method']:<19}{r['tokens_per_s']:>10.0f}{r['median_round_s']:>9.2f}{r['peak_mem_mb']:>10.0f}"
-              f"{su:>10}{mr:>11}")  # fmt: skip
+        vs = f"{r['speedup_vs_packed_fused']:.2f}x" if r["speedup_vs_packed_fused"] else "-"
+        print(f"{r['method']:<20}{r['tokens_per_s']:>10.0f}{r['median_round_s']:>9.2f}{r['peak_mem_mb']:>10.0f}"
+              f"{su:>10}{mr:>11}{vs:>17}")  # fmt: skip
+
+
+def profile_text(profile: str) -> str:
+    (p_lo, p_hi), response_range = PROFILES[profile]
+    responses = ("lognormal(median 250, sigma 0.6) clipped [50, 700]" if response_range is None
+                 else f"U[{response_range[0]}, {response_range[1]}]")  # fmt: skip
+    return f"prompts U[{p_lo}, {p_hi}]; responses {responses}"
 
 
 def describe(args) -> str:
@@ -244,7 +280,7 @@ def describe(args) -> str:
 def plot(results, path, title):
     bar_plot(results, path, title, [("tokens_per_s", "train-step tokens/s (higher is better)"),
                                     ("peak_mem_mb", "peak memory of a step (MiB)")],
-             highlight=lambda m: m == "packed-fused")  # fmt: skip
+             highlight=lambda m: m in ("packed-fused", "packed-shared-fused"))  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -258,6 +294,7 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, default=4, help="batches per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", choices=PROFILES, default="ultrafeedback", help="prompt/response lengths")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {METHODS}")
     p.add_argument("--out", default=None, help="JSON path, {device} filled in (a .png is written beside it)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -266,7 +303,7 @@ def parse_args(argv=None):
     if unknown := set(args.methods) - set(METHODS):
         p.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
     args.shape_argv = [f"--{k}={getattr(args, k)}" for k in ("device", "dtype", "H", "layers", "V", "B",
-                                                               "batches", "seed")]  # fmt: skip
+                                                               "batches", "seed", "profile")]  # fmt: skip
     return args
 
 
@@ -282,7 +319,7 @@ def main(argv=None):
         record = {
             "machine": machine(args.device), "model": describe(args), "dtype": args.dtype,
             "batch": {"prompts": args.B, "responses_per_prompt": K, "batches_per_round": args.batches},
-            "lengths": "prompts U[100, 400]; responses lognormal(median 250, sigma 0.6) clipped [50, 700]",
+            "profile": args.profile, "lengths": profile_text(args.profile),
             "real_tokens_per_round": args.tokens, "padding_fraction": args.padding_fraction,
             "rounds": args.rounds, "ref_logps": "precomputed", "date": time.strftime("%Y-%m-%d"),
             "results": results,
