@@ -100,36 +100,20 @@ def forward_launch(hidden, weight, bias, safe_labels, valid, lse, logp, opts) ->
     V = weight.shape[0]
     t = forward_tiles(device_arch(hidden.device), hidden.dtype)
     softcap = float(opts.softcap) if opts.softcap is not None else 1.0
-    return Launch(
-        _forward_logprobs_kernel,
-        (triton.cdiv(N, t.block_n),),
-        (
-            hidden,
-            weight,
-            bias if bias is not None else weight,
-            safe_labels,
-            valid,
-            lse,
-            logp,
-            N,
-            V,
-            H,
-            hidden.stride(0),
-            weight.stride(0),
-            softcap,
-            1.0 / float(opts.temperature),
-        ),  # fmt: skip
-        {
-            "HAS_BIAS": bias is not None,
-            "HAS_SOFTCAP": opts.softcap is not None,
-            "IEEE": hidden.dtype == torch.float32,
-            "BLOCK_N": t.block_n,
-            "BLOCK_V": t.block_v,
-            "BLOCK_H": t.block_h,
-        },
-        num_warps=t.num_warps,
-        num_stages=t.num_stages,
-    )
+    args = (
+        hidden, weight, bias if bias is not None else weight, safe_labels, valid, lse, logp,
+        N, V, H, hidden.stride(0), weight.stride(0), softcap, 1.0 / float(opts.temperature),
+    )  # fmt: skip
+    constexprs = {
+        "HAS_BIAS": bias is not None,
+        "HAS_SOFTCAP": opts.softcap is not None,
+        "IEEE": hidden.dtype == torch.float32,
+        "BLOCK_N": t.block_n,
+        "BLOCK_V": t.block_v,
+        "BLOCK_H": t.block_h,
+    }
+    grid = (triton.cdiv(N, t.block_n),)
+    return Launch(_forward_logprobs_kernel, grid, args, constexprs, t.num_warps, t.num_stages)
 
 
 def forward_token_logprobs(hidden, weight, bias, safe_labels, valid, opts):
