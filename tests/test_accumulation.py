@@ -111,3 +111,29 @@ def test_mean_logit_metrics_match_the_full_logits(backend, K, num_chosen):
     rejected = valid & (seq % K >= num_chosen)
     assert_rel_close(out.metrics["logits/chosen"], logits[chosen].mean(), 1e-12, "chosen")
     assert_rel_close(out.metrics["logits/rejected"], logits[rejected].mean(), 1e-12, "rejected")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_autocast_does_not_change_the_fused_loss(backend):
+    """Under bf16 autocast the head still computes in its inputs' dtype (here fp32), exactly; the
+    backward runs outside autocast, as autocast's documentation asks."""
+    batch = make_batch(B=2, K=3, H=6, V=29, seed=5, dtype=torch.float32, with_bias=True)
+
+    def loss_and_grads(cast):
+        h, w, b = batch.params()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            out = fused_linear_wrpo_loss(
+                h, w, batch.labels, batch.cu_seqlens, bias=b, ref_logps=batch.ref_logps, backend=backend,
+                **OPTIONS["dpo_nll"],
+            )  # fmt: skip
+        out.loss.backward()
+        return out.loss.detach(), h.grad, w.grad, b.grad
+
+    for a, b in zip(loss_and_grads(True), loss_and_grads(False), strict=True):
+        assert torch.equal(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 activation beside fp32 weights
+        out = fused_linear_wrpo_loss(
+            batch.hidden.bfloat16(), batch.weight, batch.labels, batch.cu_seqlens, ref_logps=batch.ref_logps,
+            backend=backend,
+        )  # fmt: skip
+    assert out.loss.dtype == torch.float32

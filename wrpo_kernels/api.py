@@ -80,11 +80,32 @@ def compile_boundary(fn):
 
     @functools.wraps(fn)
     def public(*args, **kwargs):
+        run = outside_autocast(fn)
         if torch.compiler.is_compiling():
-            return torch.compiler.disable(fn)(*args, **kwargs)
-        return fn(*args, **kwargs)
+            return torch.compiler.disable(run)(*args, **kwargs)
+        return run(*args, **kwargs)
 
     return public
+
+
+def outside_autocast(fn):
+    """Run ``fn`` with autocast off for its first tensor's device: the head computes in its weight's
+    dtype, accumulating in fp32, whatever mixed precision the caller runs under. Under autocast a
+    ``hidden`` of another dtype than ``weight`` (a bf16 activation beside fp32 parameters) is cast
+    to the weight's dtype; without autocast a dtype mismatch stays an error."""
+
+    @functools.wraps(fn)
+    def run(first, *args, **kwargs):
+        device = first.device.type if isinstance(first, torch.Tensor) else None
+        if device is None or not torch.is_autocast_enabled(device):
+            return fn(first, *args, **kwargs)
+        weight = args[0] if args else kwargs.get("weight")
+        if isinstance(weight, torch.Tensor) and first.dtype != weight.dtype:
+            first = first.to(weight.dtype)
+        with torch.autocast(device, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return run
 
 
 @compile_boundary
