@@ -27,7 +27,13 @@ pytestmark = pytest.mark.skipif(
     triton_unavailable_reason(DEVICE) is not None, reason=str(triton_unavailable_reason(DEVICE))
 )
 TOL32 = 2e-4  # fp32 Triton vs fp64 reference
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def gpu(test):
+    """The registered ``gpu`` marker (``pytest -m gpu`` selects it), skipped without a CUDA device."""
+    return pytest.mark.gpu(
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test)
+    )
 
 
 def on_device(batch):
