@@ -257,17 +257,25 @@ def auto_step(step, cfg, log, env, timeout):
         step.figures = f"exit code {rc}, no result"
 
 
+def child_record(step, rc, out, timeout):
+    """The JSON a child step wrote, or None with the step marked failed (timed out, or no result)."""
+    if rc is None:
+        step.status, step.figures = "failed", f"timed out after {timeout:.0f} s"
+        return None
+    rec = read_json(out)
+    if not rec:
+        step.status, step.figures = "failed", f"exit code {rc}, no result"
+        return None
+    return rec
+
+
 def tests_step(step, cfg, log, env, timeout):
     out = cfg.path("gpu_tests_{device}.json")
     rc = run_child(
         [sys.executable, __file__, "--child", "tests", "--json", out, "--", *cfg.tests], timeout, log, env
     )
-    rec = read_json(out) if rc is not None else None
-    if rc is None:
-        step.status, step.figures = "failed", f"timed out after {timeout:.0f} s"
-        return
-    if not rec:
-        step.status, step.figures = "failed", f"exit code {rc}, no result"
+    rec = child_record(step, rc, out, timeout)
+    if rec is None:
         return
     step.record = rec
     counts = ", ".join(f"{n} {k}" for k, n in rec["counts"].items()) or "none ran"
@@ -298,12 +306,8 @@ def bench_step(step, cfg, log, env, timeout):
     if cfg.peak_tflops:
         cmd += ["--peak-tflops", cfg.peak_tflops]
     rc = run_child(cmd, timeout, log, env)
-    rec = read_json(out) if rc is not None else None
-    if rc is None:
-        step.status, step.figures = "failed", f"timed out after {timeout:.0f} s"
-        return
-    if not rec:
-        step.status, step.figures = "failed", f"exit code {rc}, no result"
+    rec = child_record(step, rc, out, timeout)
+    if rec is None:
         return
     step.record = {"json": str(out)}
     step.status = "ok" if rc == 0 else "failed"
