@@ -66,19 +66,23 @@ class WRPOConfig(TrainingArguments):
             self.use_cpu = True
             self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
-        for name, value, allowed in (
-            ("loss_type", self.loss_type, LOSS_TYPES),
-            ("alpha_schedule", self.alpha_schedule, ALPHA_SCHEDULES),
-            ("kernel_backend", self.kernel_backend, BACKENDS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"--{name} {value!r} is not one of {allowed}")
+        check_choices(
+            self, {"loss_type": LOSS_TYPES, "alpha_schedule": ALPHA_SCHEDULES, "kernel_backend": BACKENDS}
+        )
         if self.prefix_sharing and not self.packing:
             raise ValueError(
                 "--prefix_sharing needs --packing (it packs each group's responses after its prompt)"
             )
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must stay False: the collator reads the token columns")
+
+
+def check_choices(config, choices: dict) -> None:
+    """ValueError naming the first field of ``config`` whose value is not among its allowed ones."""
+    for name, allowed in choices.items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise ValueError(f"--{name} {value!r} is not one of {allowed}")
 
 
 def _distributed_without_gpu() -> bool:

@@ -126,12 +126,6 @@ def gathered_head(head: torch.nn.Module):
         yield
 
 
-def head_precision(hidden: torch.Tensor):
-    """Autocast off around the fused head: it computes in the head weight's dtype, accumulating in fp32,
-    whatever mixed precision the body ran under (hidden states are cast to the weight's dtype)."""
-    return torch.autocast(device_type=hidden.device.type, enabled=False)
-
-
 def call_inside_forward(model, lm: torch.nn.Module, fn):
     """Run ``fn()`` as ``lm.forward`` while calling ``model`` (``lm`` or a wrapper around it), so that
     the wrappers' forward hooks (gathering, gradient sync) act around it; returns ``fn()``'s result."""
@@ -157,11 +151,11 @@ def call_inside_forward(model, lm: torch.nn.Module, fn):
 
 def run_head(lm, batch: dict, head_fn, **options):
     """``head_fn(hidden, weight, labels, cu_seqlens, bias=..., **options)`` on the body's hidden states,
-    the head's parameters gathered (ZeRO-3) and autocast off (see :func:`head_precision`)."""
+    the head's parameters gathered (ZeRO-3). The head functions run outside autocast themselves."""
     h, labels, cu = head_inputs(body_hidden_states(lm, batch), batch)
     head = lm.get_output_embeddings()
-    with gathered_head(head), head_precision(h):
-        return head_fn(h.to(head.weight.dtype), head.weight, labels, cu, bias=head.bias, **options)
+    with gathered_head(head):
+        return head_fn(h, head.weight, labels, cu, bias=head.bias, **options)
 
 
 def _head_options(lm, options: dict) -> dict:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from wrpo_kernels.packing import sequence_ids
+
 IGNORE_INDEX = -100
 
 
@@ -125,14 +127,13 @@ def batch_counts(batch: dict) -> torch.Tensor:
     responses (what the group mean and the NLL mean divide by)."""
     K = batch["responses_per_prompt"]
     labels = batch["labels"]
-    if "cu_seqlens" in batch:
-        cu = batch["cu_seqlens"]
-        seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff())
-        first = (seq % K == 0) & (labels.reshape(-1) != IGNORE_INDEX)
-    else:
-        rows = torch.arange(labels.shape[0], device=labels.device)
-        first = (rows[:, None] % K == 0) & (labels != IGNORE_INDEX)
-    S = batch["cu_seqlens"].numel() - 1 if "cu_seqlens" in batch else labels.shape[0]
+    if "cu_seqlens" in batch:  # packed: the sequence of each token
+        S = batch["cu_seqlens"].numel() - 1
+        seq = sequence_ids(batch["cu_seqlens"], labels.numel()).view(labels.shape)
+    else:  # padded: one sequence per row
+        S = labels.shape[0]
+        seq = torch.arange(S, device=labels.device)[:, None]
+    first = (seq % K == 0) & (labels != IGNORE_INDEX)
     return torch.stack([torch.tensor(S // K, device=labels.device), first.sum()])
 
 

@@ -87,17 +87,17 @@ class WRPOTrainer(ExactAccumulation, Trainer):
         if self.stage == "sft":
             with self.accelerator.autocast():
                 logps = sequence_logps(model, inputs, reduction="sum", **common)
-            tokens = norms.get("num_nll_tokens", batch_counts(inputs)[1].to(logps.device))
-            loss = -logps.sum() / tokens
-            self._store({"nll_loss": (-logps.sum() / batch_counts(inputs)[1]).detach()})
+            nll_sum, own_tokens = -logps.sum(), batch_counts(inputs)[1].to(logps.device)
+            loss = nll_sum / norms.get("num_nll_tokens", own_tokens)
+            self._store({"nll_loss": (nll_sum / own_tokens).detach()})
             return (loss, None) if return_outputs else loss
         ref = self._ref_logps(inputs)
         with self.accelerator.autocast():  # the body in the run's mixed precision (the head stays exact)
             out = preference_loss(
-            model, inputs, ref_logps=ref, alpha=self.current_alpha(),
-            chosen_weights=a.chosen_weights, loss_type=a.loss_type, beta=a.beta, gamma=a.gamma,
-            label_smoothing=a.label_smoothing, nll_weight=a.nll_weight, **norms, **common,
-        )  # fmt: skip
+                model, inputs, ref_logps=ref, alpha=self.current_alpha(),
+                chosen_weights=a.chosen_weights, loss_type=a.loss_type, beta=a.beta, gamma=a.gamma,
+                label_smoothing=a.label_smoothing, nll_weight=a.nll_weight, **norms, **common,
+            )  # fmt: skip
         self._store(out.metrics)
         return (out.loss, out) if return_outputs else out.loss
 

@@ -14,6 +14,7 @@ TRL options this backend does not implement are refused when the trainer is buil
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from wrpo_kernels.metrics import preference_metrics
 from wrpo_kernels.objective import make_spec
 
 from ..accumulation import ExactAccumulation
+from ..config import check_choices
 from ..model_loss import causal_lm, preference_loss, sequence_logps, varlen_attention
 from ..packing import PreferenceCollator
 from ..schedule import ALPHA_SCHEDULES
@@ -70,13 +72,9 @@ class WRPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, value, allowed in (
-            ("alpha_schedule", self.alpha_schedule, ALPHA_SCHEDULES),
-            ("kernel_backend", self.kernel_backend, BACKENDS),
-            ("chosen_layout", self.chosen_layout, LAYOUTS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"WRPOConfig.{name}={value!r} is not one of {allowed}")
+        check_choices(
+            self, {"alpha_schedule": ALPHA_SCHEDULES, "kernel_backend": BACKENDS, "chosen_layout": LAYOUTS}
+        )
 
 
 def loss_options(args: WRPOConfig) -> tuple[str, float]:
@@ -185,10 +183,8 @@ class WRPOTrainer(ExactAccumulation, DPOTrainer):
     @torch.no_grad()
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         """Adds ``ref_logps`` [K] per group, from the reference model (or the starting policy)."""
-        collate = PreferenceCollator(
-            self._tokenizer.pad_token_id, packing=self.args.packing, row_per_group=True
-        )
-        loader = self.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self._collator())
+        loader = self.accelerator.prepare(loader)
         out = []
         for batch in loader:
             logps = self._reference_logps(batch, force=True)
@@ -201,26 +197,28 @@ class WRPOTrainer(ExactAccumulation, DPOTrainer):
     @torch.no_grad()
     def _reference_logps(self, inputs, force: bool = False):
         """[B, K] reference log-probs: precomputed, or from the reference model, or from the policy with
-        its PEFT adapter disabled."""
-        K = inputs["responses_per_prompt"]
-        if "ref_logps" in inputs and not force:
-            return inputs["ref_logps"]
-        if self._loss_type == "simpo" and not force:
-            return None
-        opts = {"backend": self.args.kernel_backend, "chunk_tokens": self.args.chunk_tokens}
-        with self.accelerator.autocast():
-            return self._reference_logps_of(inputs, K, opts, force)
-
-    def _reference_logps_of(self, inputs, K, opts, force):
-        if self.ref_model is not None:
-            return sequence_logps(self.ref_model, inputs, **opts).view(-1, K)
-        if is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                return sequence_logps(self.model, inputs, **opts).view(-1, K)
-        if force:  # precomputing before training: the policy is still the reference
-            return sequence_logps(self.model, inputs, **opts).view(-1, K)
-        raise ValueError("WRPOTrainer: no reference model and no precomputed ref_logps")
+        its PEFT adapter disabled; ``force``: computed even if precomputed or unused (simpo), and from the
+        policy itself when there is neither (precomputing before training)."""
+        if not force:
+            if "ref_logps" in inputs:
+                return inputs["ref_logps"]
+            if self._loss_type == "simpo":
+                return None
+        model, adapter = self.ref_model, contextlib.nullcontext()
+        if model is None:
+            if not (force or is_peft_model(self.model)):
+                raise ValueError("WRPOTrainer: no reference model and no precomputed ref_logps")
+            model = self.model
+            if is_peft_model(self.model):
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                adapter = use_adapter(
+                    unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None
+                )
+        with adapter, self.accelerator.autocast():
+            logps = sequence_logps(
+                model, inputs, backend=self.args.kernel_backend, chunk_tokens=self.args.chunk_tokens
+            )
+        return logps.view(-1, inputs["responses_per_prompt"])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         a = self.args

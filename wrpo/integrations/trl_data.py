@@ -130,8 +130,7 @@ def regroup(tokenized: datasets.Dataset, max_length: int | None) -> datasets.Dat
         pieces = [parts[g][k] for k in range(K)]
         P = min(len(p) for p, _ in pieces)
         full = [list(p) + list(y) for p, y in pieces]
-        end = None if max_length is None else max_length
         out["prompt_ids"].append(full[0][:P])
-        out["responses"].append([ids[P:end] for ids in full])
+        out["responses"].append([ids[P:max_length] for ids in full])
         out["num_chosen"].append(num_chosen[g])
     return datasets.Dataset.from_dict(out)
