@@ -12,12 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from transformers.models.gemma2 import modeling_gemma2
 from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
 from wrpo import model_loss as model_loss_module
-from wrpo import pack_groups, preference_loss, sequence_logps
-from wrpo.attention import NAME, segment_attention, segment_layout
+from wrpo import pack_groups, pad_groups, preference_loss, sequence_logps
+from wrpo.attention import NAME, segment_layout
 from wrpo.model_loss import body_hidden_states
 from wrpo.packing import IGNORE_INDEX, pack_shared_prefix, shared_prefix_mask
 
@@ -27,7 +29,26 @@ SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_h
 MODELS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 4}),
     "qwen2-gqa": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
+    # windows of 4 tokens, shorter than most sequences here: they reach back into the prompt or not
+    "mistral-window": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        {"num_key_value_heads": 2, "sliding_window": 4},
+    ),
+    # alternating windowed and full layers, attention scores soft-capped at 2, logits at 0.7
+    "gemma2-window-softcap": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            "num_key_value_heads": 2,
+            "sliding_window": 3,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 0.7,
+            "query_pre_attn_scalar": 8,
+        },
+    ),
 }
+WINDOWED = ("mistral-window", "gemma2-window-softcap")  # fmt: skip
 MAX_DIFF: dict[str, float] = {}  # the largest differences seen, printed with -s
 
 
@@ -36,10 +57,16 @@ def _rms_norm_in_input_dtype(self, hidden):
     return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
 
 
+def _gemma_rms_norm_in_input_dtype(self, hidden):
+    return (1.0 + self.weight) * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
 @pytest.fixture(autouse=True)
 def full_precision_norms(monkeypatch):
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
     monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", _rms_norm_in_input_dtype)
+    monkeypatch.setattr(modeling_mistral.MistralRMSNorm, "forward", _rms_norm_in_input_dtype)
+    monkeypatch.setattr(modeling_gemma2.Gemma2RMSNorm, "forward", _gemma_rms_norm_in_input_dtype)
 
 
 def build(name, impl=NAME, seed=0):
@@ -150,7 +177,7 @@ def test_shared_prefix_equals_the_unshared_packed_path(name, K):
     assert_same(loss_logps_grads(model, pack_shared_prefix(groups, row_per_group=True)), unshared)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [m for m in MODELS if m not in WINDOWED])
 def test_dense_mask_path_equals_too(name):
     """sdpa with :func:`shared_prefix_mask` (what other attention implementations get)."""
     groups = random_groups(2, 3, seed=7)
@@ -211,14 +238,29 @@ def test_what_cannot_be_exact_is_refused():
     # a response restarting at 4 after a first stretch of 2 tokens: no 4-token prompt to share
     with pytest.raises(ValueError, match="restart at 4 at index 5"):
         segment_layout(torch.tensor([[0, 1, 2, 0, 1, 4, 5]]))
-    q = torch.randn(1, 2, 6, 4)
-    pos = torch.tensor([[0, 1, 2, 3, 2, 3]])
-    with pytest.raises(
-        ValueError, match="sliding windows: a sequence of 4 tokens exceeds this layer's window of 3"
-    ):
-        segment_attention(torch.nn.Module(), q, q, q, None, position_ids=pos, sliding_window=3)
-    out, _ = segment_attention(torch.nn.Module(), q, q, q, None, position_ids=pos, sliding_window=4)
-    assert out.shape == (1, 6, 2, 4)
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_windows_follow_the_models_own_masks(name):
+    """The windowed (and soft-capped) segments give the log-probs of the model's own padded run, whose
+    masks transformers builds; a window shorter than the sequences must change them (the control)."""
+    groups = random_groups(3, 3, seed=21)
+    model = build(name)
+    packed = sequence_logps(model, pack_shared_prefix(groups), backend="torch")
+    eager = build(name, "eager")  # one sequence per call: no padding rows (fully masked: NaN in eager)
+    padded = torch.stack([
+        sequence_logps(eager, pad_groups([{**g, "responses": [y], "num_chosen": 1}], 0), backend="torch")[0]
+        for g in groups for y in g["responses"]
+    ])  # fmt: skip
+    _record(f"{name} vs its padded eager run (relative)", ((packed - padded) / padded).abs().max())
+    # eager attention takes its softmax in fp32
+    torch.testing.assert_close(packed, padded, rtol=1e-6, atol=0)
+    model.config.sliding_window = 10**6
+    for layer in model.model.layers:
+        if getattr(layer.self_attn, "sliding_window", None):
+            layer.self_attn.sliding_window = 10**6
+    unwindowed = sequence_logps(model, pack_shared_prefix(groups), backend="torch")
+    assert (unwindowed - packed).abs().max() > 1e-4
 
 
 def test_report_max_differences():

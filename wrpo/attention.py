@@ -14,6 +14,10 @@ Shared prefixes (:func:`wrpo.packing.pack_shared_prefix`): where positions resta
 of 0, a response follows its group's prompt (the group's first P tokens) without repeating it; its
 queries attend to ``cat(prompt keys, own keys)`` under a [R, P + R] causal mask aligned to the bottom
 right. The prompt and the first response, contiguous, take one causal call.
+
+Sliding windows count logical positions (key position > query position - window, as transformers'
+masks): a sequence longer than its layer's window gets the window as a mask. Attention logit soft
+capping (Gemma 2: ``tanh(s / c) * c`` before the mask) runs the scores explicitly, as eager attention.
 """
 
 from __future__ import annotations
@@ -91,12 +95,49 @@ def _bounds_for_forward(position_ids: torch.Tensor) -> list[list[tuple[int, int,
     return bounds
 
 
-def _prefix_causal_mask(prefix_len: int, n: int, device) -> torch.Tensor:
-    """[n, prefix_len + n] boolean: query i sees every prefix key and keys prefix_len + j for j <= i
-    (causal aligned to the bottom right; sdpa's ``is_causal`` is aligned to the top left)."""
-    i = torch.arange(n, device=device)[:, None]
-    j = torch.arange(prefix_len + n, device=device)[None, :]
-    return j <= i + prefix_len
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[n_q, n_k] boolean from logical positions: key visible if k <= q and, with a window, k > q - window."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    seen = k <= q
+    return seen & (k > q - window) if window is not None else seen
+
+
+def _capped_attention(q, k, v, visible, scale, softcap, dropout_p, gqa):
+    """Attention with logit soft capping (``tanh(s / c) * c``), explicit as eager attention; [1, Hq, n, D]."""
+    if gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = F.dropout(scores.softmax(-1), p=dropout_p, training=dropout_p > 0)
+    return probs @ v
+
+
+def _stretch_attention(query, key, value, r, stretch, position_ids, *, scale, window, softcap, p, gqa):
+    """Stretch ``(a, b, g, plen)`` of row ``r`` (:func:`segment_layout`) -> its output [1, Hq, b - a, D]."""
+    a, b, g, plen = stretch
+    q, k, v = query[r : r + 1, :, a:b], key[r : r + 1, :, a:b], value[r : r + 1, :, a:b]
+    if plen:  # a response after a shared prompt: keys and values of the prompt, then its own
+        k = torch.cat([key[r : r + 1, :, g : g + plen], k], dim=2)
+        v = torch.cat([value[r : r + 1, :, g : g + plen], v], dim=2)
+    windowed = window is not None and plen + b - a > window
+    if not windowed and softcap is None:  # causal (aligned to the bottom right with a prefix)
+        mask = None
+        if plen:
+            n = torch.arange(plen + b - a, device=query.device)
+            mask = _visible(n[plen:], n, None)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=not plen, scale=scale, enable_gqa=gqa
+        )
+    pos = position_ids[min(r, position_ids.shape[0] - 1)]
+    k_pos = torch.cat([pos[g : g + plen], pos[a:b]]) if plen else pos[a:b]
+    visible = _visible(pos[a:b], k_pos, window)
+    if softcap is not None:
+        return _capped_attention(q, k, v, visible, scale, softcap, p, gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=visible, dropout_p=p, scale=scale, enable_gqa=gqa
+    )
 
 
 def segment_attention(
@@ -105,9 +146,9 @@ def segment_attention(
     """query [R, Hq, L, D], key/value [R, Hkv, L, D] -> (output [R, L, Hq, D], None).
 
     Each sequence attends causally to itself only (a shared-prefix response: to its prompt and
-    causally to itself, see :func:`segment_layout`). ``attention_mask`` must be None: padding inside a
+    causally to itself, see :func:`segment_layout`), within the layer's ``sliding_window`` if any,
+    with ``softcap`` applied to the scores if given. ``attention_mask`` must be None: padding inside a
     row is its own sequence (position ids restarting at 0), and its outputs are ignored by the loss.
-    A ``sliding_window`` shorter than a sequence is refused (windows are not applied).
     """
     if attention_mask is not None:
         raise ValueError(
@@ -122,35 +163,24 @@ def segment_attention(
             f"{NAME} attention runs whole packed rows (query length {query.shape[2]} != key length "
             f"{key.shape[2]}: a KV cache?); generate with model.set_attn_implementation('sdpa')"
         )
-    gqa = key.shape[1] != query.shape[1]  # grouped-query attention: sdpa shares each key/value head
-    p = dropout if module.training else 0.0
-    rows = []
+    options = {
+        "scale": scaling,
+        "window": kwargs.get("sliding_window"),
+        "softcap": kwargs.get("softcap"),
+        "p": dropout if module.training else 0.0,
+        "gqa": key.shape[1] != query.shape[1],  # grouped-query attention: each key/value head shared
+    }
     bounds = _bounds_for_forward(position_ids)
     if len(bounds) == 1:  # one row of positions shared by every row of the batch
         bounds = bounds * query.shape[0]
     if len(bounds) != query.shape[0]:
         raise ValueError(f"position_ids has {len(bounds)} rows for a batch of {query.shape[0]} rows")
-    window = kwargs.get("sliding_window")
-    for r, segments in enumerate(bounds):
-        parts = []
-        for a, b, g, plen in segments:
-            if window is not None and plen + b - a > window:
-                raise ValueError(
-                    f"{NAME} attention does not apply sliding windows: a sequence of {plen + b - a} "
-                    f"tokens exceeds this layer's window of {window}"
-                )
-            q, k, v = query[r : r + 1, :, a:b], key[r : r + 1, :, a:b], value[r : r + 1, :, a:b]
-            mask, causal = None, True
-            if plen:  # a response after a shared prompt: keys and values of the prompt, then its own
-                k = torch.cat([key[r : r + 1, :, g : g + plen], k], dim=2)
-                v = torch.cat([value[r : r + 1, :, g : g + plen], v], dim=2)
-                mask, causal = _prefix_causal_mask(plen, b - a, query.device), False
-            parts.append(
-                F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=scaling, enable_gqa=gqa
-                )
-            )
-        rows.append(torch.cat(parts, dim=2))
+    rows = [
+        torch.cat(
+            [_stretch_attention(query, key, value, r, st, position_ids, **options) for st in row], dim=2
+        )
+        for r, row in enumerate(bounds)
+    ]
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
