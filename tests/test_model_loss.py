@@ -3,7 +3,10 @@
 The model's forward applies its logit transform (Gemma's soft cap, Cohere's logit scale, Granite's
 logits scaling); the model-level entry must read the same transform from the config and give the
 log-probs and loss of the model's real logits. Also: wrappers are seen through, the model's own
-``forward`` is restored afterwards, and a model with no LM head gets a clear error.
+``forward`` is restored afterwards, and a model with no LM head gets a clear error. Packed batches
+whose sequences would attend to each other (no position ids, positions that do not restart per
+sequence, flash-attention over several rows) are refused; every supported packed path gives the
+padded loss.
 """
 
 from __future__ import annotations
@@ -205,3 +208,86 @@ def test_other_logit_multipliers_become_a_temperature(fields, expected):
     for k, v in fields.items():
         setattr(config, k, v)
     assert head_transform(config) == (None, pytest.approx(expected, rel=1e-15))
+
+
+# ---- packed sequences must not attend to each other ------------------------------------------------------
+
+
+@pytest.mark.parametrize("row_per_group", [False, True])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "wrpo_segments"])
+def test_every_supported_packed_path_gives_the_padded_loss(impl, row_per_group):
+    """One row or one row per group; per-sequence attention or the block mask built for sdpa/eager."""
+    import wrpo.attention  # noqa: F401  (registers wrpo_segments)
+
+    model, feats = build("llama"), groups(seed=3)
+    padded = preference_loss(model, pad_groups(feats, 0), backend="torch", beta=0.3).loss
+    model.set_attn_implementation(impl)
+    batch = pack_groups(feats, row_per_group=row_per_group)
+    packed = preference_loss(model, batch, backend="torch", beta=0.3).loss
+    tol = 1e-6 if impl == "eager" else 1e-10  # eager attention takes its softmax in fp32
+    torch.testing.assert_close(packed, padded, rtol=tol, atol=0)
+
+
+def test_packed_sequences_without_position_ids_would_attend_to_each_other():
+    """Why the checks below exist: one packed row run with positions that do not restart gives other
+    hidden states (and so another loss) for every sequence after the first."""
+    model, feats = build("llama"), groups(seed=4)
+    batch = pack_groups(feats[:1])
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    body = model.model
+    separated = body(input_ids=ids, position_ids=pos, attention_mask=block_mask(pos)).last_hidden_state
+    leaked = body(input_ids=ids).last_hidden_state  # causal over the whole row
+    first = int(batch["cu_seqlens"][1])
+    torch.testing.assert_close(leaked[:, :first], separated[:, :first], rtol=1e-10, atol=1e-12)
+    assert (leaked[:, first:] - separated[:, first:]).abs().max() > 1e-2
+
+
+def block_mask(pos):
+    from wrpo.packing import block_causal_mask
+
+    return block_causal_mask(pos, torch.float64)
+
+
+@pytest.mark.parametrize("entry", ["preference_loss", "sequence_logps"])
+def test_a_packed_batch_without_position_ids_is_refused(entry):
+    model, feats = build("llama"), groups()
+    fn = preference_loss if entry == "preference_loss" else sequence_logps
+    for row_per_group in (False, True):
+        batch = pack_groups(feats, row_per_group=row_per_group)
+        del batch["position_ids"]
+        with pytest.raises(ValueError, match="without position_ids: its sequences would attend"):
+            fn(model, batch, backend="torch")
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])  # a 2D mask does not separate them
+        with pytest.raises(ValueError, match="without position_ids"):
+            fn(model, batch, backend="torch")
+    assert "forward" not in vars(model)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "wrpo_segments"])
+def test_positions_that_do_not_restart_per_sequence_are_refused(impl):
+    import wrpo.attention  # noqa: F401
+
+    model, feats = build("llama"), groups()
+    model.set_attn_implementation(impl)
+    batch = pack_groups(feats, row_per_group=True)
+    R, L = batch["input_ids"].shape
+    batch["position_ids"] = torch.arange(L).expand(R, L)  # one sequence per row, as far as attention sees
+    with pytest.raises(ValueError, match=r"do not restart at 0 where sequence 1 starts"):
+        preference_loss(model, batch, backend="torch")
+    batch = pack_groups(feats)
+    batch["position_ids"][0, int(batch["cu_seqlens"][4])] = 7  # one start missed (group 1, response 1)
+    with pytest.raises(ValueError, match=r"where sequence 4 starts"):
+        sequence_logps(model, batch, backend="torch")
+
+
+@pytest.mark.parametrize("impl", ["flash_attention_2", "flash_attention_3"])
+def test_flash_attention_with_several_packed_rows_is_refused(impl):
+    """transformers' flash path reads position ids as varlen bounds only for a batch of one row; with
+    more rows it runs each row causally as one sequence. Refused before the body runs (no flash-attn
+    needed here)."""
+    model, feats = build("llama"), groups()
+    model.config._attn_implementation = impl
+    with pytest.raises(ValueError, match="only in a batch of one row"):
+        preference_loss(model, pack_groups(feats, row_per_group=True), backend="torch")
+    with pytest.raises(ValueError, match="only in a batch of one row"):
+        sequence_logps(model, pack_groups(feats, row_per_group=True, pad_token_id=0), backend="torch")

@@ -73,7 +73,9 @@ def body_hidden_states(lm: PreTrainedModel, batch) -> torch.Tensor:
     Packed rows are separated by ``position_ids``: flash-attention varlen and ``wrpo_segments`` do it
     alone; other attention implementations get a dense block-causal mask. Shared-prefix rows
     (``head_index`` in the batch) need ``wrpo_segments`` or a dense mask: flash-attention varlen would
-    run each response on from the one before it."""
+    run each response on from the one before it. A packed batch whose sequences would attend to each
+    other is refused first (:func:`check_sequences_separated`)."""
+    check_sequences_separated(lm, batch)
     kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
@@ -94,10 +96,57 @@ def body_hidden_states(lm: PreTrainedModel, batch) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def check_sequences_separated(lm: PreTrainedModel, batch) -> None:
+    """Refuse a packed batch whose sequences the body would let attend to each other (docs/method.md §5).
+
+    A packed row (``cu_seqlens`` in the batch) holds several sequences; the attention finds where
+    each starts only from ``position_ids`` restarting at 0. Without them, with positions that do not
+    restart at every start in ``cu_seqlens``, or under flash-attention with more than one row (its
+    varlen path reads position ids of a single row only), every sequence would attend to the ones
+    before it in its row and train on leaked context. Costs one host sync (the position at each
+    sequence start); padded batches (one sequence per row) are not checked."""
+    if "cu_seqlens" not in batch:
+        return
+    fix = (
+        "build the batch with wrpo.PreferenceCollator(pad_token_id, packing=True), whose position_ids "
+        "restart at 0 for every sequence, or use packing=False (one sequence per row, attention_mask)"
+    )
+    if "position_ids" not in batch:
+        raise ValueError(
+            f"packed batch (cu_seqlens: {batch['cu_seqlens'].numel() - 1} sequences in "
+            f"{batch['input_ids'].shape[0]} row(s)) without position_ids: its sequences would attend to "
+            f"each other; {fix}"
+        )
+    impl = lm.config._attn_implementation
+    rows = batch["input_ids"].shape[0]
+    if impl in FLASH_ATTENTION and rows > 1:
+        raise ValueError(
+            f"{impl} separates packed sequences only in a batch of one row (transformers reads "
+            f"position_ids as varlen bounds only then), this one has {rows}: its sequences would attend "
+            f"to each other; collate with row_per_group=False (one row), or use "
+            f"attn_implementation={SEGMENT_ATTENTION!r} or 'sdpa' (a block mask is built)"
+        )
+    if "head_index" in batch:  # shared prefix: cu_seqlens counts gathered head rows, not body tokens
+        return
+    positions = batch["position_ids"].expand_as(batch["input_ids"]).reshape(-1)
+    starts = batch["cu_seqlens"][:-1].to(device=positions.device, dtype=torch.int64)
+    wrong = positions.index_select(0, starts) != 0
+    if bool(wrong.any()):
+        first = int(wrong.nonzero()[0])
+        raise ValueError(
+            f"position_ids do not restart at 0 where sequence {first} starts (token "
+            f"{int(starts[first])} of the flattened rows, per cu_seqlens): the attention would let it "
+            f"attend to the sequences before it; {fix}"
+        )
+
+
 def varlen_attention(lm) -> bool:
     """Whether ``lm`` separates packed sequences by position ids alone (flash-attention varlen, or
     :mod:`wrpo.attention`'s per-sequence sdpa); else a dense block mask is passed."""
-    return lm.config._attn_implementation in ("flash_attention_2", "flash_attention_3", SEGMENT_ATTENTION)
+    return lm.config._attn_implementation in (*FLASH_ATTENTION, SEGMENT_ATTENTION)
 
 
 def head_inputs(hidden, batch):
