@@ -9,7 +9,7 @@ import torch
 from .autoselect import BACKENDS, resolve_backend, triton_unavailable_reason
 from .chunked.options import HeadOptions, math_dtype
 from .metrics import mean_logit_metrics, preference_metrics
-from .objective import make_spec, rewards
+from .objective import make_spec, rewards, token_span
 from .output import WRPOOutput
 from .packing import PackedRows, sequence_ids
 from .validation import as_packed_rows, check_head, check_labels, check_preference_tensor
@@ -164,6 +164,7 @@ def fused_linear_wrpo_loss(
     beta: float = 0.01,
     gamma: float = 0.0,
     label_smoothing: float = 0.0,
+    logp_reduction: str = "sum",
     nll_weight: float = 0.0,
     bias=None,
     ignore_index: int = -100,
@@ -183,6 +184,15 @@ def fused_linear_wrpo_loss(
     ``[alpha, 1 - alpha]`` for K = 3 (sources share alpha in general). Returns a :class:`WRPOOutput`:
     ``loss`` = mean group loss + ``nll_weight`` * mean NLL over the first chosen response's tokens.
 
+    ``logp_reduction``: what the loss compares per response, ``"sum"`` (the paper's summed log-probs)
+    or ``"mean"`` (that sum over the response's n labelled tokens, label != ignore_index). With
+    ``"mean"``, ``out.logps``, the ``logps/*`` metrics and the rewards are the means; ``ref_logps`` must
+    be means too (e.g. ``linear_logprobs(..., reduction="mean")`` under the reference model); dpo
+    becomes length-normalised DPO. simpo and ipo are defined on per-token log-probs already
+    (``beta s / n``, ``(s - s_ref) / n``): with ``"mean"`` they do not divide by n again, so their loss
+    and rewards equal those of ``"sum"`` (ipo given averaged ``ref_logps``); only ``out.logps`` and the
+    ``logps/*`` metrics change. The NLL term is the same under both: a mean over tokens.
+
     ``num_groups`` / ``num_nll_tokens`` (number or 0-dim tensor): the denominators of those two means,
     by default this call's B groups and its first-chosen tokens. To split a batch into micro-batches
     (gradient accumulation, data parallel ranks) pass the whole batch's counts: the micro-batch losses
@@ -193,7 +203,7 @@ def fused_linear_wrpo_loss(
     spec = make_spec(
         responses_per_prompt=responses_per_prompt, num_chosen=num_chosen, alpha=alpha,
         chosen_weights=chosen_weights, loss_type=loss_type, beta=beta, gamma=gamma,
-        label_smoothing=label_smoothing,
+        label_smoothing=label_smoothing, logp_reduction=logp_reduction,
     )  # fmt: skip
     _check_head_options(softcap, temperature, chunk_tokens)
     K = spec.responses_per_prompt
@@ -225,7 +235,7 @@ def fused_linear_wrpo_loss(
     metrics = preference_metrics(spec, logps, rewards(spec, logps, ref, lengths))
     metrics.update(mean_logit_metrics(spec, h, weight, bias, rows, valid=lab != ignore_index))
     if nll_weight:
-        metrics["nll_loss"] = -logps[:, 0].sum() / lengths[:, 0].sum()
+        metrics["nll_loss"] = -(logps[:, 0] * token_span(spec, lengths)[:, 0]).sum() / lengths[:, 0].sum()
     return WRPOOutput(loss=loss, metrics=metrics, logps=logps)
 
 
@@ -242,12 +252,15 @@ def wrpo_loss(
     beta: float = 0.01,
     gamma: float = 0.0,
     label_smoothing: float = 0.0,
+    logp_reduction: str = "sum",
     backend: str = "auto",
 ):
     """(loss, metrics) from per-response log-probs: the backend for trainers that compute log-probs.
 
     policy_logps [B, K] (summed over response tokens; differentiable), ref_logps [B, K] (dpo, ipo),
-    lengths [B, K] response token counts (simpo, ipo; may be None for dpo). The arithmetic runs in fp32
+    lengths [B, K] response token counts (simpo, ipo; may be None for dpo). ``logp_reduction="mean"``:
+    both log-probs are per-token means, as in :func:`fused_linear_wrpo_loss` (lengths unused). The
+    arithmetic runs in fp32
     (fp64 for fp64 log-probs), lengths included, so that bf16 log-probs keep counts above 256 exact; the
     loss comes back in the dtype of ``policy_logps``, the reward metrics in fp32 (fp64).
     """
@@ -264,6 +277,7 @@ def wrpo_loss(
     spec = make_spec(
         responses_per_prompt=K, num_chosen=num_chosen, alpha=alpha, chosen_weights=chosen_weights,
         loss_type=loss_type, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
+        logp_reduction=logp_reduction,
     )  # fmt: skip
     dev, dt = policy_logps.device, policy_logps.dtype
     md = math_dtype(dt)
@@ -271,7 +285,9 @@ def wrpo_loss(
         raise ValueError(f"loss_type={loss_type!r} needs ref_logps [B, K] = [{B}, {K}]")
     ref = check_preference_tensor("ref_logps", ref_logps, B, K, dev) if spec.needs_reference else None
     ref = None if ref is None else ref.to(md)
-    if spec.length_normalised:
+    if not spec.divides_by_length:
+        lengths = None  # no backend reads them
+    else:
         if lengths is None:
             raise ValueError(f"loss_type={loss_type!r} needs lengths [B, K] (response token counts)")
         lengths = torch.as_tensor(lengths, device=dev)

@@ -48,9 +48,9 @@ class FusedLinearWRPOLoss(_FusedHead):
     """``forward(hidden, weight, labels, cu_seqlens, ref_logps=None, bias=None)`` -> :class:`WRPOOutput`.
 
     Options: those of :func:`~wrpo_kernels.fused_linear_wrpo_loss` (responses_per_prompt, num_chosen,
-    alpha, chosen_weights, loss_type, beta, gamma, label_smoothing, nll_weight, ignore_index, softcap,
-    temperature, backend, chunk_tokens). ``num_groups`` / ``num_nll_tokens`` (gradient accumulation)
-    are per call, like ``ref_logps``.
+    alpha, chosen_weights, loss_type, beta, gamma, label_smoothing, logp_reduction, nll_weight,
+    ignore_index, softcap, temperature, backend, chunk_tokens). ``num_groups`` / ``num_nll_tokens``
+    (gradient accumulation) are per call, like ``ref_logps``.
     """
 
     _fn = staticmethod(fused_linear_wrpo_loss)

@@ -10,6 +10,10 @@ then ``K - num_chosen`` rejected ones. For log-probs ``s`` [B, K] (summed over r
 
 and dL/ds_k = dL/dm * a_k * c_k with a = [w_1..w_C, -1/R, ..., -1/R].
 
+With ``logp_reduction="mean"``, ``s`` (and ``s_ref``) are per-token means ``sum / n`` instead: dpo
+becomes length-normalised, and simpo and ipo, already per token, drop their 1/n (c = beta | 1), so
+that their rewards and loss are those of ``"sum"`` (with ``s_ref`` averaged too).
+
 The arithmetic runs in fp32 (fp64 for fp64 log-probs) whatever the dtype of the log-probs: bf16 log-probs
 are upcast, and the token counts n are never rounded to bf16 (which holds integers exactly only up to 256).
 """
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("dpo", "simpo", "ipo")
+LOGP_REDUCTIONS = ("sum", "mean")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class PreferenceSpec:
     beta: float = 0.01
     gamma: float = 0.0
     label_smoothing: float = 0.0
+    logp_reduction: str = "sum"  # what s is: the sum over a response's tokens, or their mean
 
     @property
     def num_rejected(self) -> int:
@@ -47,7 +53,13 @@ class PreferenceSpec:
 
     @property
     def length_normalised(self) -> bool:
+        """Whether the loss is defined on per-token log-probs (simpo, ipo): summed ones need the counts."""
         return self.loss_type in ("simpo", "ipo")
+
+    @property
+    def divides_by_length(self) -> bool:
+        """Whether c holds 1/n: a length-normalised loss on summed log-probs (means already are per token)."""
+        return self.length_normalised and self.logp_reduction == "sum"
 
 
 def default_chosen_weights(num_chosen: int, alpha: float) -> tuple[float, ...]:
@@ -70,10 +82,13 @@ def make_spec(
     beta: float,
     gamma: float,
     label_smoothing: float,
+    logp_reduction: str = "sum",
 ) -> PreferenceSpec:
     """Validate the options of the loss and return a :class:`PreferenceSpec`."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+    if logp_reduction not in LOGP_REDUCTIONS:
+        raise ValueError(f"logp_reduction={logp_reduction!r} is not one of {LOGP_REDUCTIONS}")
     K = responses_per_prompt
     if not isinstance(K, int) or K < 2:
         raise ValueError(f"responses_per_prompt must be an int >= 2, got {K!r}")
@@ -96,7 +111,7 @@ def make_spec(
         if not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
             raise ValueError(f"chosen_weights must sum to 1, got {weights} (sum {sum(weights)})")
     return PreferenceSpec(
-        K, num_chosen, weights, loss_type, float(beta), float(gamma), float(label_smoothing)
+        K, num_chosen, weights, loss_type, float(beta), float(gamma), float(label_smoothing), logp_reduction
     )
 
 
@@ -106,15 +121,21 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def reward_coefficients(spec: PreferenceSpec, lengths: torch.Tensor | None, like: torch.Tensor):
-    """c in r = c * (s - s_ref): a scalar tensor for dpo, ``beta / n`` or ``1 / n`` [B, K] otherwise.
+    """c in r = c * (s - s_ref): ``beta / n`` (simpo) or ``1 / n`` (ipo) [B, K] on summed log-probs,
+    else a scalar tensor: beta (dpo; simpo on means) or 1 (ipo on means).
 
     In the math dtype of ``like`` (:func:`math_dtype`): counts above 256 stay exact for bf16 log-probs.
     """
     dt = math_dtype(like.dtype)
-    if not spec.length_normalised:
-        return torch.tensor(spec.beta, dtype=dt, device=like.device)
-    n = lengths.to(dt)
-    return (spec.beta if spec.loss_type == "simpo" else 1.0) / n
+    base = 1.0 if spec.loss_type == "ipo" else spec.beta
+    if not spec.divides_by_length:
+        return torch.tensor(base, dtype=dt, device=like.device)
+    return base / lengths.to(dt)
+
+
+def token_span(spec: PreferenceSpec, lengths: torch.Tensor) -> torch.Tensor:
+    """Tokens per unit of s [B, K]: n for means (``sum = s * n``), 1 for sums. The NLL term needs the sums."""
+    return lengths if spec.logp_reduction == "mean" else torch.ones_like(lengths)
 
 
 def margin_coefficients(spec: PreferenceSpec, like: torch.Tensor) -> torch.Tensor:

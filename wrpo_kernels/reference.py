@@ -46,18 +46,21 @@ def linear_logprobs(hidden, weight, labels, cu_seqlens, *, reduction="sum", igno
 
 def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths, num_groups=None):
     """(loss, metrics) from [B, K] log-probs, by the formulas of docs/method.md §3, with plain autograd.
+    Summed log-probs (``spec.logp_reduction="sum"``) are divided by ``lengths`` for simpo and ipo.
 
     loss = sum of group losses / ``num_groups`` (default B: the mean)."""
     C, beta = spec.num_chosen, spec.beta
     # the arithmetic in fp32 (fp64 for fp64): bf16 log-probs upcast, token counts never rounded to bf16
     md = torch.promote_types(logps.dtype, torch.float32)
     s, s_ref = logps.to(md), None if ref_logps is None else ref_logps.to(md)
+    per_token = spec.logp_reduction == "mean" or spec.loss_type == "dpo"  # simpo, ipo: no / n on means
+    n = 1.0 if per_token else lengths.to(md)
     if spec.loss_type == "dpo":
         r = beta * (s - s_ref)
     elif spec.loss_type == "simpo":
-        r = beta * s / lengths.to(md)
+        r = beta * s / n
     else:
-        r = (s - s_ref) / lengths.to(md)
+        r = (s - s_ref) / n
     w = torch.tensor(spec.chosen_weights, dtype=r.dtype, device=r.device)
     margin = (r[:, :C] * w).sum(1) - r[:, C:].mean(1) - spec.gamma
     if spec.loss_type == "ipo":
@@ -84,15 +87,17 @@ def fused_linear_wrpo_loss(
 ) -> WRPOOutput:
     """WRPO loss of packed groups, the naive way: full logits -> log-probs [B, K] -> loss (+ NLL).
 
+    ``spec.logp_reduction="mean"``: the loss sees the sums over the token counts.
     ``norms``: (groups, first-chosen tokens) denominators of the two means (None: this batch's)."""
     K = spec.responses_per_prompt
-    logps = linear_logprobs(hidden, weight, labels, cu_seqlens, ignore_index=ignore_index, **head).view(-1, K)
+    sums = linear_logprobs(hidden, weight, labels, cu_seqlens, ignore_index=ignore_index, **head).view(-1, K)
     seq = sequence_ids(cu_seqlens, labels.numel())
-    lengths = segment_sum((labels != ignore_index).to(logps.dtype), seq, logps.numel()).view(-1, K)
+    lengths = segment_sum((labels != ignore_index).to(sums.dtype), seq, sums.numel()).view(-1, K)
+    logps = sums / lengths if spec.logp_reduction == "mean" else sums
     num_groups, num_nll_tokens = norms
     loss, metrics = wrpo_loss(spec, logps, ref_logps, lengths, num_groups)
     if nll_weight:
-        nll_sum = -logps[:, 0].sum()
+        nll_sum = -sums[:, 0].sum()
         nll = nll_sum / lengths[:, 0].sum()
         loss = loss + nll_weight * (nll if num_nll_tokens is None else nll_sum / num_nll_tokens)
         metrics["nll_loss"] = nll.detach()

@@ -3,6 +3,8 @@
 Per chunk of whole groups: logits once (GEMM) -> lse and target -> per-sequence log-probs s ->
 group loss and dL/ds -> logits turned in place into dL/dlogits -> dX for the chunk, dW and db
 accumulated in fp32. Work 6NHV; a group larger than the budget costs 8NHV (two passes over tiles).
+``logp_reduction="mean"`` weighs each token by 1/n of its sequence, in the per-sequence log-probs
+and in their gradient alike (:func:`token_weights`): the same single pass.
 ``backward`` only scales the stored gradients by grad_output.
 """
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..objective import PreferenceSpec
+from ..objective import PreferenceSpec, token_span
 from ..once_differentiable import once_differentiable
 from .grads import HeadGrads
 from .logprobs import recompute_head_grads_
@@ -35,6 +37,16 @@ class FusedPlan:
     num_nll_tokens: torch.Tensor | None = None  # of the mean NLL (default: this batch's first-chosen tokens)
 
 
+def token_weights(spec: PreferenceSpec, t: Targets) -> torch.Tensor:
+    """ds/d(log p_t) [N] in the math dtype: 1 ("sum") or 1/n of the token's sequence ("mean"); 0 if ignored.
+
+    s_k = sum_t weight_t log p_t over sequence k's tokens, and dL/d(log p_t) = dL/ds_k * weight_t.
+    """
+    if spec.logp_reduction == "sum":
+        return t.valid
+    return t.valid / t.counts.to(t.valid.dtype)[t.seq]
+
+
 def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
     """Returns the loss (0-dim), policy log-probs [B, K] and the gradients (:class:`HeadGrads`)."""
     spec, t, opts = plan.spec, plan.targets, plan.opts
@@ -45,10 +57,13 @@ def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
     dev = hidden.device
     want_grad = any(needs)
     lengths = t.counts.view(B, K).to(md)
+    weights = token_weights(spec, t)
     groups = B if plan.num_groups is None else plan.num_groups
-    # dL/ds of the NLL term: -nll_weight / (tokens of all first-chosen responses), on response 0.
+    # the NLL term, -nll_weight / (tokens of all first-chosen responses) * their summed log-probs:
+    # dL/ds_0 = -nll_coef * span (a mean s stands for span = n tokens), whatever logp_reduction is.
     nll_tokens = lengths[:, 0].sum() if plan.num_nll_tokens is None else plan.num_nll_tokens
     nll_coef = plan.nll_weight / nll_tokens
+    span = token_span(spec, lengths)[:, 0]
 
     logps = torch.empty(S, dtype=md, device=dev)
     tok = torch.empty(hidden.shape[0], dtype=md, device=dev)
@@ -64,15 +79,15 @@ def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
         for a, b in c.tiles:
             st = ops.logits(ws, hidden[a:b], weight, bias, opts, for_grad=want_grad and c.single_pass)
             lse[a - c.t0 : b - c.t0], target = ops.stats(st, t.safe[a:b], opts)
-            torch.mul(target - lse[a - c.t0 : b - c.t0], t.valid[a:b], out=tok[a:b])
+            torch.mul(target - lse[a - c.t0 : b - c.t0], weights[a:b], out=tok[a:b])
         s, loss_g, ds = ops.group_loss(spec, tok, t, c, ref_logps, lengths)
         logps[c.g0 * K : c.g1 * K] = s
         group_losses[c.g0 : c.g1] = loss_g
         if not want_grad:
             continue
         ds = ds / groups
-        ds[:, 0] -= nll_coef
-        scale = ds.reshape(-1)[t.seq[c.t0 : c.t1] - c.g0 * K] * t.valid[c.t0 : c.t1]
+        ds[:, 0] -= nll_coef * span[c.g0 : c.g1]
+        scale = ds.reshape(-1)[t.seq[c.t0 : c.t1] - c.g0 * K] * weights[c.t0 : c.t1]
         if c.single_pass:
             g = ops.grad(st, t.safe[c.t0 : c.t1], scale, lse, opts)
             grads.add_rows_(g, c.t0, c.t1, hidden, weight, ops.lowp(ws, c.t1 - c.t0))
@@ -83,7 +98,7 @@ def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
 
     loss = group_losses.mean() if plan.num_groups is None else group_losses.sum() / groups
     if plan.nll_weight:
-        loss = loss - nll_coef * logps.view(B, K)[:, 0].sum()
+        loss = loss - nll_coef * (logps.view(B, K)[:, 0] * span).sum()
     return loss, logps.view(B, K), grads
 
 

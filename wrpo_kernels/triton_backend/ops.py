@@ -36,7 +36,9 @@ class TritonRowOps:
         return None  # the grad kernel already writes dL/dlogits in the input dtype
 
     def group_loss(self, spec: PreferenceSpec, tok, targets, c: GroupChunk, ref, lengths):
-        return group_loss(spec, tok, targets.cu, targets.counts, ref, c.g0, c.g1)
+        # the kernel's n in c = beta / n (simpo), 1 / n (ipo): 1 when the per-sequence s are means
+        n = torch.ones_like(targets.counts) if spec.logp_reduction == "mean" else targets.counts
+        return group_loss(spec, tok, targets.cu, n, ref, c.g0, c.g1)
 
 
 TRITON_ROW_OPS = TritonRowOps()
