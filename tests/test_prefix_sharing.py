@@ -22,6 +22,7 @@ from wrpo import pack_groups, pad_groups, preference_loss, sequence_logps
 from wrpo.attention import NAME, segment_layout
 from wrpo.model_loss import body_hidden_states
 from wrpo.packing import IGNORE_INDEX, pack_shared_prefix, shared_prefix_mask
+from wrpo.sharing import prefix_sharing_plan, prepare_prefix_sharing
 
 VOCAB = 45
 SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -282,11 +283,13 @@ def _train_losses(tmp_path, name, extra):
 
 
 def test_wrpo_train_with_prefix_sharing_logs_the_same_losses(tmp_path, caplog):
-    """``wrpo train --prefix_sharing`` (fp32, tiny model) logs the losses of the unshared packed run."""
-    plain = _train_losses(tmp_path, "plain", [])
-    with caplog.at_level("WARNING", logger="wrpo.trainer"):
-        shared = _train_losses(tmp_path, "shared", ["--prefix_sharing", "true"])
-    assert "prefix sharing: each prompt is encoded once" in caplog.text
+    """``wrpo train`` (fp32, tiny model: sharing on by default) logs the losses of the unshared run."""
+    with caplog.at_level("WARNING", logger="wrpo.sharing"):
+        plain = _train_losses(tmp_path, "plain", ["--prefix_sharing", "false"])
+        assert "prefix sharing: off (turned off (--prefix_sharing false))" in caplog.text
+        caplog.clear()
+        shared = _train_losses(tmp_path, "shared", [])
+        assert "prefix sharing: on (each prompt encoded once" in caplog.text
     assert len(plain) == len(shared) == 4
     torch.testing.assert_close(torch.tensor(shared), torch.tensor(plain), rtol=1e-5, atol=0)
     assert plain[0] != plain[-1]
@@ -297,6 +300,28 @@ def test_prefix_sharing_needs_packing():
 
     with pytest.raises(ValueError, match="--prefix_sharing needs --packing"):
         parse_config(["--prefix_sharing", "true", "--packing", "false", "--output_dir", "/tmp/x"])
+    config = parse_config(["--packing", "false", "--output_dir", "/tmp/x"])
+    assert config.prefix_sharing is None and prefix_sharing_plan(config) == (False, "needs --packing")
+
+
+def test_the_plan_says_why_sharing_is_off():
+    """Automatic: on for models that take position ids and run switchable attention; off (with the
+    reason) otherwise, where an explicit request raises instead."""
+    from types import SimpleNamespace
+
+    auto, asked = SimpleNamespace(packing=True), SimpleNamespace(packing=True, prefix_sharing=True)
+    model = build("llama", "sdpa")
+    assert prefix_sharing_plan(auto, model, None)[0]
+    model.config._attn_implementation = "flex_attention"
+    on, why = prefix_sharing_plan(auto, model)
+    assert not on and "uses 'flex_attention' attention" in why
+    with pytest.raises(ValueError, match="--prefix_sharing: LlamaForCausalLM uses 'flex_attention'"):
+        prefix_sharing_plan(asked, model)
+    model.config._attn_implementation = "flash_attention_2"  # kept unshared unless asked
+    assert prefix_sharing_plan(auto, model)[0] is False
+    assert prefix_sharing_plan(asked, model)[0] is True
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2))
+    assert prefix_sharing_plan(auto, gpt2)[0]  # learned absolute positions take position_ids too
 
 
 @pytest.mark.parametrize("impl", [NAME, "sdpa"])
@@ -307,20 +332,18 @@ def test_precomputed_reference_logps_equal(impl):
 
     model, groups = build("qwen2-gqa", impl), random_groups(5, 3, seed=13, empty_prompt=True)
     config = SimpleNamespace(packing=True, per_device_eval_batch_size=2, kernel_backend="torch")
-    plain = compute_ref_logps(model, groups, config, 0, "cpu")
+    plain = compute_ref_logps(model, groups, SimpleNamespace(**vars(config), prefix_sharing=False), 0, "cpu")
     shared = compute_ref_logps(model, groups, SimpleNamespace(**vars(config), prefix_sharing=True), 0, "cpu")
     assert shared.shape == (5, 3)
     torch.testing.assert_close(shared, plain, rtol=1e-6, atol=0)  # both returned in fp32
 
 
 def test_flash_attention_models_switch_to_segments(caplog):
-    from wrpo.trainer import prepare_prefix_sharing
-
     policy, ref = build("llama"), build("llama", "sdpa")
     policy.config._attn_implementation = "flash_attention_2"  # as loaded on a GPU with flash-attn
-    with caplog.at_level("WARNING", logger="wrpo.trainer"):
+    with caplog.at_level("INFO", logger="wrpo.sharing"):
         prepare_prefix_sharing(policy, ref)
-    assert policy.config._attn_implementation == NAME and ref.config._attn_implementation == "sdpa"
+    assert policy.config._attn_implementation == ref.config._attn_implementation == NAME
     assert "switched from flash_attention_2 to wrpo_segments" in caplog.text
     batch = pack_shared_prefix(random_groups(2, 2, seed=1))
     assert body_hidden_states(policy, batch).shape == (*batch["input_ids"].shape, 32)

@@ -30,6 +30,11 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 NAME = "wrpo_segments"
+# keyword arguments of transformers' attention interface that this attention applies or that do not
+# change its result; any other one (attention sinks, ALiBi slopes, ...) is refused when set
+HANDLED = {"sliding_window", "softcap", "use_cache", "output_attentions", "cache_position", "is_causal",
+           "layer_idx", "position_embeddings", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+           "max_length_k", "head_mask"}  # fmt: skip
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -162,6 +167,12 @@ def segment_attention(
         raise ValueError(
             f"{NAME} attention runs whole packed rows (query length {query.shape[2]} != key length "
             f"{key.shape[2]}: a KV cache?); generate with model.set_attn_implementation('sdpa')"
+        )
+    unknown = sorted(k for k, v in kwargs.items() if k not in HANDLED and v is not None and v is not False)
+    if unknown:
+        raise ValueError(
+            f"{NAME} attention does not apply {', '.join(unknown)} (passed by "
+            f"{type(module).__name__}); run this model unpacked with its own attention implementation"
         )
     options = {
         "scale": scaling,

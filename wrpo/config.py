@@ -49,10 +49,10 @@ class WRPOConfig(TrainingArguments):
     )  # fmt: skip
     kernel_backend: str = field(default="auto", metadata={"help": f"one of {BACKENDS}"})
     packing: bool = True
-    prefix_sharing: bool = field(
-        default=False,
-        metadata={"help": "with packing: encode each prompt once for its responses (exact; needs "
-                  "wrpo_segments, sdpa or eager attention, switches flash-attention to wrpo_segments)"},
+    prefix_sharing: bool | None = field(
+        default=None,
+        metadata={"help": "encode each prompt once for its K responses (exact; runs on wrpo_segments "
+                  "attention). Default: on with packing where the model supports it (the log says)"},
     )  # fmt: skip
     chunk_tokens: int | None = None
     seed_model: int = field(default=0, metadata={"help": "seed of the tiny model's random initialisation"})

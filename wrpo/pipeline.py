@@ -13,8 +13,9 @@ from .data import load_preference_data, tokenize_example
 from .models import load_policy, load_reference
 from .packing import PreferenceCollator
 from .report import plot_curves, summary
+from .sharing import plan_and_prepare
 from .tiny import SAMPLE_DATA
-from .trainer import WRPOTrainer, prepare_prefix_sharing, reference_logps, varlen_attention
+from .trainer import WRPOTrainer, reference_logps, varlen_attention
 
 
 def load_examples(config):
@@ -46,9 +47,7 @@ def build_datasets(examples, tokenizer, config, stage: str):
 def compute_ref_logps(ref_model, dataset, config, pad_token_id: int, device) -> torch.Tensor:
     """[rows, K] reference log-probs of every group, with the forward-only path (each prompt encoded
     once for its responses with ``prefix_sharing``)."""
-    sharing = bool(getattr(config, "prefix_sharing", False)) and config.packing
-    if sharing:
-        prepare_prefix_sharing(ref_model)
+    sharing = plan_and_prepare(config, ref_model)
     row_per_group = not varlen_attention(ref_model)
     collate = PreferenceCollator(
         pad_token_id, packing=config.packing, row_per_group=row_per_group, prefix_sharing=sharing

@@ -16,10 +16,10 @@ import torch
 from transformers import Trainer
 
 from .accumulation import ExactAccumulation
-from .attention import NAME as SEGMENT_ATTENTION
 from .checkpoints import CompleteCheckpoints
-from .model_loss import causal_lm, preference_loss, sequence_logps, varlen_attention
+from .model_loss import preference_loss, sequence_logps, varlen_attention
 from .packing import PreferenceCollator, batch_counts
+from .sharing import plan_and_prepare
 
 STAGES = ("train", "sft")
 logger = logging.getLogger(__name__)
@@ -29,22 +29,6 @@ logger = logging.getLogger(__name__)
 def reference_logps(ref_model, inputs, backend: str) -> torch.Tensor:
     """Per-sequence reference log-probs [S] of a collated batch (forward-only path)."""
     return sequence_logps(ref_model, inputs, backend=backend)
-
-
-def prepare_prefix_sharing(*models) -> None:
-    """Flash-attention varlen cannot run shared-prefix rows: such models switch to ``wrpo_segments``
-    (sdpa and eager get a dense shared-prefix mask). Logs that prefix sharing is used."""
-    for model in models:
-        if model is None:
-            continue
-        lm = causal_lm(model)
-        impl = lm.config._attn_implementation
-        if varlen_attention(lm) and impl != SEGMENT_ATTENTION:
-            lm.set_attn_implementation(SEGMENT_ATTENTION)
-            logger.warning("prefix sharing: %s attention switched from %s to %s", type(lm).__name__, impl,
-                           SEGMENT_ATTENTION)  # fmt: skip
-    impl = causal_lm(models[0]).config._attn_implementation
-    logger.warning("prefix sharing: each prompt is encoded once for its responses (%s attention)", impl)
 
 
 class WRPOTrainer(ExactAccumulation, Trainer):
@@ -57,9 +41,7 @@ class WRPOTrainer(ExactAccumulation, Trainer):
     def __init__(self, model, args, *, ref_model=None, stage: str = "train", pad_token_id: int = 0, **kwargs):
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} is not one of {STAGES}")
-        sharing = bool(getattr(args, "prefix_sharing", False)) and args.packing
-        if sharing:
-            prepare_prefix_sharing(model, ref_model)
+        sharing = plan_and_prepare(args, model, ref_model)  # logs on, or off and why
         collator = PreferenceCollator(
             pad_token_id,
             packing=args.packing,
