@@ -1,4 +1,5 @@
-"""Bad inputs raise ValueError naming the problem; the nn.Module wrappers behave like the functions."""
+"""Bad inputs raise ValueError naming the problem (TypeError for a module where its weight goes); the
+nn.Module wrappers behave like the functions."""
 
 from __future__ import annotations
 
@@ -235,10 +236,41 @@ def test_bad_head_options_raise(call, options, match, batch):
         call(batch, **options)
 
 
-def test_padded_input_with_cu_seqlens_raises(batch):
+@pytest.mark.parametrize("call", ENTRY_POINTS, ids=["fused", "logprobs"])
+def test_padded_input_with_cu_seqlens_names_both_layouts(call, batch):
     hp, lp = batch.padded()
-    with pytest.raises(ValueError, match=r"cu_seqlens is only for packed"):
-        linear_logprobs(hp, batch.weight, lp, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"hidden is 3-D \(6, \d+, 4\) but cu_seqlens was given") as err:
+        call(batch, hidden=hp, labels=lp)
+    msg = str(err.value)
+    assert "packed rows, hidden [N, H] and labels [N]" in msg and "cu_seqlens [S+1]" in msg
+    assert "hidden.reshape(-1, 4)" in msg and "cu_seqlens=None" in msg
+
+
+@pytest.mark.parametrize("call", ENTRY_POINTS, ids=["fused", "logprobs"])
+def test_a_packed_batch_with_a_batch_dim_gets_the_flattening_hint(call, batch):
+    """A [1, N, H] model output with [N] labels: the layout error, not a labels-shape one."""
+    with pytest.raises(ValueError, match=r"flatten it: hidden.reshape\(-1, 4\) and labels.reshape\(-1\)"):
+        call(batch, hidden=batch.hidden[None])
+    # flattened as the message says, it runs
+    call(batch, hidden=batch.hidden[None].reshape(-1, 4))
+
+
+@pytest.mark.parametrize("call", ENTRY_POINTS, ids=["fused", "logprobs"])
+def test_a_module_instead_of_its_weight_is_refused(call, batch):
+    lm_head = torch.nn.Linear(batch.H, batch.V, dtype=batch.hidden.dtype)
+    with pytest.raises(TypeError, match=r"weight is a module \(Linear\).*pass `lm_head.weight`"):
+        call(batch, weight=lm_head)
+    with pytest.raises(TypeError, match=r"bias is a module \(Linear\).*pass `lm_head.bias`"):
+        call(batch, weight=lm_head.weight.detach(), bias=lm_head)
+    call(batch, weight=lm_head.weight.detach(), bias=lm_head.bias.detach())  # as the message says
+
+
+def test_a_module_is_refused_by_the_module_wrapper_too(batch):
+    lm_head = torch.nn.Linear(batch.H, batch.V, dtype=batch.hidden.dtype)
+    with pytest.raises(TypeError, match=r"pass `lm_head.weight`"):
+        FusedLinearWRPOLoss()(
+            batch.hidden, lm_head, batch.labels, batch.cu_seqlens, ref_logps=batch.ref_logps
+        )
 
 
 @pytest.mark.parametrize(

@@ -24,14 +24,12 @@ def as_packed_rows(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
         shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise ValueError(f"hidden must be [N, H] packed rows or [S, T, H] padded sequences, got {shape}")
+    if hidden.dim() == 3 and cu_seqlens is not None:
+        raise ValueError(_layout_mismatch(tuple(hidden.shape)))
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {shape}")
     if hidden.dim() == 3:
-        if cu_seqlens is not None:
-            raise ValueError(
-                "cu_seqlens is only for packed [N, H] hidden; padded [S, T, H] rows are the sequences"
-            )
         hidden, labels, cu = padded_to_packed(hidden, labels)
         return hidden, labels, cu, cu.tolist()
     N = hidden.shape[0]
@@ -57,6 +55,28 @@ def as_packed_rows(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens):
             )
     cu = cu_seqlens.to(device=hidden.device, dtype=torch.int64)
     return hidden, labels, cu, cu_host
+
+
+def _layout_mismatch(shape: tuple) -> str:
+    """The error for a 3-D hidden passed with ``cu_seqlens``: the two layouts, and how to get either."""
+    H = shape[-1]
+    return (
+        f"hidden is 3-D {shape} but cu_seqlens was given: cu_seqlens [S+1] goes with packed rows, hidden "
+        f"[N, H] and labels [N] (the S sequences back to back). For a packed batch, flatten it: "
+        f"hidden.reshape(-1, {H}) and labels.reshape(-1) (a [1, N, H] model output is one such batch). "
+        f"For padded sequences, pass cu_seqlens=None: hidden [S, T, H] with labels [S, T], one sequence "
+        f"per row, padding labelled ignore_index"
+    )
+
+
+def check_not_module(name: str, x) -> None:
+    """TypeError if ``x`` is an ``nn.Module`` (``lm_head``) where its parameter (``lm_head.weight``) goes."""
+    if isinstance(x, torch.nn.Module):
+        also = " (and bias=lm_head.bias if the head has one)" if name == "weight" else ""
+        raise TypeError(
+            f"{name} is a module ({type(x).__name__}), not a tensor: "
+            f"pass `lm_head.{name}`{also}, not `lm_head`"
+        )
 
 
 def _is_dtensor(x) -> bool:
@@ -88,8 +108,10 @@ def check_materialised(name: str, x) -> None:
 def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor) -> None:
     """hidden [N, H] and weight [V, H] of one float dtype on one device; bias [V]; integer labels [N].
 
-    weight and bias must be whole tensors (:func:`check_materialised`).
+    weight and bias must be whole tensors (:func:`check_materialised`), not modules (TypeError).
     """
+    check_not_module("weight", weight)
+    check_not_module("bias", bias)
     if hidden.dtype not in _FLOAT:
         raise ValueError(f"hidden must be a floating tensor, got {hidden.dtype}")
     check_materialised("weight", weight)
