@@ -113,6 +113,15 @@ def test_packed_equals_padded(model_path, tmp_path):
     assert_same_logs(packed, padded, names=(*COMPARED, "grad_norm"))
 
 
+def test_prefix_sharing_logs_the_unshared_losses(model_path, tmp_path, caplog):
+    """``prefix_sharing`` (on by default with packing): the losses of the unshared packed run."""
+    with caplog.at_level(logging.WARNING, logger="wrpo.sharing"):
+        _, shared = run(WRPOTrainer, WRPOConfig, model_path, released(), tmp_path / "a", packing=True)
+    assert "prefix sharing: on" in caplog.text
+    _, plain = run(WRPOTrainer, WRPOConfig, model_path, released(), tmp_path / "b", prefix_sharing=False)
+    assert_same_logs(shared, plain, rel=1e-5)
+
+
 def test_label_smoothing_is_applied_as_conservative_dpo(model_path, tmp_path):
     """TRL 1.16's sigmoid loss ignores label_smoothing; ours applies cDPO (-(1-e) log s(m) - e log s(-m))
     as the official WRPO trainer does: the fused backend equals the naive one and differs from e = 0."""
