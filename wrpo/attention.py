@@ -23,6 +23,7 @@ capping (Gemma 2: ``tanh(s / c) * c`` before the mask) runs the scores explicitl
 from __future__ import annotations
 
 import bisect
+import functools
 import weakref
 
 import torch
@@ -127,14 +128,15 @@ def _stretch_attention(query, key, value, r, stretch, position_ids, *, scale, wi
         k = torch.cat([key[r : r + 1, :, g : g + plen], k], dim=2)
         v = torch.cat([value[r : r + 1, :, g : g + plen], v], dim=2)
     windowed = window is not None and plen + b - a > window
-    if not windowed and softcap is None:  # causal (aligned to the bottom right with a prefix)
-        mask = None
-        if plen:
-            n = torch.arange(plen + b - a, device=query.device)
-            mask = _visible(n[plen:], n, None)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=p, is_causal=not plen, scale=scale, enable_gqa=gqa
-        )
+    if not windowed and softcap is None:
+        sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=p, scale=scale, enable_gqa=gqa)
+        if not plen:
+            return sdpa(q, k, v, is_causal=True)
+        if plen < b - a:  # short prompt: its queries again in front, one causal call (cheaper than a mask)
+            q = torch.cat([query[r : r + 1, :, g : g + plen], q], dim=2)
+            return sdpa(q, k, v, is_causal=True)[:, :, plen:]
+        n = torch.arange(plen + b - a, device=query.device)  # causal aligned to the bottom right
+        return sdpa(q, k, v, attn_mask=_visible(n[plen:], n, None))
     pos = position_ids[min(r, position_ids.shape[0] - 1)]
     k_pos = torch.cat([pos[g : g + plen], pos[a:b]]) if plen else pos[a:b]
     visible = _visible(pos[a:b], k_pos, window)
