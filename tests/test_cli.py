@@ -136,3 +136,132 @@ def test_precomputed_reference_logps_are_cached_on_disk(tmp_path, monkeypatch):
     assert len(computed) == 2  # another reference model: recomputed
     assert len(list(cache.glob("ref_logps-*.safetensors"))) == 4
     assert not list(cache.glob(".*.part"))
+
+
+# ---- the tiny default's settings, the effective config, --help ---------------------------------------------
+
+
+def _user_rows(tmp_path, n=20):
+    path = tmp_path / "user.jsonl"
+    path.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:n]))
+    return path
+
+
+def test_user_dataset_trains_on_all_rows_with_the_documented_defaults(tmp_path, capsys):
+    from transformers import TrainingArguments
+
+    from wrpo.cli import stage_config
+
+    data, out = _user_rows(tmp_path), tmp_path / "o"
+    args = ["--dataset", str(data), "--max_steps", "3", "--output_dir", str(out)]
+    config = stage_config("train", args)
+    assert (config.eval_rows, config.beta, config.warmup_steps) == (0, 0.01, 0)
+    assert config.learning_rate == TrainingArguments(output_dir=str(out)).learning_rate == 5e-5
+    assert main(["train", *args, "--report_to", "none"]) == 0
+    printed = capsys.readouterr().out
+    block = printed.split("wrpo train: effective config\n")[1].split("\n\n")[0]
+    lines = dict(line.strip().split("  ", 1) for line in block.splitlines() if line.startswith("  "))
+    lines = {k: v.strip() for k, v in lines.items()}
+    assert lines["data"] == f"{data}: train 20 rows, eval 0 rows"
+    assert lines["K"].startswith("3 responses per prompt (2 chosen + 1 rejected)")
+    assert (lines["beta"], lines["lr"]) == ("0.01", "5e-05 (linear, warmup 0)")
+    assert "  batch           8 per device x 1 accumulation x 1 process = 8 global\n" in printed
+    assert "  steps           3 optimizer steps (max_steps)\n" in printed
+    assert "prefix sharing  o" in printed
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["log_history"][-1]["epoch"] == 1  # 8 + 8 + 4 rows: all 20
+    assert "no step's metrics were logged" in printed  # --max_steps 3 < logging_steps: no empty table
+
+
+def test_bundled_tiny_default_keeps_its_own_settings(tmp_path):
+    from wrpo.cli import stage_config
+    from wrpo.tiny import TINY_DEFAULTS
+
+    out = ["--output_dir", str(tmp_path)]
+    config = stage_config("train", out)
+    for name, value in TINY_DEFAULTS.items():
+        assert getattr(config, name) == value, name
+    assert stage_config("train", [*out, "--beta", "0.3"]).beta == 0.3  # a flag still wins
+    assert stage_config("sft", [*out, "--eval_rows", "0"]).eval_strategy == "no"
+    for other in (["--dataset", str(SAMPLE_DATA)], ["--model", str(tmp_path / "m")]):
+        config = stage_config("train", [*out, *other])
+        assert (config.learning_rate, config.eval_rows, config.beta) == (5e-5, 0, 0.01), other
+
+
+def test_effective_config_counts_epoch_steps_like_the_trainer(tmp_path):
+    from wrpo.cli import stage_config
+    from wrpo.effective_config import updates_per_epoch
+
+    config = stage_config("train", ["--output_dir", str(tmp_path), "--per_device_train_batch_size", "7",
+                                    "--gradient_accumulation_steps", "3"])  # fmt: skip
+    assert updates_per_epoch(config, 540) == 26  # 78 batches of <= 7 rows, 3 per optimizer step
+    config.dataloader_drop_last = True
+    assert updates_per_epoch(config, 540) == 26 and updates_per_epoch(config, 20) == 1
+
+
+def test_no_pin_memory_without_a_gpu(tmp_path):
+    from wrpo.config import parse_config
+
+    config = parse_config(["--output_dir", str(tmp_path)])
+    assert config.dataloader_pin_memory is torch.cuda.is_available()
+    assert parse_config(["--output_dir", str(tmp_path), "--use_cpu", "true"]).dataloader_pin_memory is False
+
+
+def _option_blocks(text: str) -> dict[str, str]:
+    """``--name`` -> its help lines, for the options of an argparse help text."""
+    blocks, name = {}, None
+    for line in text.splitlines():
+        if line.startswith("  --"):
+            name = line.split()[0].rstrip(",")
+            blocks[name] = line
+        elif name and line.startswith("      "):
+            blocks[name] += " " + line.strip()
+        else:
+            name = None
+    return blocks
+
+
+def test_help_lists_the_wrpo_options_first_each_with_a_description_and_its_default(capsys):
+    from wrpo.config import WRPOConfig
+
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) < 120 and "--help-all" in text
+    blocks = _option_blocks(text.split("WRPO options:")[1])
+    assert list(blocks) == [f"--{name}" for name in WRPOConfig.__annotations__]
+    for block in blocks.values():
+        described = block.split(None, 1)[1].split("(default:")[0]
+        assert len(described.strip()) > 10 and block.count("(default:") == 1, block
+    assert "(default: 0)" in blocks["--eval_rows"] and "(default: 0.01)" in blocks["--beta"]
+    assert "--learning_rate" not in text
+
+
+def test_help_all_adds_the_training_arguments_after_the_wrpo_options(capsys):
+    assert main(["sft", "--help-all"]) == 0
+    text = capsys.readouterr().out
+    assert text.index("--model") < text.index("--beta") < text.index("--learning_rate")
+    blocks = _option_blocks(text)
+    assert "(default: 5e-05)" in blocks["--learning_rate"]
+    assert "(default: outputs/wrpo-sft)" in blocks["--output_dir"]
+
+
+def test_chosen_given_as_a_string_says_a_list_was_expected(tmp_path, capsys):
+    lines = SAMPLE_DATA.read_text().splitlines()[:4]
+    row = json.loads(lines[2])
+    row["chosen"] = row["chosen"][0]["content"]
+    lines[2] = json.dumps(row)
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    assert main(["train", "--dataset", str(data), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data} line 3: 'chosen' is a string, but a list of responses was expected (line 1 has 2" in err
+    assert '{"prompt": ..., "chosen": [response, response], "rejected": [response]}' in err
+
+
+def test_summary_of_a_run_that_logged_no_step():
+    from wrpo.report import summary
+
+    text = summary([{"step": 1, "train_loss": 0.6931, "train_runtime": 1.0}])
+    assert "no step's metrics were logged" in text and "0.6931" in text
+    table = summary([{"step": 1, "loss": 0.5}, {"step": 2, "train_loss": 0.5}])
+    assert table.splitlines()[1].split() == ["loss", "0.5000", "0.5000"]

@@ -148,6 +148,11 @@ BAD_ROWS = {
     "list-without-assistant": ({**GOOD, "rejected": [[USER]]}, "no assistant message"),
     "fewer-chosen": ({**GOOD, "chosen": [WT]}, "1 chosen and 1 rejected responses, but line 1 has 2 and 1"),
     "more-rejected": ({**GOOD, "rejected": [WL, WL]}, "2 chosen and 2 rejected responses"),
+    "string-chosen": (
+        {**GOOD, "chosen": WS},
+        r"'chosen' is a string, but a list of responses was expected \(line 1 has 2 chosen\); the "
+        r'expected layout: \{"prompt": \.\.\., "chosen": \[response, response\], "rejected": \[response\]\}',
+    ),
 }
 
 
@@ -158,6 +163,22 @@ def test_malformed_row_names_path_and_line(tmp_path, case):
     with pytest.raises(DataError, match=error_at(path, "line 6")) as info:
         load_preference_data(path)
     assert re.search(what, str(info.value)), str(info.value)
+
+
+def test_single_response_on_the_first_line_is_the_one_reported(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{**GOOD, "rejected": WL, "chosen": WT}, GOOD])
+    with pytest.raises(DataError, match=error_at(path, "line 1") + "'chosen' is a string, but a list"):
+        load_preference_data(path)
+
+
+def test_flat_source_given_alone_where_a_list_was_expected(tmp_path):
+    three = {"prompt": "x", "source_chosen": [WS, WS], "target_chosen": WT, "rejected": WL}
+    path = write_jsonl(tmp_path / "d.jsonl", [three, {**three, "source_chosen": assistant(WS)}])
+    with pytest.raises(
+        DataError, match=error_at(path, "line 2") + "'source_chosen' is an object, but a list"
+    ) as e:
+        load_preference_data(path)
+    assert '"source_chosen": [response, response], "target_chosen": response' in str(e.value)
 
 
 def test_first_bad_row_is_reported(tmp_path):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from .config import parse_config
+from .config import WRPOConfig, parse_config
 from .data import DataError
+from .tiny import TINY_DEFAULTS, is_bundled_tiny
 
 USAGE = """usage: wrpo {train,sft} [CONFIG.yaml] [--field value ...]
        wrpo data {prompts,sample,score,build,split,tiny-model} ...
@@ -15,23 +16,8 @@ USAGE = """usage: wrpo {train,sft} [CONFIG.yaml] [--field value ...]
   wrpo data    build the training data: sample, score, build (x, y_ws, y_wt, y_l), split (`wrpo data -h`)
 
 With no --model/--dataset both train the bundled tiny default (a small random-init Llama-style
-model on arithmetic preferences). Fields: `wrpo train --help`."""
-
-# The bundled tiny default learns in minutes on a CPU with these; any flag or YAML field overrides them.
-TINY_DEFAULTS = {
-    "learning_rate": 2e-3,
-    "num_train_epochs": 3,
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 16,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 10,
-    "logging_steps": 10,
-    "eval_rows": 60,
-    "eval_strategy": "epoch",
-    "save_strategy": "no",
-    "beta": 0.1,
-    "disable_tqdm": False,
-}
+model on arithmetic preferences) with its own settings; a --dataset gets the documented defaults.
+Options: `wrpo train --help` (WRPO's), `wrpo train --help-all` (also transformers' TrainingArguments)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,14 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     stage, rest = argv[0], argv[1:]
+    if help_asked := {"-h", "--help", "--help-all"} & set(rest):
+        from .help import format_help
+
+        print(format_help(stage, full="--help-all" in help_asked))
+        return 0
     try:
-        defaults = {"output_dir": f"outputs/wrpo-{stage}"}
-        config = parse_config(rest, **defaults)
-        if config.model == "tiny":
-            defaults.update(TINY_DEFAULTS)
-            config = parse_config(rest, **defaults)
-            if config.eval_rows == 0:  # nothing held out: no evaluation
-                config = parse_config(rest, **{**defaults, "eval_strategy": "no"})
+        config = stage_config(stage, rest)
         from .checkpoints import resolve_resume
         from .pipeline import load_examples, run_stage
 
@@ -67,6 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _close_process_group()
     return 0
+
+
+def stage_config(stage: str, argv: list[str]) -> WRPOConfig:
+    """The config of ``wrpo {stage} ARGV``; the bundled tiny default (tiny model, no dataset) gets
+    ``TINY_DEFAULTS`` under the YAML and the flags, a user's dataset the documented defaults."""
+    defaults = {"output_dir": f"outputs/wrpo-{stage}"}
+    config = parse_config(argv, **defaults)
+    if not is_bundled_tiny(config):
+        return config
+    defaults.update(TINY_DEFAULTS)
+    config = parse_config(argv, **defaults)
+    if config.eval_rows == 0:  # nothing held out: no evaluation
+        config = parse_config(argv, **{**defaults, "eval_strategy": "no"})
+    return config
 
 
 def _close_process_group() -> None:

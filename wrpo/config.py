@@ -21,43 +21,68 @@ class WRPOConfig(TrainingArguments):
 
     model: str = field(default="tiny", metadata={"help": "model path, or 'tiny' for the bundled default"})
     ref_model: str | None = field(
-        default=None, metadata={"help": "reference model (default: the start policy)"}
+        default=None, metadata={"help": "frozen reference model path; None: a copy of the start policy"}
     )
     dataset: str | None = field(
-        default=None, metadata={"help": "JSONL/JSON file or saved datasets dir (default: bundled sample)"}
+        default=None,
+        metadata={"help": "JSONL/JSON file or saved datasets dir; None: the bundled arithmetic sample"},
     )
     eval_rows: int = field(
         default=0, metadata={"help": "rows held out from the end of the data for evaluation"}
     )
-    loss_type: str = field(default="dpo", metadata={"help": f"one of {LOSS_TYPES}"})
-    beta: float = 0.01
+    loss_type: str = field(default="dpo", metadata={"help": f"implicit reward, one of {LOSS_TYPES}"})
+    beta: float = field(default=0.01, metadata={"help": "reward scale (ipo: target margin 1 / (2 beta))"})
     alpha: float = field(default=0.1, metadata={"help": "fusion coefficient: weight of the source responses"})
-    alpha_schedule: str = field(default="linear", metadata={"help": f"one of {ALPHA_SCHEDULES}"})
-    chosen_weights: list[float] | None = field(
-        default=None, metadata={"help": "explicit weights of the chosen"}
+    alpha_schedule: str = field(
+        default="linear", metadata={"help": f"alpha over the steps, one of {ALPHA_SCHEDULES}"}
     )
-    gamma: float = 0.0
-    label_smoothing: float = 0.0
-    nll_weight: float = 0.0
-    max_length: int = 2048
-    max_prompt_length: int = 1800
-    precompute_ref_logps: bool = False
+    chosen_weights: list[float] | None = field(
+        default=None, metadata={"help": "explicit weights of the chosen responses (sum 1); None: from alpha"}
+    )
+    gamma: float = field(
+        default=0.0, metadata={"help": "target reward margin of every group (SimPO's gamma)"}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "probability that a preference label is flipped (dpo, simpo)"}
+    )
+    nll_weight: float = field(
+        default=0.0, metadata={"help": "weight of the NLL on each group's first chosen response"}
+    )
+    max_length: int = field(default=2048, metadata={"help": "max tokens of prompt + response"})
+    max_prompt_length: int = field(
+        default=1800, metadata={"help": "prompt tokens kept (its end) when prompt + response is too long"}
+    )
+    precompute_ref_logps: bool = field(
+        default=False, metadata={"help": "run the reference model once over the data first, then drop it"}
+    )
     ref_logps_cache: str | None = field(
         default=None,
-        metadata={"help": "directory of cached precomputed reference log-probs (default "
-                  "$XDG_CACHE_HOME/wrpo/ref_logps, i.e. ~/.cache/wrpo/ref_logps); 'off' disables"},
+        metadata={"help": "cache directory of precomputed reference log-probs; None: "
+                  "$XDG_CACHE_HOME/wrpo/ref_logps (~/.cache/wrpo/ref_logps); 'off' disables it"},
     )  # fmt: skip
-    kernel_backend: str = field(default="auto", metadata={"help": f"one of {BACKENDS}"})
-    packing: bool = True
+    kernel_backend: str = field(
+        default="auto",
+        metadata={"help": f"fused-loss backend, one of {BACKENDS}; auto: triton on a GPU, else torch"},
+    )
+    packing: bool = field(
+        default=True, metadata={"help": "pack each batch into padding-free rows (--no_packing: padded)"}
+    )
     prefix_sharing: bool | None = field(
         default=None,
         metadata={"help": "encode each prompt once for its K responses (exact; runs on wrpo_segments "
                   "attention). Default: on with packing where the model supports it (the log says)"},
     )  # fmt: skip
-    chunk_tokens: int | None = None
+    chunk_tokens: int | None = field(
+        default=None, metadata={"help": "rows of logits the fused loss holds at once; None: automatic"}
+    )
     seed_model: int = field(default=0, metadata={"help": "seed of the tiny model's random initialisation"})
-    output_dir: str = "outputs/wrpo"
-    remove_unused_columns: bool = False
+    output_dir: str = field(
+        default="outputs/wrpo",
+        metadata={"help": "where the model, trainer_state.json and the curves are saved"},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "must stay False: the collator reads the token columns"}
+    )
 
     def __post_init__(self):
         if _distributed_without_gpu():
@@ -65,6 +90,8 @@ class WRPOConfig(TrainingArguments):
             # use_cpu, accelerate sees no distributed set-up there and every process trains alone.
             self.use_cpu = True
             self.ddp_backend = self.ddp_backend or "gloo"
+        if self.use_cpu or not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for; DataLoader would warn on every run
         super().__post_init__()
         check_choices(
             self, {"loss_type": LOSS_TYPES, "alpha_schedule": ALPHA_SCHEDULES, "kernel_backend": BACKENDS}

@@ -7,8 +7,12 @@ saved with ``datasets.Dataset.save_to_disk``):
 - flat: ``{"prompt": P, "source_chosen": y | [y, ...], "target_chosen": y, "rejected": y | [y, ...]}``
 
 P is a string (one user message), a message ``{"role": ..., "content": ...}`` or a list of messages
-ending with a user message. A response y is a string, an assistant message, or a list of messages
-(its last assistant message counts). ``chosen``/``rejected`` may also be a single response.
+ending with a user message. A response y is a plain string (the assistant's text), an assistant
+message, or a list of messages (its last assistant message counts): ``"chosen": ["7 + 8 = 15.", "15"]``
+works as well as assistant messages. ``chosen``/``rejected`` given as a single response (not in a
+list) count as one response, e.g. DPO pairs ``{"prompt": P, "chosen": y, "rejected": y}``. Every row
+needs the same numbers of chosen and rejected responses; a single response where the other rows have
+a list is reported as such.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def load_preference_data(path: str | Path, *, num_chosen: int | None = None) -> 
         raise ValueError(f"num_chosen must be >= 1, got {num_chosen}")
     path = Path(path)
     examples: list[PreferenceExample] = []
-    first: tuple[str, int, int] | None = None  # where, n_chosen, n_rejected of the first row
+    first: tuple[str, Any, tuple[int, int]] | None = None  # where, row, (n_chosen, n_rejected)
     for where, row in _rows(path):
         try:
             ex = _parse_row(row)
@@ -72,12 +76,10 @@ def load_preference_data(path: str | Path, *, num_chosen: int | None = None) -> 
             if num_chosen is not None and counts[0] != num_chosen:
                 raise RowProblem(f"{counts[0]} chosen responses, expected num_chosen={num_chosen}")
             if first is None:
-                first = (where, *counts)
-            elif counts != first[1:]:
-                raise RowProblem(
-                    f"{counts[0]} chosen and {counts[1]} rejected responses, but {first[0]} has "
-                    f"{first[1]} and {first[2]} (all rows need the same K)"
-                )
+                first = (where, row, counts)
+            elif counts != first[2]:
+                where, problem = _count_problem(where, row, counts, *first)
+                raise problem
         except RowProblem as e:
             raise DataError(f"{path} {where}: {e}") from None
         examples.append(ex)
@@ -133,13 +135,60 @@ def _load_dataset_dir(path: Path) -> datasets.Dataset:
     return ds
 
 
+def _count_problem(
+    where: str, row, counts, first_where: str, first_row, first_counts
+) -> tuple[str, RowProblem]:
+    """-> (where, problem) for a row whose numbers of responses differ from the first row's: a response
+    given alone where the other row has a list is named as such, on its own line."""
+    if problem := _single_response_problem(row, counts, first_counts, first_where):
+        return where, problem
+    if problem := _single_response_problem(first_row, first_counts, counts, where):
+        return first_where, problem
+    return where, RowProblem(
+        f"{counts[0]} chosen and {counts[1]} rejected responses, but {first_where} has "
+        f"{first_counts[0]} and {first_counts[1]} (all rows need the same K)"
+    )
+
+
+def _single_response_problem(row: Mapping, counts, expected, source: str) -> RowProblem | None:
+    """The problem of ``row`` giving chosen or rejected as one response (not a list) where ``expected``
+    (the counts of row or line ``source``) has more; None if it does not."""
+    chosen_key = "source_chosen" if _is_flat(row) else "chosen"
+    for key, n, want in zip((chosen_key, "rejected"), counts, expected, strict=True):
+        if want > n and not isinstance(row[key], list):
+            side = "chosen" if key != "rejected" else "rejected"
+            return RowProblem(
+                f"{key!r} is {json_kind(row[key])}, but a list of responses was expected ({source} has "
+                f"{want} {side}); the expected layout: {_layout(row, *expected)}, a response being "
+                "text or an assistant message"
+            )
+    return None
+
+
+def _layout(row: Mapping, n_chosen: int, n_rejected: int) -> str:
+    """The row layout of ``row``'s kind with these numbers of responses, e.g. for a message."""
+
+    def items(n):
+        return "[" + ", ".join(["response"] * n) + "]"
+
+    if _is_flat(row):
+        chosen = f'"source_chosen": {items(n_chosen - 1)}, "target_chosen": response'
+    else:
+        chosen = f'"chosen": {items(n_chosen)}'
+    return "{" + f'"prompt": ..., {chosen}, "rejected": {items(n_rejected)}' + "}"
+
+
 # ---- validating one row ------------------------------------------------------------------------------------
+
+
+def _is_flat(row: Mapping) -> bool:
+    return row.get("source_chosen") is not None or row.get("target_chosen") is not None
 
 
 def _parse_row(row: Any) -> PreferenceExample:
     if not isinstance(row, Mapping):
         raise RowProblem(f"expected a JSON object, got {json_kind(row)}")
-    flat = row.get("source_chosen") is not None or row.get("target_chosen") is not None
+    flat = _is_flat(row)
     keys = (
         ("prompt", "source_chosen", "target_chosen", "rejected") if flat else ("prompt", "chosen", "rejected")
     )

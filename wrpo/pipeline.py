@@ -10,6 +10,7 @@ import torch
 from . import ref_cache
 from .checkpoints import resolve_resume, train_from_checkpoint
 from .data import load_preference_data, tokenize_example
+from .effective_config import print_effective_config
 from .models import load_policy, load_reference
 from .packing import PreferenceCollator
 from .report import plot_curves, summary
@@ -80,6 +81,7 @@ def run_stage(stage: str, config, examples) -> dict:
     """Train, save the model (HF format) and the report into ``config.output_dir``; returns final metrics."""
     model, tokenizer = load_policy(config)
     train, evaluation = build_datasets(examples, tokenizer, config, stage)
+    print_effective_config(stage, config, model, train, evaluation)
     ref_model = load_reference(config, model) if stage == "train" else None
     if ref_model is not None and config.precompute_ref_logps:
         train = precompute_ref_logps(ref_model, train, config, tokenizer.pad_token_id, config.device)

@@ -45,9 +45,18 @@ def summary(history: list[dict]) -> str:
         "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "cur_alpha",
         "nll_loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
     ]  # fmt: skip
+    rows = [(k, y) for k in keys if (y := _series(history, k)[1])]
+    if not rows:
+        return _nothing_logged(history)
     lines = [f"{'metric':<26}{'first':>12}{'last':>12}"]
-    for k in keys:
-        _, y = _series(history, k)
-        if y:
-            lines.append(f"{k:<26}{y[0]:>12.4f}{y[-1]:>12.4f}")
+    lines += [f"{k:<26}{y[0]:>12.4f}{y[-1]:>12.4f}" for k, y in rows]
     return "\n".join(lines)
+
+
+def _nothing_logged(history: list[dict]) -> str:
+    """The summary of a run too short for any logging step: its mean loss, if the Trainer gave one."""
+    end = next((h for h in reversed(history) if "train_loss" in h), {})
+    line = "no step's metrics were logged (fewer steps than --logging_steps)"
+    if "train_loss" in end:
+        line += f"; mean training loss over {end.get('step', '?')} step(s): {end['train_loss']:.4f}"
+    return line

@@ -21,6 +21,35 @@ from transformers import (
 
 SAMPLE_DATA = pathlib.Path(__file__).parent / "assets" / "sample_pref.jsonl"
 
+# Training settings of the bundled tiny default (tiny model on SAMPLE_DATA, i.e. no --model, no --dataset):
+# it learns in minutes on a CPU with these. Any flag or YAML field overrides them.
+TINY_DEFAULTS = {
+    "learning_rate": 2e-3,
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 16,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 10,
+    "logging_steps": 10,
+    "eval_rows": 60,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "beta": 0.1,
+    "disable_tqdm": False,
+}
+
+
+def is_bundled_tiny(config) -> bool:
+    """The tiny model on the bundled sample data: no --model, no --dataset."""
+    return config.model == "tiny" and config.dataset is None
+
+
+def tiny_defaults_note() -> str:
+    """One line naming the bundled tiny default's own settings."""
+    values = ", ".join(f"{k} {v}" for k, v in TINY_DEFAULTS.items())
+    return f"bundled tiny default (no --model, no --dataset): its own settings apply unless set: {values}"
+
+
 # ids 0..6 in this order: pad 0, bos 1, eos 2, unk 3
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
