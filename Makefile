@@ -2,11 +2,12 @@
 # make test  : set up .venv/ if needed, then lint and run the test suite
 # make bench : the fused-loss and train-step benchmarks on this machine
 # make bench-csrc : the csrc row kernels against the pure-torch rows and the naive path (CPU)
+# make sweep : how the fused loss's cost grows in tokens, K (two K = 4 layouts) and V, CPU (< 15 min)
 # make gpu-check : on the first CUDA machine, < 8 min: GPU tests, auto self-test, 8B-head benchmark vs peers, sweep
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train bench bench-csrc bench-gpu gpu-check test lint setup
+.PHONY: train bench bench-csrc bench-gpu gpu-check sweep test lint setup
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -25,11 +26,15 @@ bench-csrc: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_head_loss.py --methods naive-eager,wrpo-torch,wrpo-torch-nocsrc \
 		--reps 12 --out "benchmarks/results/head_loss_csrc_{device}.json"
 
-# on a CUDA machine: the Llama-3-8B head shape, then the V x tokens x H sweep
+# the tokens x K x V sweep on this machine, with the GEMM-only floor: JSON and plot under benchmarks/results/
+sweep: $(STAMP)
+	$(VENV)/bin/python benchmarks/sweep.py --out "benchmarks/results/sweep_{device}.json"
+
+# on a CUDA machine: the Llama-3-8B head shape, then the tokens x K x V sweep (V up to 256k)
 bench-gpu: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_head_loss.py --device cuda --B 4 --T 1024 --H 4096 --V 128256 \
 		--dtype bf16 --out benchmarks/results/head_loss_llama3_8b_cuda.json
-	$(VENV)/bin/python benchmarks/sweep_gpu.py --out benchmarks/results/sweep_cuda.json
+	$(VENV)/bin/python benchmarks/sweep.py --device cuda --out "benchmarks/results/sweep_{device}.json"
 
 # one command for a CUDA machine, results under benchmarks/results/ (GPU_CHECK_ARGS=--dry-run: tiny CPU shapes)
 gpu-check: $(STAMP)

@@ -15,6 +15,14 @@ Methods (same tokens, same dtype, precomputed reference log-probs):
                    summed per sequence, then wrpo_kernels.wrpo_loss
   and, on K = 2 (chosen = the target pick, rejected) since Liger takes pairs only:
   naive-eager/k2, wrpo-torch/k2, wrpo-triton/k2, liger-dpo/k2 (LigerFusedLinearDPOLoss, use_ref_model=False)
+  gemm-only        not a loss, and only when named in --methods: the three GEMMs of the head's step alone,
+                   logits = X W^T, dX = G W, dW = G^T X on the same N rows, dtype and device (G is the
+                   logits buffer reused; in row chunks of --gemm-rows, times summed): the machine's own
+                   GEMM rate at this shape, a floor for any method that computes the logits once
+
+--K / --num-chosen set the layout of the methods without /k2 (default 3 responses, 2 chosen): e.g.
+--K 4 --num-chosen 2 (two chosen, two rejected) or --num-chosen 3 (three chosen, one rejected), with
+the default chosen weights (the sources share alpha, the target gets 1 - alpha; rejected: their mean).
 
 A method whose package is missing (liger-kernel, cut-cross-entropy, trl) or that cannot run on the
 device is skipped with a line saying why; one that fails while running is recorded and the others go on
@@ -73,9 +81,11 @@ METHODS = (
 # Built (and warmed up, which compiles) in this order, so that under --time-budget ours come first and
 # the slow-compiling peers are the ones left out (a build can take a minute: the cut-off leaves room).
 BUILD_ORDER = (
-    "wrpo-triton", "wrpo-torch", "naive-eager", "wrpo-triton/k2", "wrpo-torch/k2", "naive-eager/k2",
-    "wrpo-torch-nocsrc", "liger-dpo/k2", "cce-logps", "trl-chunked", "naive-compile",
+    "wrpo-triton", "wrpo-torch", "gemm-only", "naive-eager", "wrpo-triton/k2", "wrpo-torch/k2",
+    "naive-eager/k2", "wrpo-torch-nocsrc", "liger-dpo/k2", "cce-logps", "trl-chunked", "naive-compile",
 )  # fmt: skip
+GEMM = "gemm-only"  # a reference, not a loss: run only when named, never checked, no memory measured
+EXTRA_METHODS = (GEMM,)
 TWO_PASS = {"cce-logps", "trl-chunked"}  # backward recomputes the logits: 8NHV
 # The package each peer needs: (module to import, how to get it)
 PEERS = {
@@ -152,10 +162,14 @@ def make_inputs(args, K):
     return hidden, weight, labels, cu, ref
 
 
-def shape_of(method):
-    """(K, num_chosen, reference log-probs used?) of ``method``."""
-    K = 2 if method.endswith("/k2") else 3
-    return K, (1 if K == 2 else 2), method != "liger-dpo/k2"
+def shape_of(method, args=None):
+    """(K, num_chosen, reference log-probs used?) of ``method``: K = 2 for the /k2 methods, else
+    ``args.K`` (default 3) with ``args.num_chosen`` chosen (default K - 1)."""
+    if method.endswith("/k2"):
+        return 2, 1, method != "liger-dpo/k2"
+    K = getattr(args, "K", None) or 3
+    C = getattr(args, "num_chosen", None) or K - 1
+    return K, C, True
 
 
 _COMPILED: dict = {}
@@ -190,7 +204,7 @@ class Built(NamedTuple):
 
 def build(method, args, inputs=None) -> Built:
     """One method, ready to run on ``inputs`` (those of make_inputs; default: fresh ones)."""
-    K, C, _ = shape_of(method)
+    K, C, _ = shape_of(method, args)
     hidden, weight, labels, cu, ref = inputs if inputs is not None else make_inputs(args, K)
     opts = dict(responses_per_prompt=K, num_chosen=C, alpha=0.1, ref_logps=ref, beta=0.1)
     dX = None  # how to read dL/dhidden back in the packed order, when it is not hidden.grad
@@ -263,6 +277,9 @@ def build(method, args, inputs=None) -> Built:
         def dX():
             return h3.grad[back].reshape(-1, args.H)
 
+    elif method == GEMM:
+        return gemm_only(hidden, weight, args.gemm_rows)
+
     else:
         raise ValueError(method)
 
@@ -279,6 +296,28 @@ def build(method, args, inputs=None) -> Built:
         hidden.grad = weight.grad = None
 
     return Built(step, grads, clear)
+
+
+def gemm_only(hidden, weight, rows=None) -> Built:
+    """The three GEMMs of the head's fwd+bwd alone, into preallocated buffers: per chunk of ``rows``
+    rows (default all) logits = X W^T, dX = G W, dW += G^T X, with G the logits buffer itself."""
+    X, W = hidden.detach(), weight.detach()
+    N = X.shape[0]
+    rows = min(rows or N, N)
+    logits = torch.empty(rows, W.shape[0], dtype=X.dtype, device=X.device)
+    dX, dW = torch.empty_like(X), torch.zeros_like(W)
+    bounds = [(a, min(a + rows, N)) for a in range(0, N, rows)]
+
+    def step():
+        dW.zero_()
+        for a, b in bounds:
+            G = logits[: b - a]
+            torch.mm(X[a:b], W.t(), out=G)
+            torch.mm(G, W, out=dX[a:b])
+            dW.addmm_(G.t(), X[a:b])
+        return None
+
+    return Built(step, lambda: (dX, dW), lambda: None)
 
 
 def sync(device):
@@ -312,7 +351,8 @@ def peak_memory_mb(method, args, built=None) -> float:
 def measure_memory_in_child(method, args) -> float:
     env = {**os.environ, **MMAP_ENV}
     shape = ["--device", args.device, "--B", args.B, "--T", args.T, "--H", args.H, "--V", args.V,
-             "--dtype", args.dtype, "--compile-backend", args.compile_backend]  # fmt: skip
+             "--dtype", args.dtype, "--compile-backend", args.compile_backend, "--K", args.K,
+             "--num-chosen", shape_of("", args)[1]]  # fmt: skip
     cmd = [sys.executable, __file__, "--memory-child", method, *map(str, shape)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -346,7 +386,7 @@ def rel_err(actual, expected) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def check_reference(args, inputs, with_ref) -> dict:
+def check_reference(args, inputs, with_ref, num_chosen) -> dict:
     """Loss and gradients on the same (rounded) inputs: fp64 naive if small, else fp32 torch backend."""
     hidden, weight, labels, cu, ref = inputs
     K = ref.shape[1]
@@ -356,7 +396,7 @@ def check_reference(args, inputs, with_ref) -> dict:
     w = weight.detach().to(dtype).requires_grad_()
     ref_logps = ref if with_ref else torch.zeros_like(ref)
     out = wk.fused_linear_wrpo_loss(
-        h, w, labels, cu, responses_per_prompt=K, num_chosen=1 if K == 2 else 2, alpha=0.1,
+        h, w, labels, cu, responses_per_prompt=K, num_chosen=num_chosen, alpha=0.1,
         ref_logps=ref_logps, beta=0.1, backend=backend,
     )  # fmt: skip
     out.loss.backward()
@@ -388,19 +428,21 @@ def time_methods(methods, args, log=print):
             skipped[m] = f"time budget: {args.time_budget:.0f} s (building the others took 45% of it)"
             log(f"skip {m}: {skipped[m]}")
             continue
-        K, _, with_ref = shape_of(m)
+        K, C, with_ref = shape_of(m, args)
         try:
             if K not in inputs:
                 inputs[K] = make_inputs(args, K)
             built = build(m, args, inputs[K])
             for _ in range(max(args.warmup, 1)):
                 loss = built.step()
-            if not args.no_check:
+            if not args.no_check and m != GEMM:
                 key = (K, with_ref)
                 if key not in refs:
-                    refs[key] = check_reference(args, inputs[K], with_ref)
+                    refs[key] = check_reference(args, inputs[K], with_ref, C)
                 checks[m] = {**check_errors(loss, built.grads(), refs[key]), "reference": refs[key]["name"]}
-            if args.device == "cuda" or args.memory_inproc:
+            if m == GEMM:
+                mem[m] = None
+            elif args.device == "cuda" or args.memory_inproc:
                 mem[m] = peak_memory_mb(m, args, built)
             built.clear()
             steps[m] = built.step
@@ -452,7 +494,8 @@ def grade_checks(results, args) -> None:
 
 def plot(results, path, title):
     panels = [("median_ms", "fwd+bwd median (ms)"), ("peak_mem_mb", "peak memory (MiB)")]
-    bar_plot(results, path, title, panels, highlight=lambda m: m.startswith("wrpo"))
+    rows = [{**r, "peak_mem_mb": r["peak_mem_mb"] or 0} for r in results]  # gemm-only: not measured
+    bar_plot(rows, path, title, panels, highlight=lambda m: m.startswith("wrpo"))
 
 
 def parse_args(argv=None):
@@ -462,6 +505,9 @@ def parse_args(argv=None):
     p.add_argument("--T", type=int, default=512, help="tokens per response")
     p.add_argument("--H", type=int, default=256)
     p.add_argument("--V", type=int, default=32768)
+    p.add_argument("--K", type=int, default=3, help="responses per prompt of the methods without /k2")
+    p.add_argument("--num-chosen", type=int, default=None, help="chosen of those K (default K - 1)")
+    p.add_argument("--gemm-rows", type=int, default=None, help="gemm-only: rows per GEMM chunk (default all)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -484,9 +530,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     explicit = args.methods is not None
     args.methods = [m for m in args.methods.split(",") if m] if explicit else list(METHODS)
-    unknown = set(args.methods) - set(METHODS)
+    unknown = set(args.methods) - set(METHODS) - set(EXTRA_METHODS)
     if unknown:
-        p.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+        p.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS + EXTRA_METHODS)}")
+    if args.K < 2 or not 1 <= (args.num_chosen or args.K - 1) < args.K:
+        p.error(f"--K {args.K} --num-chosen {args.num_chosen}: need K >= 2 and 1 <= num_chosen < K")
     if args.device == "cuda" and not explicit:
         args.methods.remove("wrpo-torch-nocsrc")  # the csrc row kernels are CPU-only: it is wrpo-torch
     args.skipped = {}
@@ -520,7 +568,7 @@ def run(args, log=print) -> dict:
     for m in args.methods:
         if m not in times or m not in mem or not times[m]:
             continue
-        K = shape_of(m)[0]
+        K, C, _ = shape_of(m, args)
         N = args.B * K * args.T
         median_s = statistics.median(times[m])
         grads_mb = (N + args.V) * args.H * elem / 2**20  # dX and dW in the working dtype
@@ -529,14 +577,15 @@ def run(args, log=print) -> dict:
             {
                 "method": m,
                 "K": K,
+                "num_chosen": C,
                 "tokens": N,
                 "times_s": times[m],
                 "median_ms": 1e3 * median_s,
                 "tflops": (8 if m in TWO_PASS else 6) * N * args.H * args.V / median_s / 1e12,
                 "pct_peak_6nhv": 100 * flops6 / median_s / 1e12 / peak if peak else None,
                 "peak_mem_mb": mem[m],
-                "extra_mem_mb": mem[m] - grads_mb,
-                "baseline": "naive-eager/k2" if K == 2 else "naive-eager",
+                "extra_mem_mb": mem[m] - grads_mb if mem[m] is not None else None,
+                "baseline": baseline_of(m, args),
                 "check": checks.get(m),
             }
         )
@@ -545,8 +594,12 @@ def run(args, log=print) -> dict:
     for r in results:
         b = by.get(r["baseline"])
         r["speedup_vs_naive"] = b["median_ms"] / r["median_ms"] if b else None
-        r["mem_vs_naive"] = r["peak_mem_mb"] / b["peak_mem_mb"] if b and b["peak_mem_mb"] > 0 else None
-        c = by.get("naive-compile") if r["K"] == 3 else None
+        r["mem_vs_naive"] = (
+            r["peak_mem_mb"] / b["peak_mem_mb"]
+            if b and r["peak_mem_mb"] is not None and b["peak_mem_mb"] > 0
+            else None
+        )
+        c = by.get("naive-compile") if r["K"] == shape_of("", args)[0] else None
         r["speedup_vs_compile"] = c["median_ms"] / r["median_ms"] if c else None
         lg = by.get("liger-dpo/k2") if r["K"] == 2 else None
         r["speedup_vs_liger"] = lg["median_ms"] / r["median_ms"] if lg else None
@@ -557,6 +610,14 @@ def run(args, log=print) -> dict:
                 "median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1],
             }  # fmt: skip
     return {"results": results, "skipped": skipped, "errors": errors}
+
+
+def baseline_of(method, args) -> str:
+    """The naive method on the same tokens: naive-eager/k2 for the /k2 methods (naive-eager when
+    --K 2 and naive-eager/k2 is not run), naive-eager for the others."""
+    if method.endswith("/k2") and (args.K != 2 or "naive-eager/k2" in args.methods):
+        return "naive-eager/k2"
+    return "naive-eager"
 
 
 def failures(report) -> list[str]:
@@ -574,8 +635,14 @@ def fmt_check(c) -> str:
     return f"loss {c['loss']:.1e} dX {c['dX']:.1e} dW {c['dW']:.1e}"
 
 
+def shape_dict(args) -> dict:
+    K, C, _ = shape_of("", args)
+    k = f"{K} (2 for /k2)" if K == 3 and C == 2 else f"{K}, {C} chosen (2, 1 chosen for /k2)"
+    return {"B": args.B, "K": k, "T": args.T, "H": args.H, "V": args.V}
+
+
 def print_table(results, args, report=None):
-    shape = {"B": args.B, "K": "3 (2 for /k2)", "T": args.T, "H": args.H, "V": args.V}
+    shape = shape_dict(args)
     info = machine(args.device)
     native_note = (
         f"; native row kernels: {info['native_row_kernels']}" if "native_row_kernels" in info else ""
@@ -589,11 +656,13 @@ def print_table(results, args, report=None):
         su = f"{r['speedup_vs_naive']:.2f}x" if r["speedup_vs_naive"] else "-"
         mr = f"{r['mem_vs_naive']:.3f}" if r["mem_vs_naive"] else "-"
         pp = f"{r['pct_peak_6nhv']:.0f}" if r.get("pct_peak_6nhv") else "-"
+        pk = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
+        ex = f"{round(r['extra_mem_mb']) + 0}" if r["extra_mem_mb"] is not None else "-"
         c = r.get("check")
         verdict = ("ok " if c["ok"] else "FAIL ") + fmt_check(c) if c else "-"
         print(
             f"{r['method']:<19}{r['tokens']:>8}{r['median_ms']:>11.1f}{r['tflops']:>9.2f}{pp:>7}"
-            f"{r['peak_mem_mb']:>10.0f}{round(r['extra_mem_mb']) + 0:>10}{su:>10}{mr:>10}  {verdict}"
+            f"{pk:>10}{ex:>10}{su:>10}{mr:>10}  {verdict}"
         )
     for r in results:
         p = r.get("paired_speedup_vs_nocsrc")
@@ -622,7 +691,7 @@ def main(argv=None):
     print_table(results, args, report)
     if args.out:
         out = Path(args.out.format(device=device_tag(args.device)))
-        shape = {"B": args.B, "K": "3 (2 for /k2)", "T": args.T, "H": args.H, "V": args.V}
+        shape = shape_dict(args)
         record = {
             "machine": machine(args.device), "shape": shape, "dtype": args.dtype, "reps": args.reps,
             "ref_logps": "precomputed", "date": time.strftime("%Y-%m-%d"), "results": results,

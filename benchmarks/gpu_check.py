@@ -11,8 +11,9 @@ H100/H200, set-up excluded; a step is not started with under 5 s left). Limit in
               responses x 1024 tokens): naive eager / torch.compile, Liger, cut-cross-entropy, TRL's
               chunked head, our torch and Triton backends, with the loss/gradient check; methods not built
               (compiled) by 45% of the limit are skipped, slow-compiling peers last
-  sweep  120  benchmarks/sweep_gpu.py cut down to V in {32k, 128k, 256k} x tokens in {4k, 16k} x H=4096,
-              smallest first, no check; it starts no configuration it expects to end past its limit - 25 s
+  sweep  120  benchmarks/sweep.py cut down to K = 3 x V in {32k, 128k, 256k} x tokens in {4k, 16k} x
+              H=4096 (with the GEMM-only floor), no check; it starts no configuration it expects to end
+              past its limit - 25 s, dropping naive-compile first
 
 Writes under --out-dir (default benchmarks/results), file names with the device (h100, h200, ...):
 head_loss_llama3_8b_{device}.json/.png, sweep_{device}.json/.png, autoselect_{device}.json,
@@ -363,30 +364,24 @@ def bench_step(step, cfg, log, env, timeout):
 def sweep_step(step, cfg, log, env, timeout):
     out = cfg.path("sweep_{device}.json" if not cfg.tiny else "sweep_tiny_{device}.json")
     if cfg.tiny:
-        methods = "naive-eager,wrpo-torch,naive-eager/k2,wrpo-torch/k2"
-        grid = ["--vocabs", "96,160", "--tokens", "24", "--hidden", "16", "--dtype", "fp32", "--B", "1",
-                "--reps", "1", "--methods", methods]  # fmt: skip
+        grid = ["--grid", "tiny", "--layouts", "K2,K3", "--vocabs", "96,160", "--tokens", "24",
+                "--methods", "naive-eager,wrpo-torch"]  # fmt: skip
         bench_args = "--memory-inproc"
     else:
-        grid = [
-            "--vocabs",
-            "32000,128256,262144",
-            "--tokens",
-            "4096,16384",
-            "--hidden",
-            "4096",
-            "--reps",
-            "3",
-        ]
-        bench_args = "--no-check"  # the bench step checks the loss and gradients; here time goes to configs
+        methods = "naive-eager,wrpo-torch,wrpo-triton,cce-logps,trl-chunked,gemm-only"
+        grid = ["--grid", "gpu", "--layouts", "K3", "--vocabs", "32000,128256,262144",
+                "--tokens", "4096,16384", "--hidden", "4096", "--reps", "3", "--no-check",
+                "--methods", methods]  # fmt: skip
+        bench_args = ""  # the bench step checks the loss and gradients; here time goes to configs
     if cfg.peak_tflops:
         bench_args += f" --peak-tflops {cfg.peak_tflops}"
-    grid.append(f"--bench-args={bench_args}")
+    if bench_args.strip():
+        grid.append(f"--bench-args={bench_args.strip()}")
     # the sweep stops starting configurations at its share, leaving time for the last one and the plot
     share = max(timeout - (10 if cfg.tiny else 25), 1)
     cmd = [
         sys.executable,
-        HERE / "sweep_gpu.py",
+        HERE / "sweep.py",
         "--device",
         cfg.device,
         "--out",
@@ -406,11 +401,11 @@ def sweep_step(step, cfg, log, env, timeout):
         step.figures = step.figures or f"exit code {rc}, no result"
         return
     step.record = {"json": str(out)}
-    done = [c for c in rec["configs"] if "seconds" in c]
-    left = [c for c in rec["configs"] if "skipped" in c]
+    done = [c for c in rec["configs"] if c.get("status") == "done"]
+    left = [c for c in rec["configs"] if c.get("status") == "skipped"]
     figures = f"{len(done)} configs measured" + (f", {len(left)} skipped (time budget)" if left else "")
     step.figures = (step.figures + "; " if step.figures else "") + figures
-    rows = [r for r in rec["rows"] if "median_ms" in r]
+    rows = [r for r in rec["rows"] if r.get("status") == "ok"]
     for m in sorted({r["method"] for r in rows if r["method"].startswith("wrpo-")}):
         mine = [r for r in rows if r["method"] == m]
         pct = [r["pct_peak_6nhv"] for r in mine if r.get("pct_peak_6nhv")]
@@ -418,7 +413,11 @@ def sweep_step(step, cfg, log, env, timeout):
         step.rows.append((m, f"{len(mine)} configs",
                           (f"{min(pct):.0f}-{max(pct):.0f}% of peak; " if pct else "")
                           + (f"{min(su):.2f}-{max(su):.2f}x naive" if su else "")))  # fmt: skip
-    ooms = [f"{r['method']} V={r['V']} N={r['tokens_k3']} H={r['H']}" for r in rec["rows"] if r.get("oom")]
+    gemm = [r["gemm_ratio"] for r in rows if r["method"].startswith("wrpo-") and r.get("gemm_ratio")]
+    if gemm:
+        step.rows.append(("ours / GEMMs alone", f"{len(gemm)} configs", f"{min(gemm):.2f}-{max(gemm):.2f}x"))
+    ooms = [f"{r['method']} V={r['V']} N={r['tokens']} H={r['H']}" for r in rec["rows"]
+            if r.get("status") in ("oom", "over cap")]  # fmt: skip
     if ooms:
         step.rows.append(("out of memory", f"{len(ooms)}", "; ".join(ooms)[:160]))
 

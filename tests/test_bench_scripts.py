@@ -22,6 +22,7 @@ sys.path.insert(0, str(BENCH))
 
 import bench_head_loss as bench  # noqa: E402
 import gpu_check  # noqa: E402
+import sweep  # noqa: E402
 
 TINY = ["--device", "cpu", "--B", "1", "--T", "8", "--H", "16", "--V", "96", "--reps", "1", "--memory-inproc"]
 slow = pytest.mark.skipif(
@@ -249,16 +250,75 @@ def test_dry_run_sweep_end_to_end(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "GPU check summary" in out.stdout
-    sweep = json.loads((tmp_path / "sweep_tiny_cpu.json").read_text())
-    assert len(sweep["configs"]) == 2 and all("seconds" in c for c in sweep["configs"])
-    assert {r["method"] for r in sweep["rows"]} == {
-        "naive-eager",
-        "wrpo-torch",
-        "naive-eager/k2",
-        "wrpo-torch/k2",
+    record = json.loads((tmp_path / "sweep_tiny_cpu.json").read_text())
+    assert len(record["configs"]) == 4 and all(c["status"] == "done" for c in record["configs"])
+    assert {(c["layout"], c["V"]) for c in record["configs"]} == {
+        ("K2", 96),
+        ("K2", 160),
+        ("K3", 96),
+        ("K3", 160),
     }
-    assert all(r["check"]["ok"] for r in sweep["rows"])
+    assert {r["method"] for r in record["rows"]} == {"naive-eager", "wrpo-torch"}
+    assert all(r["status"] == "ok" and r["check"]["ok"] for r in record["rows"])
     assert (tmp_path / "sweep_tiny_cpu.png").exists() and (tmp_path / "gpu_check_cpu.log").exists()
+
+
+SWEEP_METHODS = ["naive-eager", "wrpo-torch", "liger-dpo/k2", "gemm-only"]
+
+
+def test_sweep_tiny_every_configuration_and_method_has_a_status(tmp_path):
+    """benchmarks/sweep.py on its tiny grid, in this process: 4 layouts (two K = 4) x 2 token counts,
+    and a second vocabulary; one row per configuration and method, each with a status."""
+    out = tmp_path / "sweep_{device}.json"
+    code = sweep.main(["--device", "cpu", "--grid", "tiny", "--methods", ",".join(SWEEP_METHODS),
+                       "--bench-args=--memory-inproc", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    record = json.loads((tmp_path / "sweep_cpu.json").read_text())
+    assert (tmp_path / "sweep_cpu.png").exists() and record["machine"]["device"].startswith("CPU")
+    want = {(lay, 96, n) for lay in sweep.LAYOUTS for n in (24, 48)} | {("K3", 160, 24), ("K3", 160, 48)}
+    got = {(c["layout"], c["V"], c["tokens"]) for c in record["configs"]}
+    assert got == want and all(c["status"] == "done" for c in record["configs"])
+    assert {(c["K"], c["num_chosen"]) for c in record["configs"]} == {(2, 1), (3, 2), (4, 2), (4, 3)}
+    rows = {(r["config"], r["method"]): r for r in record["rows"]}
+    assert len(rows) == len(record["rows"]) == len(want) * len(SWEEP_METHODS)
+    liger = bench.unavailable("liger-dpo/k2", bench.parse_args(TINY)) is None
+    for c in record["configs"]:
+        for m in SWEEP_METHODS:
+            r = rows[(c["id"], m)]
+            assert r["status"] in ("ok", "skipped"), r
+            if m == "liger-dpo/k2" and (c["K"] != 2 or not liger):
+                assert r["status"] == "skipped" and r["reason"]
+                continue
+            assert r["status"] == "ok", r
+            assert r["median_ms"] > 0 and r["gflops_6nhv"] > 0 and r["gemm_ratio"] > 0
+            if m != "gemm-only":
+                assert r["check"]["ok"], r
+    assert rows[("K4-3c1r/V96/N48/H16", "wrpo-torch")]["num_chosen"] == 3
+    assert any(g["method"] == "wrpo-torch" and g["time_exponent"] is not None for g in record["growth"])
+
+
+def test_sweep_predicts_over_cap_and_drops_compile_before_a_configuration():
+    cli = sweep.parse(["--device", "cpu", "--grid", "cpu", "--time-budget", "100"])
+    small, big = ({"layout": "K3", "K": 3, "num_chosen": 2, "V": 32768, "H": 256, "B": 4, "T": n // 12,
+                   "tokens": n, "id": f"K3/N{n}"} for n in (3072, 12288))  # fmt: skip
+    measured = {"naive-eager": (1.2, 1147.0), "naive-compile": (0.9, 750.0), "wrpo-torch": (0.6, 213.0),
+                "trl-chunked": (1.5, 1500.0), "gemm-only": (0.5, None)}  # fmt: skip
+    record = {"rows": [{**sweep.row_base(small), "method": m, "status": "ok", "median_ms": 1e3 * t,
+                        "peak_mem_mb": mem} for m, (t, mem) in measured.items()]}  # fmt: skip
+    run_now, not_run = sweep.plan(record, big, cli.methods, cli)
+    assert set(not_run) == {"naive-eager", "trl-chunked", "liger-dpo/k2"}  # 4.5 GiB, 5.9 GiB > 4; pairs only
+    assert (
+        not_run["naive-eager"][0] == "over cap"
+        and "predicted 4.5 GiB > cap 4 GiB" in not_run["naive-eager"][1]
+    )
+    assert run_now == ["naive-compile", "wrpo-torch", "gemm-only"]  # 2.9 GiB: under the cap
+    # compile 3.6 s x 6 steps + 2 x 30 s + 4 s, ours 2.4 s x 6 + 4 s, GEMMs 2 s x 4: 112 s > 100 s
+    kept, dropped, skip = sweep.budget_cut(record, big, run_now, [], cli, elapsed=0.0)
+    assert kept == ["wrpo-torch", "gemm-only"] and skip is None
+    assert dropped["naive-compile"].startswith("time budget: predicted")
+    kept, dropped, skip = sweep.budget_cut(record, big, run_now, [], cli, elapsed=90.0)
+    assert kept == [] and skip.startswith("time budget")
+    assert sweep.budget_cut(record, big, run_now, [], cli, elapsed=-1000.0)[0] == run_now
 
 
 @slow
