@@ -120,24 +120,22 @@ def _capped_attention(q, k, v, visible, scale, softcap, dropout_p, gqa):
     return probs @ v
 
 
-def _stretch_attention(query, key, value, r, stretch, position_ids, *, scale, window, softcap, p, gqa):
-    """Stretch ``(a, b, g, plen)`` of row ``r`` (:func:`segment_layout`) -> its output [1, Hq, b - a, D]."""
+def _stretch_attention(q, k, v, prompt, stretch, pos, *, scale, window, softcap, p, gqa):
+    """Stretch ``(a, b, g, plen)`` (:func:`segment_layout`): its query/key/value pieces [1, H, b - a, D],
+    ``prompt`` the (query, key, value) pieces of its group's first ``plen`` tokens, ``pos`` the row's
+    positions -> its output [1, Hq, b - a, D]."""
     a, b, g, plen = stretch
-    q, k, v = query[r : r + 1, :, a:b], key[r : r + 1, :, a:b], value[r : r + 1, :, a:b]
     if plen:  # a response after a shared prompt: keys and values of the prompt, then its own
-        k = torch.cat([key[r : r + 1, :, g : g + plen], k], dim=2)
-        v = torch.cat([value[r : r + 1, :, g : g + plen], v], dim=2)
+        k, v = torch.cat([prompt[1], k], dim=2), torch.cat([prompt[2], v], dim=2)
     windowed = window is not None and plen + b - a > window
     if not windowed and softcap is None:
         sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=p, scale=scale, enable_gqa=gqa)
         if not plen:
             return sdpa(q, k, v, is_causal=True)
         if plen < b - a:  # short prompt: its queries again in front, one causal call (cheaper than a mask)
-            q = torch.cat([query[r : r + 1, :, g : g + plen], q], dim=2)
-            return sdpa(q, k, v, is_causal=True)[:, :, plen:]
-        n = torch.arange(plen + b - a, device=query.device)  # causal aligned to the bottom right
+            return sdpa(torch.cat([prompt[0], q], dim=2), k, v, is_causal=True)[:, :, plen:]
+        n = torch.arange(plen + b - a, device=q.device)  # causal aligned to the bottom right
         return sdpa(q, k, v, attn_mask=_visible(n[plen:], n, None))
-    pos = position_ids[min(r, position_ids.shape[0] - 1)]
     k_pos = torch.cat([pos[g : g + plen], pos[a:b]]) if plen else pos[a:b]
     visible = _visible(pos[a:b], k_pos, window)
     if softcap is not None:
@@ -145,6 +143,22 @@ def _stretch_attention(query, key, value, r, stretch, position_ids, *, scale, wi
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=visible, dropout_p=p, scale=scale, enable_gqa=gqa
     )
+
+
+def _row_attention(q, k, v, stretches, pos, options) -> torch.Tensor:
+    """One row: q [1, Hq, L, D], k/v [1, Hkv, L, D] -> [1, Hq, L, D], stretch by stretch.
+
+    The row is split once into its stretches (autograd joins their gradients with one cat; slicing the
+    row per stretch would zero-fill a row-sized gradient for every slice)."""
+    sizes = [st[1] - st[0] for st in stretches]  # split_with_sizes: one backward node (tensor_split slices)
+    pieces = list(zip(*(t.split(sizes, dim=2) for t in (q, k, v)), strict=True))
+    first_piece = {st[0]: i for i, st in enumerate(stretches)}
+    out = []
+    for (qi, ki, vi), st in zip(pieces, stretches, strict=True):
+        plen = st[3]
+        prompt = tuple(t[:, :, :plen] for t in pieces[first_piece[st[2]]]) if plen else None
+        out.append(_stretch_attention(qi, ki, vi, prompt, st, pos, **options))
+    return torch.cat(out, dim=2)
 
 
 def segment_attention(
@@ -188,13 +202,12 @@ def segment_attention(
         bounds = bounds * query.shape[0]
     if len(bounds) != query.shape[0]:
         raise ValueError(f"position_ids has {len(bounds)} rows for a batch of {query.shape[0]} rows")
-    rows = [
-        torch.cat(
-            [_stretch_attention(query, key, value, r, st, position_ids, **options) for st in row], dim=2
-        )
-        for r, row in enumerate(bounds)
+    rows = zip(query.split(1), key.split(1), value.split(1), bounds, strict=True)
+    out = [
+        _row_attention(q, k, v, stretches, position_ids[min(r, position_ids.shape[0] - 1)], options)
+        for r, (q, k, v, stretches) in enumerate(rows)
     ]
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    return torch.cat(out, dim=0).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(NAME, segment_attention)
