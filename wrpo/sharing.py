@@ -62,7 +62,7 @@ def prefix_sharing_plan(config, *models) -> tuple[bool, str]:
                 f"{impl} runs unshared packed rows; --prefix_sharing true runs shared prefixes on "
                 f"{SEGMENT_ATTENTION} (per-sequence sdpa) instead"
             )
-    return True, f"each prompt encoded once for its responses ({SEGMENT_ATTENTION} attention)"
+    return True, f"each prompt encoded once for its responses, on {SEGMENT_ATTENTION} attention"
 
 
 def prepare_prefix_sharing(*models) -> None:
