@@ -5,7 +5,8 @@ y_l the lowest-scoring target response (ties go to the first occurrence). With `
 the chosen list holds the best response of each of the k best source models (ranked by their best
 score), then y_wt: K = k + 2 responses. Responses with blank text are ignored (they cannot be trained on).
 Prompts with no match in the other file, fewer than two target samples, all target scores equal or fewer
-than k source models are skipped and counted.
+than k source models are skipped and counted. Other keys of a prompt's first source row (e.g. its
+reference ``answer``) are kept in its output row.
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ def top_source_responses(responses: list[Response], k: int) -> list[Response]:
 
 
 def quadruple(
-    prompt_id, prompt, sources: list[Response], targets: list[Response], k: int
+    prompt_id, prompt, sources: list[Response], targets: list[Response], k: int, extras: dict | None = None
 ) -> tuple[dict | None, str | None]:
-    """(the output row, None) or (None, why the prompt is skipped)."""
+    """(the output row, None) or (None, why the prompt is skipped); ``extras`` are other keys to keep."""
     if len(targets) < 2:
         return None, ONE_TARGET
     y_wt, y_l = first_best(targets), first_worst(targets)
@@ -108,6 +109,7 @@ def quadruple(
     return {
         "prompt_id": prompt_id,
         "prompt": prompt,
+        **(extras or {}),
         "chosen": [{"role": "assistant", "content": r.text} for r in chosen],
         "rejected": [{"role": "assistant", "content": y_l.text}],
         "source_models": [r.model for r in y_ws],
@@ -151,7 +153,8 @@ def build(
         summary.blank += (
             len(source_responses) + len(target_responses) - len(usable_sources) - len(usable_targets)
         )
-        row, why = quadruple(pid, first.row["prompt"], usable_sources, usable_targets, k)
+        extras = {key: v for key, v in first.row.items() if key not in ("prompt_id", "prompt", "responses")}
+        row, why = quadruple(pid, first.row["prompt"], usable_sources, usable_targets, k, extras)
         if row is None:
             summary.skipped[why] += 1
             continue

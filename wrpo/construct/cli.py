@@ -41,12 +41,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", help="default: cuda when available, else cpu")
 
-    s = add("score", "fill every response's score with a local reward model")
+    s = add("score", "fill every response's score with a local reward model or a reward function")
     s.add_argument("--input", required=True, help="sample rows (with their prompt)")
-    s.add_argument("--reward-model", required=True, help="sequence-classification model dir, num_labels=1")
+    how = s.add_mutually_exclusive_group(required=True)
+    how.add_argument("--reward-model", help="sequence-classification model dir, num_labels=1")
+    how.add_argument(
+        "--reward-fn", metavar="MODULE:FUNCTION",
+        help="FUNCTION(prompt, response, row) -> float per response: prompt = the chat messages, response "
+        "= its text, row = the sample row dict (e.g. wrpo.construct.verifiers:arithmetic_exact_match)",
+    )  # fmt: skip
     s.add_argument("--output", help="default: rewrite the input in place")
-    s.add_argument("--batch-size", type=int, default=8, help="responses per forward pass")
-    s.add_argument("--max-length", type=int, default=4096, help="tokens of prompt + response kept")
+    s.add_argument("--batch-size", type=int, default=8, help="responses per forward pass (--reward-model)")
+    s.add_argument("--max-length", type=int, default=4096, help="tokens kept (--reward-model)")
     s.add_argument("--device", help="default: cuda when available, else cpu")
 
     s = add("build", "scored samples -> quadruples (x, y_ws, y_wt, y_l) in the released layout")
@@ -83,6 +89,11 @@ def run(args: argparse.Namespace) -> None:
         output, n = sample(args.model, args.input, args.output, model_name=args.model_name, seed=args.seed,
                            device=args.device, **options)  # fmt: skip
         print(f"{n} prompts x {args.n} samples -> {output}")
+    elif args.command == "score" and args.reward_fn:
+        from .reward_fn import score_with_function
+
+        n = score_with_function(args.input, args.reward_fn, args.output)
+        print(f"{n} responses scored -> {args.output or args.input}")
     elif args.command == "score":
         from .score import score
 

@@ -9,7 +9,9 @@ template, batched with left padding. Fine for small models; for large ones use a
 Several source models: run ``sample`` once per model (``--model-name`` tags its responses, default
 the model directory's name) and give all the files to ``wrpo data build --sources``, which merges the
 responses of each prompt_id. The input is any file of rows with ``prompt_id`` and ``prompt``
-(``wrpo data prompts`` makes one; built or split data work too).
+(``wrpo data prompts`` makes one; built or split data work too). Other keys of an input row (e.g. a
+reference ``answer`` for ``wrpo data score --reward-fn``) are copied to its sample row, except the
+response keys of preference data (``LAYOUT_KEYS``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from transformers import AutoModelForCausalLM, set_seed
 from .hf import batches, load_tokenizer, local_dir, pick_device
 from .jsonl import write_jsonl
 from .rows import SampleRow, read_sample_rows
+
+# keys of sample rows and built data that describe responses, never copied from an input row
+LAYOUT_KEYS = frozenset(
+    ("responses", "chosen", "rejected", "source_chosen", "target_chosen", "source_models", "chosen_scores",
+     "rejected_scores")
+)  # fmt: skip
 
 
 def sample(
@@ -81,5 +89,11 @@ def _sampled_rows(
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for i, row in enumerate(batch):
                 responses = [{"model": name, "text": t, "score": None} for t in texts[i * n : (i + 1) * n]]
-                yield {"prompt_id": row.prompt_id, "prompt": row.row["prompt"], "responses": responses}
+                extras = {k: v for k, v in row.row.items() if k not in LAYOUT_KEYS}
+                yield {
+                    **extras,
+                    "prompt_id": row.prompt_id,
+                    "prompt": row.row["prompt"],
+                    "responses": responses,
+                }
             bar.update(len(batch))

@@ -3,7 +3,8 @@
 The reward model is a transformers sequence classifier with one output (``num_labels=1``, as reward
 models trained with TRL's RewardTrainer); each response is scored as the conversation prompt + response
 under the reward model's chat template, truncated to ``max_length`` tokens. Rows are sample rows
-(``wrpo.construct.rows``) and need their prompt; other keys are kept.
+(``wrpo.construct.rows``) and need their prompt; other keys are kept. ``--reward-fn`` scores with a
+Python function instead (``wrpo.construct.reward_fn``).
 """
 
 from __future__ import annotations
