@@ -1,4 +1,4 @@
-"""The alpha schedule (docs/method.md §1) and the chunk schedule of the torch backend (docs/method.md §4)."""
+"""The alpha schedule (docs/method.md §3) and the chunk schedule of the torch backend (docs/method.md §4)."""
 
 from __future__ import annotations
 
