@@ -61,15 +61,20 @@ LAYOUT_TEXT = {
 NO_COMPILE = {"naive-compile": "the CPU grid compiles on the K3, V=32768 panel only: a compile per process "
               "(the timing one and each memory child) would not fit the 15 minutes"}  # fmt: skip
 # Grids: (layout, V, tokens[, {method: why not run}]) panels. Configurations run smallest work (N V H)
-# first, so a time budget cuts the largest. Token counts are multiples of 48, so that B = 4 prompts x
-# K responses divide them for K = 2, 3 and 4.
+# first, so that a time budget cuts the largest; the CPU grid runs in the order listed instead, the
+# configurations that span each axis first (tokens 768 to 12288, the four layouts, the two vocabularies),
+# then the ones between. Token counts are multiples of 48, so that B = 4 prompts x K responses divide
+# them for K = 2, 3 and 4. The CPU cap, 2.75 GiB, stops naive between 6144 and 12288 tokens at V = 32768.
 GRIDS = {
     "cpu": {
-        "H": 256, "dtype": "fp32", "B": 4, "reps": 3, "mem_cap_gb": 4.0, "time_budget": 780.0,
+        "H": 256, "dtype": "fp32", "B": 4, "reps": 3, "mem_cap_gb": 2.75, "time_budget": 780.0,
+        "order": "listed",
         "panels": [
-            ("K3", 32768, (768, 1536, 3072, 6144, 12288)),
-            *[(lay, 32768, (768, 3072), NO_COMPILE) for lay in ("K2", "K4-2c2r", "K4-3c1r")],
+            ("K3", 32768, (768, 3072, 12288)),
+            *[(lay, 32768, (3072,), NO_COMPILE) for lay in ("K4-2c2r", "K4-3c1r", "K2")],
             ("K3", 131072, (768, 3072), NO_COMPILE),
+            ("K3", 32768, (1536, 6144)),
+            *[(lay, 32768, (768,), NO_COMPILE) for lay in ("K2", "K4-2c2r", "K4-3c1r")],
         ],
     },
     "gpu": {
@@ -130,6 +135,8 @@ def make_configs(cli):
                 configs.append({"id": cid, "layout": lay, "layout_text": LAYOUT_TEXT[lay], "K": K,
                                 "num_chosen": C, "V": V, "H": H, "B": cli.B, "T": T,
                                 "tokens": N, "not_in_grid": dict(rest[0]) if rest else {}})  # fmt: skip
+    if grid.get("order") == "listed" and not (cli.layouts or cli.vocabs or cli.tokens or cli.hidden):
+        return configs
     return sorted(configs, key=work)  # stable: the grid's order among equal work
 
 
@@ -434,6 +441,37 @@ def print_table(record):
                   f"({fmt(g.get('mem_mb_per_1k_tokens'), '.0f')} MiB per 1k tokens)")  # fmt: skip
 
 
+def markdown(record) -> str:
+    """One table row per configuration: each method's time and peak memory (or its status), ours against
+    naive and against the GEMMs alone, ours in GFLOP/s (6 N H V)."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in record["rows"]) if m != GEMM]
+    head = ["layout", "V", "tokens", *methods, "GEMMs alone", "ours vs naive", "ours / GEMMs", "ours GFLOP/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in record["configs"]:
+        by = {r["method"]: r for r in record["rows"] if r["config"] == c["id"]}
+        cells = [c["layout"], str(c["V"]), str(c["tokens"])]
+        for m in methods:
+            r = by.get(m)
+            if r is None:
+                cells.append("")
+            elif r["status"] == "ok":
+                mem = f", {r['peak_mem_mb']:.0f} MiB" if r.get("peak_mem_mb") is not None else ""
+                cells.append(f"{r['median_ms'] / 1e3:.2f} s{mem}")
+            elif r["status"] == "over cap" and r.get("predicted_mem_mb"):
+                cells.append(f"over cap ({r['predicted_mem_mb'] / 1024:.1f} GiB pred.)")
+            else:
+                cells.append(r["status"])
+        g = by.get(GEMM)
+        cells.append(f"{g['median_ms'] / 1e3:.2f} s" if g and g["status"] == "ok" else "-")
+        ours = next((by[m] for m in OURS if m in by and by[m]["status"] == "ok"), None)
+        su = ours and ours.get("speedup_vs_naive")
+        cells.append(f"{su:.2f}x" if su else "-")
+        cells.append(f"{ours['gemm_ratio']:.2f}" if ours and ours.get("gemm_ratio") else "-")
+        cells.append(f"{ours['gflops_6nhv']:.0f}" if ours else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -449,11 +487,14 @@ def parse(argv=None):
     p.add_argument("--B", type=int, default=None, help="prompts")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--methods", default=None, help="comma-separated bench_head_loss methods")
-    p.add_argument("--mem-cap-gb", type=float, default=None, help="CPU default 4; CUDA: 90%% of the device")
+    p.add_argument(
+        "--mem-cap-gb", type=float, default=None, help="CPU default 2.75; CUDA: 90%% of the device"
+    )
     p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole sweep")
     p.add_argument("--no-check", action="store_true", help="skip the loss/gradient check")
     p.add_argument("--bench-args", default="", help="more bench_head_loss arguments, e.g. '--memory-inproc'")
     p.add_argument("--replot", action="store_true", help="redraw the plot and table from --out's JSON")
+    p.add_argument("--markdown", action="store_true", help="with --replot: print a Markdown table too")
     cli = p.parse_args(argv)
     cli.grid = cli.grid or ("gpu" if cli.device == "cuda" else "cpu")
     grid = GRIDS[cli.grid]
@@ -483,6 +524,8 @@ def main(argv=None):
         record = json.loads(out.read_text())
         plot(record, png)
         print_table(record)
+        if cli.markdown:
+            print("\n" + markdown(record))
         print(f"wrote {png}")
         return 0
     configs = make_configs(cli)

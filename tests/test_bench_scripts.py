@@ -295,10 +295,11 @@ def test_sweep_tiny_every_configuration_and_method_has_a_status(tmp_path):
                 assert r["check"]["ok"], r
     assert rows[("K4-3c1r/V96/N48/H16", "wrpo-torch")]["num_chosen"] == 3
     assert any(g["method"] == "wrpo-torch" and g["time_exponent"] is not None for g in record["growth"])
+    assert sweep.markdown(record).count("\n") == len(want) + 1  # header, rule, a row per configuration
 
 
 def test_sweep_predicts_over_cap_and_drops_compile_before_a_configuration():
-    cli = sweep.parse(["--device", "cpu", "--grid", "cpu", "--time-budget", "100"])
+    cli = sweep.parse(["--device", "cpu", "--grid", "cpu", "--time-budget", "100", "--mem-cap-gb", "4"])
     small, big = ({"layout": "K3", "K": 3, "num_chosen": 2, "V": 32768, "H": 256, "B": 4, "T": n // 12,
                    "tokens": n, "id": f"K3/N{n}"} for n in (3072, 12288))  # fmt: skip
     measured = {"naive-eager": (1.2, 1147.0), "naive-compile": (0.9, 750.0), "wrpo-torch": (0.6, 213.0),
