@@ -390,7 +390,14 @@ def plot(record, path):
                           label=f"{m} (over cap, predicted)")  # fmt: skip
         if cap:
             ax_m.axhline(cap * 1024, color="k", lw=0.8, ls="--")
-            ax_m.text(ax_m.get_xlim()[0], cap * 1024, f" cap {cap:g} GiB", va="bottom", fontsize=7)
+            ax_m.text(
+                0.01,
+                cap * 1024,
+                f"cap {cap:g} GiB",
+                va="bottom",
+                fontsize=7,
+                transform=ax_m.get_yaxis_transform(),
+            )
         title = f"{LAYOUT_TEXT[lay]}, V={V}, H={H}"
         for ax, ylabel in ((ax_t, "fwd+bwd median (s)"), (ax_m, "peak memory (MiB)")):
             ax.set_xscale("log", base=2)
