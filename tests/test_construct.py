@@ -142,6 +142,16 @@ def test_build_keeping_nothing_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "q.jsonl").exists()
 
 
+def test_build_keep_tied_keeps_equal_target_scores_for_sft(tmp_path, capsys):
+    s = write_jsonl_rows(tmp_path / "s.jsonl", [SOURCES[1]])
+    t = write_jsonl_rows(tmp_path / "t.jsonl", [TARGETS[4]])
+    code, out, err = run(capsys, "build", "--sources", s, "--targets", t, "--output", tmp_path / "q.jsonl",
+                         "--keep-tied")  # fmt: skip
+    assert code == 0, err
+    (row,) = read(tmp_path / "q.jsonl")
+    assert row["chosen"][0]["content"] == "a" and row["chosen_scores"][1] == row["rejected_scores"][0]
+
+
 def test_build_refuses_one_prompt_id_with_two_prompts(tmp_path, capsys):
     s = write_jsonl_rows(tmp_path / "s.jsonl", SOURCES)
     t = write_jsonl_rows(tmp_path / "t.jsonl", [{**TARGETS[0], "prompt": "Something else?"}])

@@ -5,8 +5,9 @@ y_l the lowest-scoring target response (ties go to the first occurrence). With `
 the chosen list holds the best response of each of the k best source models (ranked by their best
 score), then y_wt: K = k + 2 responses. Responses with blank text are ignored (they cannot be trained on).
 Prompts with no match in the other file, fewer than two target samples, all target scores equal or fewer
-than k source models are skipped and counted. Other keys of a prompt's first source row (e.g. its
-reference ``answer``) are kept in its output row.
+than k source models are skipped and counted; ``keep_tied`` keeps the prompts whose target scores are all
+equal (y_wt and y_l are then the same response): rows for ``wrpo sft``, which uses y_ws only. Other
+keys of a prompt's first source row (e.g. its reference ``answer``) are kept in its output row.
 """
 
 from __future__ import annotations
@@ -94,13 +95,19 @@ def top_source_responses(responses: list[Response], k: int) -> list[Response]:
 
 
 def quadruple(
-    prompt_id, prompt, sources: list[Response], targets: list[Response], k: int, extras: dict | None = None
+    prompt_id,
+    prompt,
+    sources: list[Response],
+    targets: list[Response],
+    k: int,
+    extras: dict | None = None,
+    keep_tied: bool = False,
 ) -> tuple[dict | None, str | None]:
     """(the output row, None) or (None, why the prompt is skipped); ``extras`` are other keys to keep."""
     if len(targets) < 2:
         return None, ONE_TARGET
     y_wt, y_l = first_best(targets), first_worst(targets)
-    if y_wt.score == y_l.score:
+    if y_wt.score == y_l.score and not keep_tied:
         return None, TIED_TARGETS
     y_ws = top_source_responses(sources, k)
     if not y_ws:
@@ -119,7 +126,12 @@ def quadruple(
 
 
 def build(
-    sources: list[str | Path], targets: str | Path, output: str | Path, *, num_source_chosen: int = 1
+    sources: list[str | Path],
+    targets: str | Path,
+    output: str | Path,
+    *,
+    num_source_chosen: int = 1,
+    keep_tied: bool = False,
 ) -> BuildSummary:
     """Reads every file (all rows checked first), writes the quadruples to ``output``; returns the summary."""
     k = num_source_chosen
@@ -154,7 +166,7 @@ def build(
             len(source_responses) + len(target_responses) - len(usable_sources) - len(usable_targets)
         )
         extras = {key: v for key, v in first.row.items() if key not in ("prompt_id", "prompt", "responses")}
-        row, why = quadruple(pid, first.row["prompt"], usable_sources, usable_targets, k, extras)
+        row, why = quadruple(pid, first.row["prompt"], usable_sources, usable_targets, k, extras, keep_tied)
         if row is None:
             summary.skipped[why] += 1
             continue

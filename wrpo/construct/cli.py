@@ -62,6 +62,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--num-source-chosen", type=int, default=1, help="k source picks from k distinct models (default 1)"
     )
+    s.add_argument(
+        "--keep-tied", action="store_true",
+        help="keep prompts whose target samples all score the same (SFT rows: wrpo sft uses y_ws only)",
+    )  # fmt: skip
 
     s = add("split", "disjoint sft.jsonl / pref.jsonl, deterministic for a seed")
     s.add_argument("--input", required=True)
@@ -103,7 +107,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "build":
         from .build import build
 
-        print(build(args.sources, args.targets, args.output, num_source_chosen=args.num_source_chosen))
+        print(build(args.sources, args.targets, args.output, num_source_chosen=args.num_source_chosen,
+                    keep_tied=args.keep_tied))  # fmt: skip
         print(f"-> {args.output}")
     elif args.command == "split":
         from .split import split
