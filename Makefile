@@ -3,11 +3,12 @@
 # make bench : the fused-loss and train-step benchmarks on this machine
 # make bench-csrc : the csrc row kernels against the pure-torch rows and the naive path (CPU)
 # make sweep : how the fused loss's cost grows in tokens, K (two K = 4 layouts) and V, CPU (< 15 min)
+# make fusion-demo : "Does it fuse?" (README): the WRPO pipeline on toy arithmetic, 3 seeds (QUICK=1: 1 seed, small)
 # make gpu-check : on the first CUDA machine, < 8 min: GPU tests, auto self-test, 8B-head benchmark vs peers, sweep
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train bench bench-csrc bench-gpu gpu-check sweep test lint setup
+.PHONY: train bench bench-csrc bench-gpu gpu-check sweep test lint setup fusion-demo
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -39,6 +40,9 @@ bench-gpu: $(STAMP)
 # one command for a CUDA machine, results under benchmarks/results/ (GPU_CHECK_ARGS=--dry-run: tiny CPU shapes)
 gpu-check: $(STAMP)
 	$(VENV)/bin/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+fusion-demo: $(STAMP)
+	$(VENV)/bin/python -m wrpo.fusion_demo $(if $(QUICK),--quick) --out outputs/fusion-demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

@@ -1,0 +1,52 @@
+"""The demo's settings: the full run and the QUICK one (one seed, fewer prompts and steps)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    held_out_per_family: int = 50  # greedy evaluation problems, never trained on
+    # the pipeline's prompts (1/3 SFT, 2/3 preference), from the train part; with the held-out and the
+    # target's problems at most 225 per family (the size of twostep)
+    prompts_per_family: int = 150
+    hidden: int = 64  # every model: a 2-layer tiny Llama of this width
+    layers: int = 2
+    # sources: `wrpo sft` on every train problem of their family (correct solutions)
+    source_steps: dict = field(default_factory=lambda: {"addsub": 500, "mul": 350, "twostep": 700})
+    source_lr: float = 5e-3
+    # target: `wrpo sft` briefly on a few train problems per family that are not pipeline prompts
+    target_problems_per_family: int = 50
+    target_steps: int = 250
+    target_lr: float = 5e-3
+    n: int = 5  # samples per prompt and model (the paper's N)
+    temperature: float = 0.8
+    sft_epochs: int = 8
+    sft_lr: float = 2e-3
+    train_epochs: int = 4
+    train_lr: float = 1e-4
+    beta: float = 0.1
+    alpha: float = 0.1  # the paper's default, linear from 0
+    extra_alphas: tuple[float, ...] = (0.3, 0.5)  # WRPO, linear from 0
+    extra_betas: tuple[float, ...] = (0.5,)  # DPO and WRPO (alpha) again with these betas
+    batch_size: int = 16
+    parallel: int = 2  # wrpo commands at once (one CPU thread each)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+FULL = DemoConfig()
+QUICK = replace(
+    FULL,
+    seeds=(0,),
+    held_out_per_family=20,
+    prompts_per_family=24,
+    source_steps={"addsub": 100, "mul": 100, "twostep": 100},
+    target_steps=100,
+    target_problems_per_family=10,
+    extra_alphas=(),
+    extra_betas=(),
+)
