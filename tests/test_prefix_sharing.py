@@ -242,6 +242,17 @@ def test_what_cannot_be_exact_is_refused():
 
 
 @pytest.mark.parametrize("name", WINDOWED)
+@pytest.mark.parametrize("pack", [pack_groups, pack_shared_prefix])
+def test_dense_masks_are_refused_where_windows_apply(name, pack):
+    """sdpa/eager get a dense packed mask, which drops the windows: refused past the window only."""
+    model, groups = build(name, "eager"), random_groups(2, 3, seed=2)
+    with pytest.raises(ValueError, match="sliding windows, which the dense packed mask for eager"):
+        sequence_logps(model, pack(groups, row_per_group=True), backend="torch")
+    model.config.sliding_window = 64  # longer than every sequence here: nothing to drop
+    assert sequence_logps(model, pack(groups, row_per_group=True), backend="torch").isfinite().all()
+
+
+@pytest.mark.parametrize("name", WINDOWED)
 def test_windows_follow_the_models_own_masks(name):
     """The windowed (and soft-capped) segments give the log-probs of the model's own padded run, whose
     masks transformers builds; a window shorter than the sequences must change them (the control)."""

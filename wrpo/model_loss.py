@@ -86,8 +86,10 @@ def body_hidden_states(lm: PreTrainedModel, batch) -> torch.Tensor:
                     f"shared-prefix batches need attn_implementation={SEGMENT_ATTENTION!r} (or sdpa/eager "
                     f"with a dense mask); {impl} separates packed sequences at position 0 only"
                 )
+            refuse_windows_in_dense_masks(lm, batch["position_ids"])
             kwargs["attention_mask"] = shared_prefix_mask(batch["position_ids"], lm.dtype)
         elif not varlen_attention(lm):
+            refuse_windows_in_dense_masks(lm, batch["position_ids"])
             kwargs["attention_mask"] = block_causal_mask(batch["position_ids"], lm.dtype)
     else:
         kwargs["attention_mask"] = batch["attention_mask"]
@@ -97,6 +99,31 @@ def body_hidden_states(lm: PreTrainedModel, batch) -> torch.Tensor:
 
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def sliding_window(config) -> int | None:
+    """The model's attention window in tokens if any layer uses one (Mistral, Gemma 2, Qwen2 with
+    ``use_sliding_window``), else None."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
+def refuse_windows_in_dense_masks(lm, position_ids: torch.Tensor) -> None:
+    """A dense packed mask replaces the model's own masks, sliding windows included: refuse a batch with
+    a sequence longer than the window (one host sync) rather than attend past it."""
+    window = sliding_window(lm.config)
+    if window is not None and int(position_ids.max()) + 1 > window:
+        raise ValueError(
+            f"{type(lm).__name__} attends within {window}-token sliding windows, which the dense packed "
+            f"mask for {lm.config._attn_implementation} does not apply, and this batch has sequences of "
+            f"{int(position_ids.max()) + 1} tokens: use attn_implementation={SEGMENT_ATTENTION!r}, which "
+            "applies the windows (or packing=False)"
+        )
 
 
 def check_sequences_separated(lm: PreTrainedModel, batch) -> None:
