@@ -313,7 +313,12 @@ def test_sweep_predicts_over_cap_and_drops_compile_before_a_configuration():
         and "predicted 4.5 GiB > cap 4 GiB" in not_run["naive-eager"][1]
     )
     assert run_now == ["naive-compile", "wrpo-torch", "gemm-only"]  # 2.9 GiB: under the cap
-    # compile 3.6 s x 5 steps + 2 x 30 s + 4 s, ours 2.4 s x 5 + 4 s, GEMMs 2 s x 4, check 2.4 s: 108 s
+    # ours grows with the gradients, (N + V) H, also to another vocabulary
+    assert sweep.predict_mem_mb(record, "wrpo-torch", big, cli) == pytest.approx(213.0 * 45056 / 35840)
+    wide = {**small, "V": 131072, "id": "K3/V131072"}
+    assert sweep.predict_mem_mb(record, "wrpo-torch", wide, cli) == pytest.approx(213.0 * 134144 / 35840)
+    assert sweep.predict_mem_mb(record, "naive-eager", wide, cli) == pytest.approx(4 * 1147.0)
+    # (compile 3.6 s x 5 steps, ours 2.4 s x 5, GEMMs 2 s x 4) x 1.15 + 2 x 30 s + 2 x 4 s + check 2.4 s
     kept, dropped, skip = sweep.budget_cut(record, big, run_now, [], cli, elapsed=0.0)
     assert kept == ["wrpo-torch", "gemm-only"] and skip is None
     assert dropped["naive-compile"].startswith("time budget: predicted")
