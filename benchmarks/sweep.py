@@ -455,7 +455,8 @@ def markdown(record) -> str:
     methods = [m for m in dict.fromkeys(r["method"] for r in record["rows"]) if m != GEMM]
     head = ["layout", "V", "tokens", *methods, "GEMMs alone", "ours vs naive", "ours / GEMMs", "ours GFLOP/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in record["configs"]:
+    order = list(LAYOUTS)
+    for c in sorted(record["configs"], key=lambda c: (c["V"], order.index(c["layout"]), c["tokens"])):
         by = {r["method"]: r for r in record["rows"] if r["config"] == c["id"]}
         cells = [c["layout"], str(c["V"]), str(c["tokens"])]
         for m in methods:
@@ -467,6 +468,9 @@ def markdown(record) -> str:
                 cells.append(f"{r['median_ms'] / 1e3:.2f} s{mem}")
             elif r["status"] == "over cap" and r.get("predicted_mem_mb"):
                 cells.append(f"over cap ({r['predicted_mem_mb'] / 1024:.1f} GiB pred.)")
+            elif r["status"] == "skipped":
+                why = r.get("reason", "")
+                cells.append("time budget" if why.startswith("time budget") else "n/a")
             else:
                 cells.append(r["status"])
         g = by.get(GEMM)
