@@ -58,13 +58,16 @@ LAYOUT_TEXT = {
     "K4-3c1r": "K=4: 3 chosen (2 sources, target), 1 rejected",
 }  # fmt: skip
 # On the CPU, torch.compile runs on the main panel only: each process compiles (tens of seconds here)
+OPTIONAL = "optional"  # a key of a panel's dict: no time is kept back for it
 NO_COMPILE = {"naive-compile": "the CPU grid compiles on the K3, V=32768 panel only: a compile per process "
               "(the timing one and each memory child) would not fit the 15 minutes"}  # fmt: skip
 # Grids: (layout, V, tokens[, {method: why not run}]) panels. Configurations run smallest work (N V H)
-# first, so that a time budget cuts the largest; the CPU grid runs in the order listed instead, the
-# configurations that span each axis first (tokens 768 to 12288, the four layouts, the two vocabularies),
-# then the ones between. Token counts are multiples of 48, so that B = 4 prompts x K responses divide
-# them for K = 2, 3 and 4. The CPU cap, 2.75 GiB, stops naive between 6144 and 12288 tokens at V = 32768.
+# first, so that a time budget cuts the largest; the CPU grid runs in the order listed instead: the
+# configurations that span each axis first (tokens 768 to 12288, the four layouts, the two
+# vocabularies), then the other token counts, then the K = 2 and K = 4 layouts at 768 tokens, OPTIONAL
+# ones (the time budget keeps no time back for them when it weighs naive-compile). Token counts are
+# multiples of 48, so that B = 4 prompts x K responses divide them for K = 2, 3 and 4. The CPU cap,
+# 2.75 GiB, stops naive between 6144 and 12288 tokens at V = 32768.
 GRIDS = {
     "cpu": {
         "H": 256, "dtype": "fp32", "B": 4, "reps": 3, "mem_cap_gb": 2.75, "time_budget": 760.0,
@@ -74,7 +77,7 @@ GRIDS = {
             *[(lay, 32768, (3072,), NO_COMPILE) for lay in ("K4-2c2r", "K4-3c1r", "K2")],
             ("K3", 131072, (768, 3072), NO_COMPILE),
             ("K3", 32768, (1536, 6144)),
-            *[(lay, 32768, (768,), NO_COMPILE) for lay in ("K2", "K4-2c2r", "K4-3c1r")],
+            *[(lay, 32768, (768,), {**NO_COMPILE, OPTIONAL: ""}) for lay in ("K2", "K4-2c2r", "K4-3c1r")],
         ],
     },
     "gpu": {
@@ -238,6 +241,7 @@ def budget_cut(record, c, run_now, later, cli, elapsed):
         return run_now, {}, None
     left = cli.time_budget - elapsed
     later_min = 0.0
+    later = [(c2, m2) for c2, m2 in later if OPTIONAL not in c2.get("not_in_grid", {})]
     for c2, methods2 in later:
         cost = predict_cost_s(record, [m for m in methods2 if m != "naive-compile"], c2, cli)
         later_min += cost or 0.0
