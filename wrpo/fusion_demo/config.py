@@ -42,11 +42,14 @@ FULL = DemoConfig()
 QUICK = replace(
     FULL,
     seeds=(0,),
-    held_out_per_family=20,
-    prompts_per_family=24,
-    source_steps={"addsub": 100, "mul": 100, "twostep": 100},
-    target_steps=100,
-    target_problems_per_family=10,
+    held_out_per_family=10,
+    prompts_per_family=12,
+    source_steps={"addsub": 60, "mul": 60, "twostep": 60},
+    target_steps=250,  # enough that some target samples are right (else no preference row is kept)
+    target_problems_per_family=30,
+    sft_epochs=2,
+    train_epochs=1,
+    parallel=1,
     extra_alphas=(),
     extra_betas=(),
 )

@@ -1,7 +1,9 @@
-"""Run ``wrpo ...`` commands as subprocesses, a few at a time, one CPU thread each, logged to files."""
+"""Run ``wrpo ...`` commands as subprocesses, a few at a time, one CPU thread each, logged to files
+(``parallel=1``: one after the other in this process, which saves each start-up)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -19,6 +21,8 @@ def run_wrpo(jobs: dict[str, list[str]], log_dir: Path, bar: tqdm, *, parallel: 
 
     Raises RuntimeError with the log's tail when a command fails."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    if parallel == 1:
+        return _in_process(jobs, log_dir, bar)
     env = {**os.environ, **ENV}
     pending, running = list(jobs.items()), []
     while pending or running:
@@ -45,3 +49,18 @@ def run_wrpo(jobs: dict[str, list[str]], log_dir: Path, bar: tqdm, *, parallel: 
                 raise RuntimeError(
                     f"wrpo {name} failed (exit {proc.returncode}), {log_dir / name}.log:\n{tail}"
                 )
+
+
+def _in_process(jobs: dict[str, list[str]], log_dir: Path, bar: tqdm) -> None:
+    from ..cli import main
+
+    for name, args in jobs.items():
+        bar.set_postfix_str(name)
+        path = log_dir / f"{name}.log"
+        with path.open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            print(" ".join(["wrpo", *args]), flush=True)
+            code = main(args)
+        bar.update()
+        if code != 0:
+            tail = "".join(path.read_text().splitlines(True)[-15:])
+            raise RuntimeError(f"wrpo {name} failed (exit {code}), {path}:\n{tail}")

@@ -52,10 +52,12 @@ def plot(results: dict, path: Path) -> None:
     groups = ["overall", *families]
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(2.2 * len(groups) + 2, 4))
+    colors = plt.get_cmap("tab20").colors
     for i, (name, m) in enumerate(methods.items()):
         series = [m["accuracy"], *(m["by_family"][f] for f in families)]
         xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [mean(s) for s in series], width, yerr=[pstdev(s) for s in series], label=name, capsize=2)
+        ax.bar(xs, [mean(s) for s in series], width, yerr=[pstdev(s) for s in series], label=name, capsize=2,
+               color=colors[i % len(colors)])  # fmt: skip
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("held-out greedy exact match")
     ax.set_ylim(0, 1)
