@@ -31,6 +31,9 @@ class DemoConfig:
     alpha: float = 0.1  # the paper's default, linear from 0
     extra_alphas: tuple[float, ...] = (0.3, 0.5)  # WRPO, linear from 0
     extra_betas: tuple[float, ...] = (0.5,)  # DPO and WRPO (alpha) again with these betas
+    # not the paper's: also keep the preference prompts whose target samples all score the same (where
+    # y_wt = y_l, DPO gets no signal and WRPO still learns y_ws over y_l)
+    pref_keep_tied: bool = False
     batch_size: int = 16
     parallel: int = 2  # wrpo commands at once (one CPU thread each)
 

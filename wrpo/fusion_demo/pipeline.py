@@ -139,7 +139,10 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, bar: tqdm) -> dict:
     run_wrpo({"sample-target-sft": again}, logs, bar)
     _data("score", "--input", str(samples["target-sft"]), "--reward-fn", VERIFIER)
     pref = out / "pref-built.jsonl"
-    _data("build", "--sources", *sources, "--targets", str(samples["target-sft"]), "--output", str(pref))
+    tied = ["--keep-tied"] if cfg.pref_keep_tied else []
+    _data(
+        "build", "--sources", *sources, "--targets", str(samples["target-sft"]), "--output", str(pref), *tied
+    )
 
     bar.set_description(f"seed {seed}: wrpo train")
     jobs = {}
