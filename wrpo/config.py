@@ -13,6 +13,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from wrpo_kernels import BACKENDS, LOSS_TYPES
 
 from .schedule import ALPHA_SCHEDULES
+from .sharing import PREFIX_SHARING_HELP
 
 
 @dataclass
@@ -67,11 +68,7 @@ class WRPOConfig(TrainingArguments):
     packing: bool = field(
         default=True, metadata={"help": "pack each batch into padding-free rows (--no_packing: padded)"}
     )
-    prefix_sharing: bool | None = field(
-        default=None,
-        metadata={"help": "encode each prompt once for its K responses (exact; runs on wrpo_segments "
-                  "attention). Default: on with packing where the model supports it (the log says)"},
-    )  # fmt: skip
+    prefix_sharing: bool | None = field(default=None, metadata={"help": PREFIX_SHARING_HELP})
     chunk_tokens: int | None = field(
         default=None, metadata={"help": "rows of logits the fused loss holds at once; None: automatic"}
     )

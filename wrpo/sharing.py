@@ -19,6 +19,12 @@ from .model_loss import causal_lm
 
 logger = logging.getLogger(__name__)
 
+# the option's help, the same in ``wrpo train`` and the TRL adapter
+PREFIX_SHARING_HELP = (
+    "encode each prompt once for its K responses (exact; runs on wrpo_segments attention). Default: on "
+    "with packing where the model supports it (the log says)"
+)
+
 # attention implementations a model can leave for ``wrpo_segments`` with the same result
 SWITCHABLE = (SEGMENT_ATTENTION, "sdpa", "eager", "flash_attention_2", "flash_attention_3")
 # kept unshared unless asked: their varlen kernels may beat per-sequence sdpa (not measured yet)

@@ -37,7 +37,7 @@ from ..config import check_choices
 from ..model_loss import causal_lm, preference_loss, sequence_logps, varlen_attention
 from ..packing import PreferenceCollator
 from ..schedule import ALPHA_SCHEDULES
-from ..sharing import plan_and_prepare
+from ..sharing import PREFIX_SHARING_HELP, plan_and_prepare
 from .trl_data import LAYOUTS, detect_layout, expand_to_pairs, regroup
 
 logger = logging.getLogger(__name__)
@@ -65,11 +65,7 @@ class WRPOConfig(DPOConfig):
     packing: bool = field(
         default=True, metadata={"help": "pack the K responses of each prompt without padding"}
     )
-    prefix_sharing: bool | None = field(
-        default=None,
-        metadata={"help": "encode each prompt once for its responses (exact; wrpo_segments attention); "
-                  "None: on with packing where the model supports it (logged)"},
-    )  # fmt: skip
+    prefix_sharing: bool | None = field(default=None, metadata={"help": PREFIX_SHARING_HELP})
     chosen_layout: str = field(
         default="auto",
         metadata={
