@@ -96,9 +96,24 @@ class WRPOTrainer(ExactAccumulation, Trainer):
             return reference_logps(self.ref_model, inputs, self.args.kernel_backend)
 
     def _store(self, metrics: dict):
+        """Keeps this batch's metrics for the next train log (training) or for the end of the running
+        evaluation (model in eval mode; see ``evaluation_loop``)."""
         mode = "train" if self.model.training else "eval"
         for k, v in metrics.items():
             self._metrics[mode][k].append(v.detach() if isinstance(v, torch.Tensor) else torch.tensor(v))
+
+    def _stored_means(self, mode: str, prefix: str) -> dict[str, float]:
+        """``{prefix + name: mean}`` of each metric stored since the last call, averaged over the processes
+        like the loss (every process calls this at the same point); the store is emptied."""
+        stored = self._metrics[mode]
+        if not stored:
+            return {}
+        names = sorted(stored)  # the same order on every process
+        means = torch.stack([torch.stack([v.float() for v in stored[k]]).mean() for k in names])
+        if self.accelerator.num_processes > 1:
+            means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
+        stored.clear()
+        return dict(zip((prefix + k for k in names), means.tolist(), strict=True))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -106,18 +121,23 @@ class WRPOTrainer(ExactAccumulation, Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """The loop of ``evaluate`` and ``predict`` (each eval dataset of a dict runs its own): the means of
+        the metrics of this loop's batches only, under its ``metric_key_prefix`` (``eval_``, ``test_``,
+        ``eval_<name>_``), in the returned metrics (which ``evaluate`` logs)."""
+        self._metrics["eval"].clear()  # nothing stored before (an interrupted loop, a manual call) counts
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+        )  # fmt: skip
+        output.metrics.update(self._stored_means("eval", f"{metric_key_prefix}_"))
+        return output
+
     def log(self, logs: dict, start_time=None):
-        """Adds the mean of each stored metric since the last log (train steps, or an evaluation),
-        averaged over the processes like the loss (every process calls ``log``)."""
-        mode = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
-        if mode is not None and self._metrics[mode]:
-            prefix = "eval_" if mode == "eval" else ""
-            names = sorted(self._metrics[mode])  # the same order on every process
-            means = torch.stack(
-                [torch.stack([v.float() for v in self._metrics[mode][k]]).mean() for k in names]
-            )
-            if self.accelerator.num_processes > 1:
-                means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
-            logs.update(zip((prefix + k for k in names), means.tolist(), strict=True))
-            self._metrics[mode].clear()
+        """Adds the mean of each metric stored since the last train log to a train log (evaluations add
+        theirs in ``evaluation_loop``)."""
+        if "loss" in logs:
+            logs.update(self._stored_means("train", ""))
         super().log(logs, start_time)

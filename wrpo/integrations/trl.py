@@ -270,5 +270,23 @@ class WRPOTrainer(ExactAccumulation, DPOTrainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """The means of this loop's metrics only, under its ``metric_key_prefix`` (``eval_``, ``test_``,
+        ``eval_<name>_``), in the returned metrics: ``DPOTrainer.log`` would name them ``eval_*`` whatever
+        the prefix, and ``predict`` (which does not log) would leave them to the next evaluation."""
+        self._metrics["eval"].clear()  # nothing stored before (an interrupted loop, a manual call) counts
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+        )  # fmt: skip
+        stored = self._metrics["eval"]  # already averaged over the processes in ``_record``
+        output.metrics.update(
+            {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in sorted(stored.items())}
+        )
+        stored.clear()  # so DPOTrainer.log adds nothing under eval_
+        return output
+
 
 __all__ = ["WRPOConfig", "WRPOTrainer", "loss_options", "refuse_unsupported"]
