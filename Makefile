@@ -4,11 +4,12 @@
 # make bench-csrc : the csrc row kernels against the pure-torch rows and the naive path (CPU)
 # make sweep : how the fused loss's cost grows in tokens, K (two K = 4 layouts) and V, CPU (< 15 min)
 # make fusion-demo : "Does it fuse?" (README): the WRPO pipeline on toy arithmetic, 3 seeds (QUICK=1: 1 seed, small)
+# make zoo   : every causal-LM architecture of transformers in every layout -> docs/models.md (~1 min)
 # make gpu-check : on the first CUDA machine, < 8 min: GPU tests, auto self-test, 8B-head benchmark vs peers, sweep
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train bench bench-csrc bench-gpu gpu-check sweep test lint setup fusion-demo
+.PHONY: train bench bench-csrc bench-gpu gpu-check sweep test lint setup fusion-demo zoo
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -43,6 +44,10 @@ gpu-check: $(STAMP)
 
 fusion-demo: $(STAMP)
 	$(VENV)/bin/python -m wrpo.fusion_demo $(if $(QUICK),--quick) --out outputs/fusion-demo
+
+# the model-zoo conformance matrix: wrpo/assets/verified_layouts.json (read by the layout plan) + docs/models.md
+zoo: $(STAMP)
+	PYTHONPATH=tests $(VENV)/bin/python -m zoo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

@@ -84,10 +84,15 @@ def test_bad_inputs_are_named():
 
 
 def test_wrpo_picks_segment_attention_for_packed_rows_without_flash_attn():
+    """Loaded with the model's default; the layout plan switches packed rows to wrpo_segments."""
+    from wrpo.capabilities import read_capabilities
+    from wrpo.layout import plan_layout
+
     if torch.cuda.is_available():
         pytest.skip("on a GPU with flash-attn installed, flash-attention is picked")
-    assert _attn_implementation(packing=True) == NAME
-    assert _attn_implementation(packing=False) is None
+    assert _attn_implementation(packing=None) is None and _attn_implementation(packing=False) is None
+    plan = plan_layout(read_capabilities(tiny_llama("sdpa")), packing=None, prefix_sharing=False)
+    assert plan.packing and plan.attention == NAME and plan.row_per_group
     assert varlen_attention(tiny_llama(NAME)) and not varlen_attention(tiny_llama("sdpa"))
 
 

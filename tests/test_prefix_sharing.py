@@ -20,9 +20,10 @@ from transformers.models.qwen2 import modeling_qwen2
 from wrpo import model_loss as model_loss_module
 from wrpo import pack_groups, pad_groups, preference_loss, sequence_logps
 from wrpo.attention import NAME, segment_layout
+from wrpo.capabilities import read_capabilities
+from wrpo.layout import plan_for, plan_layout, prepare_layout
 from wrpo.model_loss import body_hidden_states
 from wrpo.packing import IGNORE_INDEX, pack_shared_prefix, shared_prefix_mask
-from wrpo.sharing import prefix_sharing_plan, prepare_prefix_sharing
 
 VOCAB = 45
 SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -295,7 +296,7 @@ def _train_losses(tmp_path, name, extra):
 
 def test_wrpo_train_with_prefix_sharing_logs_the_same_losses(tmp_path, caplog):
     """``wrpo train`` (fp32, tiny model: sharing on by default) logs the losses of the unshared run."""
-    with caplog.at_level("WARNING", logger="wrpo.sharing"):
+    with caplog.at_level("WARNING", logger="wrpo.layout"):
         plain = _train_losses(tmp_path, "plain", ["--prefix_sharing", "false"])
         assert "prefix sharing: off (turned off (--prefix_sharing false))" in caplog.text
         caplog.clear()
@@ -312,27 +313,29 @@ def test_prefix_sharing_needs_packing():
     with pytest.raises(ValueError, match="--prefix_sharing needs --packing"):
         parse_config(["--prefix_sharing", "true", "--packing", "false", "--output_dir", "/tmp/x"])
     config = parse_config(["--packing", "false", "--output_dir", "/tmp/x"])
-    assert config.prefix_sharing is None and prefix_sharing_plan(config) == (False, "needs --packing")
+    plan = plan_for(config, build("llama", "sdpa"))
+    assert config.prefix_sharing is None and (plan.prefix_sharing, plan.sharing_why) == (
+        False,
+        "needs --packing",
+    )
 
 
 def test_the_plan_says_why_sharing_is_off():
     """Automatic: on for models that take position ids and run switchable attention; off (with the
     reason) otherwise, where an explicit request raises instead."""
-    from types import SimpleNamespace
-
-    auto, asked = SimpleNamespace(packing=True), SimpleNamespace(packing=True, prefix_sharing=True)
     model = build("llama", "sdpa")
-    assert prefix_sharing_plan(auto, model, None)[0]
+    assert plan_layout(read_capabilities(model), packing=None, prefix_sharing=None).prefix_sharing
     model.config._attn_implementation = "flex_attention"
-    on, why = prefix_sharing_plan(auto, model)
-    assert not on and "uses 'flex_attention' attention" in why
+    plan = plan_layout(read_capabilities(model), packing=None, prefix_sharing=None)
+    assert (
+        not plan.packing and not plan.prefix_sharing and "uses 'flex_attention' attention" in plan.packing_why
+    )
     with pytest.raises(ValueError, match="--prefix_sharing: LlamaForCausalLM uses 'flex_attention'"):
-        prefix_sharing_plan(asked, model)
+        plan_layout(read_capabilities(model), packing=None, prefix_sharing=True)
     model.config._attn_implementation = "flash_attention_2"  # kept unshared unless asked
-    assert prefix_sharing_plan(auto, model)[0] is False
-    assert prefix_sharing_plan(asked, model)[0] is True
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2))
-    assert prefix_sharing_plan(auto, gpt2)[0]  # learned absolute positions take position_ids too
+    caps = read_capabilities(model)
+    assert plan_layout(caps, packing=None, prefix_sharing=None).prefix_sharing is False
+    assert plan_layout(caps, packing=None, prefix_sharing=True).prefix_sharing is True
 
 
 @pytest.mark.parametrize("impl", [NAME, "sdpa"])
@@ -352,8 +355,9 @@ def test_precomputed_reference_logps_equal(impl):
 def test_flash_attention_models_switch_to_segments(caplog):
     policy, ref = build("llama"), build("llama", "sdpa")
     policy.config._attn_implementation = "flash_attention_2"  # as loaded on a GPU with flash-attn
-    with caplog.at_level("INFO", logger="wrpo.sharing"):
-        prepare_prefix_sharing(policy, ref)
+    plan = plan_layout(read_capabilities(policy), packing=None, prefix_sharing=True)
+    with caplog.at_level("INFO", logger="wrpo.layout"):
+        prepare_layout(plan, policy, ref)
     assert policy.config._attn_implementation == ref.config._attn_implementation == NAME
     assert "switched from flash_attention_2 to wrpo_segments" in caplog.text
     batch = pack_shared_prefix(random_groups(2, 2, seed=1))

@@ -1,7 +1,8 @@
 """wrpo: the WRPO method on top of wrpo_kernels: the model-level loss, data collation, the alpha
 schedule, the trainer (``wrpo.trainer.WRPOTrainer``) and the ``wrpo`` command line."""
 
-from .model_loss import head_transform, preference_loss, sequence_logps
+from .capabilities import head_transform
+from .model_loss import preference_loss, sequence_logps
 from .packing import PreferenceCollator, batch_counts, pack_groups, pad_groups
 from .schedule import ALPHA_SCHEDULES, alpha_at
 

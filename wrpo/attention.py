@@ -17,7 +17,9 @@ right. The prompt and the first response, contiguous, take one causal call.
 
 Sliding windows count logical positions (key position > query position - window, as transformers'
 masks): a sequence longer than its layer's window gets the window as a mask. Attention logit soft
-capping (Gemma 2: ``tanh(s / c) * c`` before the mask) runs the scores explicitly, as eager attention.
+capping (Gemma 2: ``tanh(s / c) * c`` before the mask) and attention sinks (gpt-oss's ``s_aux``: one
+learned logit per head in every softmax's denominator, its value dropped) run the scores explicitly,
+as eager attention.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 NAME = "wrpo_segments"
+# flash-attention implementations: their varlen kernels separate one row's sequences by position ids
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 # keyword arguments of transformers' attention interface that this attention applies or that do not
 # change its result; any other one (attention sinks, ALiBi slopes, ...) is refused when set
-HANDLED = {"sliding_window", "softcap", "use_cache", "output_attentions", "cache_position", "is_causal",
-           "layer_idx", "position_embeddings", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+HANDLED = {"sliding_window", "softcap", "s_aux", "use_cache", "output_attentions", "cache_position",
+           "is_causal", "layer_idx", "position_embeddings", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
            "max_length_k", "head_mask"}  # fmt: skip
 
 
@@ -108,19 +112,26 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
     return seen & (k > q - window) if window is not None else seen
 
 
-def _capped_attention(q, k, v, visible, scale, softcap, dropout_p, gqa):
-    """Attention with logit soft capping (``tanh(s / c) * c``), explicit as eager attention; [1, Hq, n, D]."""
+def _explicit_attention(q, k, v, visible, scale, softcap, sinks, dropout_p, gqa):
+    """Attention with logit soft capping (``tanh(s / c) * c``) and/or sinks (a logit per head [Hq] in
+    the softmax, dropped after it), explicit as eager attention; [1, Hq, n, D]."""
     if gqa:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~visible, float("-inf"))
-    probs = F.dropout(scores.softmax(-1), p=dropout_p, training=dropout_p > 0)
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
+    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
     return probs @ v
 
 
-def _stretch_attention(q, k, v, prompt, stretch, pos, *, scale, window, softcap, p, gqa):
+def _stretch_attention(q, k, v, prompt, stretch, pos, *, scale, window, softcap, sinks, p, gqa):
     """Stretch ``(a, b, g, plen)`` (:func:`segment_layout`): its query/key/value pieces [1, H, b - a, D],
     ``prompt`` the (query, key, value) pieces of its group's first ``plen`` tokens, ``pos`` the row's
     positions -> its output [1, Hq, b - a, D]."""
@@ -128,7 +139,7 @@ def _stretch_attention(q, k, v, prompt, stretch, pos, *, scale, window, softcap,
     if plen:  # a response after a shared prompt: keys and values of the prompt, then its own
         k, v = torch.cat([prompt[1], k], dim=2), torch.cat([prompt[2], v], dim=2)
     windowed = window is not None and plen + b - a > window
-    if not windowed and softcap is None:
+    if not windowed and softcap is None and sinks is None:
         sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=p, scale=scale, enable_gqa=gqa)
         if not plen:
             return sdpa(q, k, v, is_causal=True)
@@ -138,8 +149,8 @@ def _stretch_attention(q, k, v, prompt, stretch, pos, *, scale, window, softcap,
         return sdpa(q, k, v, attn_mask=_visible(n[plen:], n, None))
     k_pos = torch.cat([pos[g : g + plen], pos[a:b]]) if plen else pos[a:b]
     visible = _visible(pos[a:b], k_pos, window)
-    if softcap is not None:
-        return _capped_attention(q, k, v, visible, scale, softcap, p, gqa)
+    if softcap is not None or sinks is not None:
+        return _explicit_attention(q, k, v, visible, scale, softcap, sinks, p, gqa)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=visible, dropout_p=p, scale=scale, enable_gqa=gqa
     )
@@ -177,6 +188,10 @@ def segment_attention(
             f"(got one of shape {tuple(attention_mask.shape)}); for padded batches or generation use "
             "model.set_attn_implementation('sdpa')"
         )
+    if position_ids is None:  # a layer that does not hand them on (Llama-4): its decoder layer's
+        from .mixers import current_position_ids
+
+        position_ids = current_position_ids()
     if position_ids is None:
         raise ValueError(f"{NAME} attention needs position_ids [rows, L] to find the packed sequences")
     if key.shape[2] != query.shape[2]:
@@ -194,6 +209,7 @@ def segment_attention(
         "scale": scaling,
         "window": kwargs.get("sliding_window"),
         "softcap": kwargs.get("softcap"),
+        "sinks": kwargs.get("s_aux"),
         "p": dropout if module.training else 0.0,
         "gqa": key.shape[1] != query.shape[1],  # grouped-query attention: each key/value head shared
     }

@@ -12,8 +12,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from wrpo_kernels import BACKENDS, LOSS_TYPES
 
+from .layout import PACKING_HELP, PREFIX_SHARING_HELP
 from .schedule import ALPHA_SCHEDULES
-from .sharing import PREFIX_SHARING_HELP
 
 
 @dataclass
@@ -65,9 +65,7 @@ class WRPOConfig(TrainingArguments):
         default="auto",
         metadata={"help": f"fused-loss backend, one of {BACKENDS}; auto: triton on a GPU, else torch"},
     )
-    packing: bool = field(
-        default=True, metadata={"help": "pack each batch into padding-free rows (--no_packing: padded)"}
-    )
+    packing: bool | None = field(default=None, metadata={"help": PACKING_HELP})
     prefix_sharing: bool | None = field(default=None, metadata={"help": PREFIX_SHARING_HELP})
     chunk_tokens: int | None = field(
         default=None, metadata={"help": "rows of logits the fused loss holds at once; None: automatic"}
@@ -93,7 +91,7 @@ class WRPOConfig(TrainingArguments):
         check_choices(
             self, {"loss_type": LOSS_TYPES, "alpha_schedule": ALPHA_SCHEDULES, "kernel_backend": BACKENDS}
         )
-        if self.prefix_sharing and not self.packing:
+        if self.prefix_sharing and self.packing is False:
             raise ValueError(
                 "--prefix_sharing needs --packing (it packs each group's responses after its prompt)"
             )

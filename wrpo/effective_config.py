@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import math
 
-from .attention import NAME as SEGMENT_ATTENTION
-from .sharing import prefix_sharing_plan
+from .layout import LayoutPlan
 from .tiny import SAMPLE_DATA, is_bundled_tiny
 
 
-def print_effective_config(stage: str, config, model, train, evaluation) -> None:
+def print_effective_config(stage: str, config, model, train, evaluation, layout: LayoutPlan) -> None:
     """Print :func:`effective_config` on the main process."""
     if config.process_index == 0:
-        print(effective_config(stage, config, model, train, evaluation), flush=True)
+        print(effective_config(stage, config, model, train, evaluation, layout), flush=True)
 
 
-def effective_config(stage: str, config, model, train, evaluation) -> str:
-    """The settings this run trains with, one ``name  value`` line each."""
-    sharing_on, sharing_why = prefix_sharing_plan(config, model)
+def effective_config(stage: str, config, model, train, evaluation, layout: LayoutPlan) -> str:
+    """The settings this run trains with (``layout``: the run's planned and applied batch layout)."""
     lines = {
         "model": _model(config),
         "data": f"{config.dataset or SAMPLE_DATA}: train {len(train)} rows, eval {_rows(evaluation)} rows",
@@ -26,10 +24,10 @@ def effective_config(stage: str, config, model, train, evaluation) -> str:
         "lr": _lr(config),
         "batch": _batch(config),
         "steps": _steps(config, len(train)),
-        "attention": _attention(model, sharing_on),
+        "attention": getattr(model.config, "_attn_implementation", None) or "model default",
         "kernel": _kernel(config),
-        "packing": _packing(config),
-        "prefix sharing": f"{'on' if sharing_on else 'off'} ({sharing_why})",
+        "packing": _packing(config, layout),
+        "prefix sharing": f"{'on' if layout.prefix_sharing else 'off'} ({layout.sharing_why})",
     }
     if is_bundled_tiny(config):
         lines["settings"] = "the bundled tiny default's own, unless set (`wrpo train --help` lists them)"
@@ -103,12 +101,6 @@ def updates_per_epoch(config, rows: int) -> int:
     return max(math.ceil(per_process / config.gradient_accumulation_steps), 1)
 
 
-def _attention(model, sharing_on: bool) -> str:
-    """The policy's attention implementation as it will train (prefix sharing switches it)."""
-    impl = getattr(model.config, "_attn_implementation", None) or "model default"
-    return f"{SEGMENT_ATTENTION} (prefix sharing)" if sharing_on and impl != SEGMENT_ATTENTION else impl
-
-
 def _kernel(config) -> str:
     if config.kernel_backend != "auto":
         return config.kernel_backend
@@ -117,8 +109,8 @@ def _kernel(config) -> str:
     return "auto -> torch"
 
 
-def _packing(config) -> str:
-    if not config.packing:
-        return "off (padded rows)"
+def _packing(config, layout: LayoutPlan) -> str:
+    if not layout.packing:
+        return f"off ({layout.packing_why}; padded rows)"
     chunk = f", chunk_tokens {config.chunk_tokens}" if config.chunk_tokens else ""
-    return f"on (padding-free rows{chunk})"
+    return f"on ({layout.packing_why}{chunk})"

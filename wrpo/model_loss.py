@@ -12,59 +12,20 @@ never called, so under ZeRO-3 its parameters are gathered explicitly around the 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from transformers import PreTrainedModel
 
 from wrpo_kernels import WRPOOutput, fused_linear_wrpo_loss, linear_logprobs
 
+from .attention import FLASH_ATTENTION
 from .attention import NAME as SEGMENT_ATTENTION
+from .capabilities import body_of, causal_lm, read_capabilities, sliding_window
+from .layout import refuse_unsupported
+from .mixers import separate_sequences
 from .packing import block_causal_mask, shared_prefix_mask
 
-
-def causal_lm(model) -> PreTrainedModel:
-    """The transformers model inside ``model``'s wrappers (DDP, DeepSpeed engine, FSDP1, PEFT, compile)."""
-    m, seen = model, 0
-    while not isinstance(m, PreTrainedModel):
-        inner = getattr(m, "_orig_mod", None) or getattr(m, "module", None)
-        if inner is None and hasattr(m, "get_base_model"):
-            inner = m.get_base_model()
-        if not isinstance(inner, torch.nn.Module) or seen > 8:
-            raise TypeError(f"found no transformers PreTrainedModel inside {type(model).__name__}")
-        m, seen = inner, seen + 1
-    if m.get_output_embeddings() is None:
-        raise TypeError(f"{type(m).__name__} has no LM head (get_output_embeddings() is None)")
-    return m
-
-
-def head_transform(config) -> tuple[float | None, float]:
-    """(softcap, temperature) that turn the head's output z into the model's logits, from its config.
-
-    Gemma-style ``final_logit_softcapping`` c: ``c tanh(z / c)``. A multiplier s (Cohere's
-    ``logit_scale``, ``output_multiplier``, Falcon-H1's ``lm_head_multiplier``): ``s z``, temperature
-    1/s. Granite's ``logits_scaling`` d: ``z / d``, temperature d (HyperCLOVA X multiplies by it).
-    """
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(config, "final_logit_softcapping", None) or None
-    temperature = 1.0
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        scale = getattr(config, name, None)
-        if scale is not None:
-            temperature /= float(scale)
-            break
-    divisor = getattr(config, "logits_scaling", None)
-    if divisor is not None:
-        multiplies = getattr(config, "model_type", "") == "hyperclovax"
-        temperature = temperature / float(divisor) if multiplies else temperature * float(divisor)
-    if softcap is not None and temperature != 1.0:
-        raise NotImplementedError(
-            f"{type(config).__name__} both soft-caps and scales its logits; the fused loss applies the "
-            "soft cap first, which may not be this model's order"
-        )
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"{type(config).__name__}: logit scaling gives temperature {temperature}")
-    return softcap, temperature
+__all__ = ["causal_lm", "preference_loss", "sequence_logps"]
 
 
 def body_hidden_states(lm: PreTrainedModel, batch) -> torch.Tensor:
@@ -93,24 +54,10 @@ def body_hidden_states(lm: PreTrainedModel, batch) -> torch.Tensor:
             kwargs["attention_mask"] = block_causal_mask(batch["position_ids"], lm.dtype)
     else:
         kwargs["attention_mask"] = batch["attention_mask"]
-    body = getattr(lm, lm.base_model_prefix)
-    out = body(**kwargs)
+    if "cu_seqlens" in batch:
+        separate_sequences(lm)  # hybrid models: conv / recurrent layers one sequence at a time
+    out = body_of(lm)(**kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
-
-
-def sliding_window(config) -> int | None:
-    """The model's attention window in tokens if any layer uses one (Mistral, Gemma 2, Qwen2 with
-    ``use_sliding_window``), else None."""
-    window = getattr(config, "sliding_window", None)
-    if window is None or getattr(config, "use_sliding_window", True) is False:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    return int(window)
 
 
 def refuse_windows_in_dense_masks(lm, position_ids: torch.Tensor) -> None:
@@ -137,6 +84,9 @@ def check_sequences_separated(lm: PreTrainedModel, batch) -> None:
     sequence start); padded batches (one sequence per row) are not checked."""
     if "cu_seqlens" not in batch:
         return
+    why = read_capabilities(lm).packing_blocker
+    if why is not None:
+        raise ValueError(f"packed batch refused: {why}; collate with packing=False (one sequence per row)")
     fix = (
         "build the batch with wrpo.PreferenceCollator(pad_token_id, packing=True), whose position_ids "
         "restart at 0 for every sequence, or use packing=False (one sequence per row, attention_mask)"
@@ -235,7 +185,9 @@ def run_head(lm, batch: dict, head_fn, **options):
 
 
 def _head_options(lm, options: dict) -> dict:
-    softcap, temperature = head_transform(lm.config)
+    caps = read_capabilities(lm)
+    refuse_unsupported(caps)
+    softcap, temperature = caps.softcap, caps.temperature
     if options.get("softcap") is None:
         options["softcap"] = softcap
     options["temperature"] = options.get("temperature", 1.0) * temperature

@@ -8,16 +8,17 @@ import importlib.util
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from .attention import NAME as SEGMENT_ATTENTION
 from .tiny import build_tiny_tokenizer, tiny_model_config
 
 
-def _attn_implementation(packing: bool) -> str | None:
-    """flash-attention 2 on a GPU when installed; else, for packed rows, one sdpa call per sequence
-    (:mod:`wrpo.attention`, no dense block mask); else the model's default (sdpa)."""
+def _attn_implementation(packing: bool | None) -> str | None:
+    """flash-attention 2 for packed rows on a GPU when installed; else the model's default (sdpa).
+    The layout plan (``wrpo/layout.py``) switches packed rows to ``wrpo_segments`` where it applies."""
+    if packing is False:
+        return None
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return SEGMENT_ATTENTION if packing else None
+    return None
 
 
 def load_policy(config):

@@ -39,8 +39,8 @@ def pack_groups(features, *, row_per_group: bool = False, pad_token_id: int = 0)
     ``row_per_group=True``: one row per group (R = B), right-padded to the longest group; for
     attention through a dense block mask, whose cost grows with the square of the row length, so
     that B groups cost B row-squares and not (B rows)^2. Padding tokens (``pad_token_id``, label
-    -100, positions restarting at 0) are counted into the group's last sequence in ``cu_seqlens``;
-    they are ignored by the loss and no real token attends to them.
+    -100, positions restarting at 0, see :func:`padding_positions`) are counted into the group's last
+    sequence in ``cu_seqlens``; they are ignored by the loss and no real token attends to them.
     """
     rows = [features] if not row_per_group else [[f] for f in features]
     packed = []
@@ -53,12 +53,13 @@ def pack_groups(features, *, row_per_group: bool = False, pad_token_id: int = 0)
             lengths.append(len(seq_ids))
         packed.append((ids, labels, positions, lengths))
     L = max(len(p[0]) for p in packed)
+    longest = max(max(p[3]) for p in packed)
     input_ids, labels, positions, cu = [], [], [], [0]
     for ids, lab, pos, lengths in packed:
         pad = L - len(ids)
         input_ids.append(ids + [pad_token_id] * pad)
         labels.append(lab + [IGNORE_INDEX] * pad)
-        positions.append(pos + list(range(pad)))
+        positions.append(pos + padding_positions(pad, longest))
         lengths[-1] += pad
         for n in lengths:
             cu.append(cu[-1] + n)
@@ -69,6 +70,14 @@ def pack_groups(features, *, row_per_group: bool = False, pad_token_id: int = 0)
         "cu_seqlens": torch.tensor(cu),
     }
     return _with_ref(batch, features)
+
+
+def padding_positions(pad: int, longest: int) -> list[int]:
+    """Positions of ``pad`` padding tokens at the end of a packed row: 0, 1, ... restarting every
+    ``longest`` tokens (the batch's longest sequence), so that no position exceeds a real one. Rope
+    scalings that read the largest position (dynamic NTK, longrope) and sliding-window checks then
+    see the real sequences' lengths only."""
+    return [i % max(longest, 1) for i in range(pad)]
 
 
 def pad_groups(features, pad_token_id: int) -> dict:
@@ -189,11 +198,12 @@ def pack_shared_prefix(features, *, row_per_group: bool = False, pad_token_id: i
                 gathered.append(list(zip(rows_k, labels_k, strict=True)))
         packed.append((ids, positions, gathered))
     L = max(len(p[0]) for p in packed)
+    longest = max(max(p[1], default=0) for p in packed) + 1  # prompt + response, the longest
     input_ids, positions, head_index, labels, cu = [], [], [], [], [0]
     for r, (ids, pos, gathered) in enumerate(packed):
         pad = L - len(ids)
         input_ids.append(ids + [pad_token_id] * pad)
-        positions.append(pos + list(range(pad)))
+        positions.append(pos + padding_positions(pad, longest))
         for seq in gathered:
             head_index += [r * L + t for t, _ in seq]
             labels += [lab for _, lab in seq]

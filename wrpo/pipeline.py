@@ -11,12 +11,11 @@ from . import ref_cache
 from .checkpoints import resolve_resume, train_from_checkpoint
 from .data import load_preference_data, tokenize_example
 from .effective_config import print_effective_config
+from .layout import LayoutPlan, plan_and_prepare
 from .models import load_policy, load_reference
-from .packing import PreferenceCollator
 from .report import plot_curves, summary
-from .sharing import plan_and_prepare
 from .tiny import SAMPLE_DATA
-from .trainer import WRPOTrainer, reference_logps, varlen_attention
+from .trainer import WRPOTrainer, reference_logps
 
 
 def load_examples(config):
@@ -45,14 +44,12 @@ def build_datasets(examples, tokenizer, config, stage: str):
 
 
 @torch.no_grad()
-def compute_ref_logps(ref_model, dataset, config, pad_token_id: int, device) -> torch.Tensor:
-    """[rows, K] reference log-probs of every group, with the forward-only path (each prompt encoded
-    once for its responses with ``prefix_sharing``)."""
-    sharing = plan_and_prepare(config, ref_model)
-    row_per_group = not varlen_attention(ref_model)
-    collate = PreferenceCollator(
-        pad_token_id, packing=config.packing, row_per_group=row_per_group, prefix_sharing=sharing
-    )
+def compute_ref_logps(
+    ref_model, dataset, config, pad_token_id: int, device, layout: LayoutPlan | None = None
+) -> torch.Tensor:
+    """[rows, K] reference log-probs of every group, with the forward-only path, in the run's
+    ``layout`` (planned for ``ref_model`` if None)."""
+    collate = (layout or plan_and_prepare(config, ref_model)).collator(pad_token_id)
     ref_model = ref_model.to(device).eval()
     out = []
     step = max(config.per_device_eval_batch_size, 1)
@@ -64,14 +61,14 @@ def compute_ref_logps(ref_model, dataset, config, pad_token_id: int, device) -> 
     return torch.cat(out)
 
 
-def precompute_ref_logps(ref_model, dataset, config, pad_token_id: int, device):
+def precompute_ref_logps(ref_model, dataset, config, pad_token_id: int, device, layout: LayoutPlan):
     """Adds a ``ref_logps`` column ([K] per group): from the disk cache (``ref_cache``) when this data
     and reference model were seen before, else computed once (the main process first) and cached."""
     path = ref_cache.cache_path(dataset, config)
     with config.main_process_first(desc="reference log-probs"):
         logps = ref_cache.load(path) if path is not None else None
         if logps is None or logps.shape[0] != len(dataset):
-            logps = compute_ref_logps(ref_model, dataset, config, pad_token_id, device)
+            logps = compute_ref_logps(ref_model, dataset, config, pad_token_id, device, layout)
             if path is not None and config.local_process_index == 0:
                 ref_cache.save(path, logps)
     return dataset.add_column("ref_logps", logps.tolist())
@@ -81,17 +78,17 @@ def run_stage(stage: str, config, examples) -> dict:
     """Train, save the model (HF format) and the report into ``config.output_dir``; returns final metrics."""
     model, tokenizer = load_policy(config)
     train, evaluation = build_datasets(examples, tokenizer, config, stage)
-    print_effective_config(stage, config, model, train, evaluation)
     ref_model = load_reference(config, model) if stage == "train" else None
+    layout = plan_and_prepare(config, model, ref_model)  # one decision for the whole run, logged
+    print_effective_config(stage, config, model, train, evaluation, layout)
     if ref_model is not None and config.precompute_ref_logps:
-        train = precompute_ref_logps(ref_model, train, config, tokenizer.pad_token_id, config.device)
+        pad = tokenizer.pad_token_id
+        train = precompute_ref_logps(ref_model, train, config, pad, config.device, layout)
         if evaluation is not None:
-            evaluation = precompute_ref_logps(
-                ref_model, evaluation, config, tokenizer.pad_token_id, config.device
-            )
+            evaluation = precompute_ref_logps(ref_model, evaluation, config, pad, config.device, layout)
         ref_model = None  # not kept in memory
     trainer = WRPOTrainer(
-        model, config, ref_model=ref_model, stage=stage, pad_token_id=tokenizer.pad_token_id,
+        model, config, ref_model=ref_model, stage=stage, pad_token_id=tokenizer.pad_token_id, layout=layout,
         train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
     )  # fmt: skip
     train_from_checkpoint(trainer, resolve_resume(config.resume_from_checkpoint, config.output_dir))

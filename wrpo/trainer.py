@@ -17,9 +17,9 @@ from transformers import Trainer
 
 from .accumulation import ExactAccumulation
 from .checkpoints import CompleteCheckpoints
-from .model_loss import preference_loss, sequence_logps, varlen_attention
-from .packing import PreferenceCollator, batch_counts
-from .sharing import plan_and_prepare
+from .layout import LayoutPlan, plan_and_prepare
+from .model_loss import preference_loss, sequence_logps
+from .packing import batch_counts
 
 STAGES = ("train", "sft")
 logger = logging.getLogger(__name__)
@@ -35,20 +35,19 @@ class WRPOTrainer(ExactAccumulation, Trainer):
     """Trains with the fused WRPO loss (``stage="train"``) or NLL on the first chosen response (``"sft"``).
 
     ``ref_model``: a frozen model for on-the-fly reference log-probs (dpo/ipo), unless the dataset
-    has a ``ref_logps`` column (precomputed). Logs the official WRPO metric names and ``cur_alpha``.
+    has a ``ref_logps`` column (precomputed). ``layout``: the batch layout already planned and applied
+    (``wrpo/layout.py``); None: planned here from ``args.packing`` / ``args.prefix_sharing``. Logs the
+    official WRPO metric names and ``cur_alpha``.
     """
 
-    def __init__(self, model, args, *, ref_model=None, stage: str = "train", pad_token_id: int = 0, **kwargs):
+    def __init__(
+        self, model, args, *, ref_model=None, stage: str = "train", pad_token_id: int = 0,
+        layout: LayoutPlan | None = None, **kwargs,
+    ):  # fmt: skip
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} is not one of {STAGES}")
-        sharing = plan_and_prepare(args, model, ref_model)  # logs on, or off and why
-        collator = PreferenceCollator(
-            pad_token_id,
-            packing=args.packing,
-            row_per_group=not varlen_attention(model),
-            prefix_sharing=sharing,
-        )
-        kwargs.setdefault("data_collator", collator)
+        self.layout = layout or plan_and_prepare(args, model, ref_model)  # logs on, or off and why
+        kwargs.setdefault("data_collator", self.layout.collator(pad_token_id))
         super().__init__(model=model, args=args, **kwargs)
         self.stage = stage
         self.ref_model = None

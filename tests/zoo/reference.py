@@ -39,14 +39,15 @@ def make_groups(vocab_size: int, *, seed: int = 0, num_groups: int = 3, K: int =
     return groups
 
 
-def own_sequence_logps(model, groups) -> torch.Tensor:
+def own_sequence_logps(model, groups, *, grad: bool = False) -> torch.Tensor:
     """[S] summed log-probs of every response given its prompt (S = all responses, group-major), each
     sequence run alone through ``model``'s own forward: ``log_softmax`` in float64 of the logit at
     position t, read at token t+1, summed over the positions t that predict response tokens. With an
-    empty prompt the first response token is not predicted. float64 if the model is, else float32."""
+    empty prompt the first response token is not predicted. float64 if the model is, else float32.
+    ``grad``: differentiable (for parameter gradients)."""
     param = next(model.parameters())
     out = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for group in groups:
             prompt = list(group["prompt_ids"])
             for response in group["responses"]:

@@ -8,8 +8,8 @@ TRL's standard preference data (``prompt`` / ``chosen`` / ``rejected``, text or 
 as DPO (K = 2); WRPO data (``chosen: [y_ws, y_wt]``, or ``source_chosen`` / ``target_chosen``) as K = 3,
 and any K the data gives. Tokenization is TRL's own (``wrpo/integrations/trl_data.py``). The loss goes
 through :func:`wrpo.preference_loss`: the body and the fused head inside the model call, rows packed
-without padding (``packing``), each prompt encoded once for its responses (``prefix_sharing``, see
-``wrpo/sharing.py``), exact gradient accumulation, the alpha schedule of ``wrpo train``.
+without padding (``packing``), each prompt encoded once for its responses (``prefix_sharing``; both
+decided per model in ``wrpo/layout.py``), exact gradient accumulation, the alpha schedule of ``wrpo train``.
 TRL options this backend does not implement are refused when the trainer is built.
 """
 
@@ -34,10 +34,10 @@ from wrpo_kernels.objective import make_spec
 
 from ..accumulation import ExactAccumulation
 from ..config import check_choices
-from ..model_loss import causal_lm, preference_loss, sequence_logps, varlen_attention
+from ..layout import PACKING_HELP, PREFIX_SHARING_HELP, LayoutPlan, plan_and_prepare
+from ..model_loss import preference_loss, sequence_logps
 from ..packing import PreferenceCollator
 from ..schedule import ALPHA_SCHEDULES
-from ..sharing import PREFIX_SHARING_HELP, plan_and_prepare
 from .trl_data import LAYOUTS, detect_layout, expand_to_pairs, regroup
 
 logger = logging.getLogger(__name__)
@@ -62,9 +62,7 @@ class WRPOConfig(DPOConfig):
     gamma: float = field(default=0.0, metadata={"help": "SimPO's target margin"})
     kernel_backend: str = field(default="auto", metadata={"help": f"fused-loss backend, one of {BACKENDS}"})
     chunk_tokens: int | None = field(default=None, metadata={"help": "rows of logits held at once"})
-    packing: bool = field(
-        default=True, metadata={"help": "pack the K responses of each prompt without padding"}
-    )
+    packing: bool | None = field(default=None, metadata={"help": PACKING_HELP})
     prefix_sharing: bool | None = field(default=None, metadata={"help": PREFIX_SHARING_HELP})
     chosen_layout: str = field(
         default="auto",
@@ -153,19 +151,15 @@ class WRPOTrainer(ExactAccumulation, DPOTrainer):
 
     # ---- data ---------------------------------------------------------------------------------------
 
-    def _shares_prefixes(self) -> bool:
-        """Decided (and logged) once, at the first collator: TRL may precompute inside ``__init__``."""
-        if getattr(self, "_prefix_sharing", None) is None:
-            self._prefix_sharing = plan_and_prepare(self.args, self.model, getattr(self, "ref_model", None))
-        return self._prefix_sharing
+    @property
+    def layout(self) -> LayoutPlan:
+        """Planned, applied and logged once, at the first collator: TRL may precompute in ``__init__``."""
+        if getattr(self, "_layout", None) is None:
+            self._layout = plan_and_prepare(self.args, self.model, getattr(self, "ref_model", None))
+        return self._layout
 
     def _collator(self) -> PreferenceCollator:
-        sharing = self._shares_prefixes()  # first: it may switch the attention implementation
-        row_per_group = not varlen_attention(causal_lm(self.model))
-        return PreferenceCollator(
-            self._tokenizer.pad_token_id, packing=self.args.packing, row_per_group=row_per_group,
-            prefix_sharing=sharing,
-        )  # fmt: skip
+        return self.layout.collator(self._tokenizer.pad_token_id)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Groups {prompt_ids, responses [K], num_chosen} tokenized by TRL's own preparation."""
