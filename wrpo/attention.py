@@ -90,19 +90,25 @@ def segment_layout(position_ids: torch.Tensor) -> list[list[tuple[int, int, int,
     return out
 
 
-_last_bounds: tuple[weakref.ref, int, list] | None = None  # (position_ids, its version, layout)
+def once_per_forward(fn):
+    """``fn(position_ids)``, computed once per tensor (and version): every layer of a forward gets the
+    same ``position_ids`` tensor, so the later layers reuse the first one's result (no host sync per
+    layer)."""
+    last = None  # (position_ids, its version, result)
+
+    @functools.wraps(fn)
+    def cached(position_ids: torch.Tensor):
+        nonlocal last
+        if last is not None and last[0]() is position_ids and last[1] == position_ids._version:
+            return last[2]
+        result = fn(position_ids)
+        last = (weakref.ref(position_ids), position_ids._version, result)
+        return result
+
+    return cached
 
 
-def _bounds_for_forward(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
-    """:func:`segment_layout`, computed once per forward: every layer gets the same ``position_ids``
-    tensor, so the later layers reuse the first one's layout (no host sync per layer)."""
-    global _last_bounds
-    hit = _last_bounds
-    if hit is not None and hit[0]() is position_ids and hit[1] == position_ids._version:
-        return hit[2]
-    bounds = segment_layout(position_ids)
-    _last_bounds = (weakref.ref(position_ids), position_ids._version, bounds)
-    return bounds
+_bounds_for_forward = once_per_forward(segment_layout)
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

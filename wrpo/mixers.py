@@ -19,18 +19,16 @@ Attention layers that are not handed ``position_ids`` (Llama-4) read them there 
 from __future__ import annotations
 
 import contextvars
-import weakref
 
 import torch
 
-from .attention import segment_layout
+from .attention import once_per_forward, segment_layout
 from .capabilities import CACHE_ARGUMENTS, body_of, causal_lm, read_capabilities
 
 _positions: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
     "wrpo_positions", default=None
 )
 _HOOKED = "_wrpo_per_sequence"
-_last_index: tuple | None = None  # (position_ids weakref, its version, index)
 
 
 def sequence_index(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
@@ -58,15 +56,7 @@ def sequence_index(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return gather.to(device), scatter.to(device), T
 
 
-def _index_for(position_ids: torch.Tensor):
-    """:func:`sequence_index`, once per forward (every mixer of the model gets the same tensor)."""
-    global _last_index
-    hit = _last_index
-    if hit is not None and hit[0]() is position_ids and hit[1] == position_ids._version:
-        return hit[2]
-    index = sequence_index(position_ids)
-    _last_index = (weakref.ref(position_ids), position_ids._version, index)
-    return index
+_index_for = once_per_forward(sequence_index)
 
 
 def current_position_ids() -> torch.Tensor | None:
