@@ -168,17 +168,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out_dir, world: int = WORLD, timeout: float = 240.0) -> None:
-    """Spawns ``world`` ranks running :func:`worker`; kills them if they are not done after ``timeout`` s."""
-    ctx = torch.multiprocessing.spawn(
-        worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=False
-    )
+def spawn(fn, args: tuple, world: int, timeout: float, what: str) -> None:
+    """Spawns ``world`` ranks running ``fn(rank, *args)``; kills them if not done after ``timeout`` s."""
+    ctx = torch.multiprocessing.spawn(fn, args=args, nprocs=world, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for process in ctx.processes:
                 process.kill()
-            raise TimeoutError(f"the {world} FSDP ranks did not finish in {timeout:.0f} s")
+            raise TimeoutError(f"the {world} {what} ranks did not finish in {timeout:.0f} s")
+
+
+def run(out_dir, world: int = WORLD, timeout: float = 240.0) -> None:
+    """Spawns ``world`` ranks running :func:`worker` (all the cases)."""
+    spawn(worker, (world, free_port(), str(out_dir)), world, timeout, "FSDP")
 
 
 if __name__ == "__main__":

@@ -140,15 +140,19 @@ def head_inputs(hidden, batch):
 
 
 @contextlib.contextmanager
-def gathered_head(head: torch.nn.Module):
-    """The head's parameters whole for the duration: DeepSpeed ZeRO-3 partitions them (``ds_id``)."""
+def gathered_head(head: torch.nn.Module, owner: torch.nn.Module):
+    """The head's parameters whole for the duration: DeepSpeed ZeRO-3 partitions them (``ds_id``).
+
+    They are also registered as used by ``owner`` (the model whose forward runs the loss): the fused
+    loss computes the weight gradient in its forward, and autograd accumulates it into the parameter in
+    the backward, when ZeRO-3 has partitioned the head again unless the owner's backward gathers it."""
     params = [p for p in head.parameters() if hasattr(p, "ds_id")]
     if not params:
         yield
         return
     import deepspeed  # a ZeRO-3 parameter implies deepspeed is installed
 
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, fwd_module=owner):
         yield
 
 
@@ -180,7 +184,7 @@ def run_head(lm, batch: dict, head_fn, **options):
     the head's parameters gathered (ZeRO-3). The head functions run outside autocast themselves."""
     h, labels, cu = head_inputs(body_hidden_states(lm, batch), batch)
     head = lm.get_output_embeddings()
-    with gathered_head(head):
+    with gathered_head(head, lm):
         return head_fn(h, head.weight, labels, cu, bias=head.bias, **options)
 
 
