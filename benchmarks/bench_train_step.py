@@ -1,4 +1,4 @@
-"""One WRPO training step of a small Llama: packed rows + fused head loss vs padded rows + naive logits.
+"""One WRPO training step of a small model: packed rows + fused head loss vs padded rows + naive logits.
 
 Methods (same batches, same initial weights, forward + backward + AdamW step, precomputed reference
 log-probs, K = 3 responses per prompt):
@@ -20,17 +20,26 @@ log-probs, K = 3 responses per prompt):
 Lengths like UltraFeedback's: prompts uniform in [100, 400] tokens, responses log-normal (median 250
 tokens) clipped to [50, 700]; every method sees the same batches.
 
+--arch: the small Llama (default), or a hybrid of the same size class whose layers alternate between
+its sequence mixer and full attention: lfm2 (short convolutions), qwen3_5_text (gated delta nets),
+jamba (Mamba scans, a dense MLP). Packed methods prepare a hybrid as ``wrpo train`` does
+(wrpo.layout.prepare_layout: attention on wrpo_segments, the conv / recurrent layers hooked to run one
+sequence at a time, wrpo/mixers.py; packed-mask-fused: those hooks, the attention left on sdpa with the
+block mask); padded methods run its own sdpa attention with the attention mask.
+
 Throughput: real (non-padding) tokens of one round over all batches divided by its time; the median
 of --rounds rounds, methods interleaved round by round (order rotated each round). Memory: CPU: peak
 RSS rise of one step on the longest batch in a fresh process per method (after a warm-up step has
 allocated the optimizer state); CUDA: max allocated above the model, gradients and optimizer state.
 
     python benchmarks/bench_train_step.py --out "benchmarks/results/train_step_{device}.json"
+    python benchmarks/bench_train_step.py --arch lfm2 --out benchmarks/results/  # train_step_lfm2_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -40,11 +49,13 @@ from pathlib import Path
 
 import torch
 from measure import MMAP_ENV, bar_plot, machine, peak_rss_rise_mb, write_json
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, JambaConfig, Lfm2Config, LlamaConfig, Qwen3_5TextConfig
 
 import wrpo_kernels as wk
 from wrpo import preference_loss
 from wrpo.attention import NAME as SEGMENT_ATTENTION
+from wrpo.capabilities import read_capabilities
+from wrpo.layout import plan_layout, prepare_layout
 from wrpo.model_loss import varlen_attention
 from wrpo.packing import IGNORE_INDEX, block_causal_mask, pack_groups, pack_shared_prefix, pad_groups
 
@@ -61,6 +72,8 @@ PROFILES = {"ultrafeedback": ((100, 400), None), "prompt-heavy": ((800, 1200), (
             "response-heavy": ((20, 60), (400, 800))}  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 K, NUM_CHOSEN, PAD_ID = 3, 2, 0
+HYBRIDS = {"lfm2": "conv", "qwen3_5_text": "linear_attention", "jamba": "mamba"}  # arch -> its sequence mixer
+ARCHS = ("llama", *HYBRIDS)
 
 
 def make_batches(args) -> list[list[dict]]:
@@ -95,16 +108,36 @@ def real_tokens(groups) -> int:
     return sum(len(g["prompt_ids"]) + len(r) for g in groups for r in g["responses"])
 
 
-def build_model(args, varlen: bool):
-    """The small Llama; ``varlen``: attention separates packed sequences (no block mask needed)."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=args.V, hidden_size=args.H, intermediate_size=args.H * 8 // 3,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.H // 64, num_key_value_heads=args.H // 64, max_position_embeddings=4096,
+def model_config(args):
+    """The config of ``args.arch``: hidden H, heads of 64, a SwiGLU of 8H/3; a hybrid's layers alternate
+    between its sequence mixer (first) and full attention, its linear-attention heads sized like those."""
+    H, heads, n = args.H, args.H // 64, args.layers
+    common = dict(
+        vocab_size=args.V, hidden_size=H, intermediate_size=H * 8 // 3, num_hidden_layers=n,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
         tie_word_embeddings=False, pad_token_id=PAD_ID,
     )  # fmt: skip
-    model = LlamaForCausalLM(cfg).to(args.device, DTYPES[args.dtype])
+    layer_types = [HYBRIDS.get(args.arch) if i % 2 == 0 else "full_attention" for i in range(n)]
+    if args.arch == "lfm2":
+        return Lfm2Config(**common, layer_types=layer_types, block_auto_adjust_ff_dim=False)
+    if args.arch == "qwen3_5_text":
+        return Qwen3_5TextConfig(
+            **common, head_dim=64, layer_types=layer_types, linear_num_key_heads=heads,
+            linear_num_value_heads=heads, linear_key_head_dim=64, linear_value_head_dim=64,
+        )  # fmt: skip
+    if args.arch == "jamba":  # Mamba on even layers, attention on odd ones, one expert: a dense MLP
+        return JambaConfig(**common, attn_layer_period=2, attn_layer_offset=1, num_experts=1,
+                           mamba_dt_rank=max(1, H // 16))  # fmt: skip
+    return LlamaConfig(**common)
+
+
+def build_model(args, varlen: bool):
+    """The model of ``args.arch``; ``varlen``: attention separates packed sequences (no block mask
+    needed). A hybrid comes back on its own sdpa attention: :func:`build` prepares it for packed rows."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(args)).to(args.device, DTYPES[args.dtype])
+    if args.arch != "llama":
+        return model
     if varlen:
         model.set_attn_implementation(
             "flash_attention_2" if args.device == "cuda" and _has_flash_attn() else SEGMENT_ATTENTION
@@ -161,10 +194,18 @@ def build(method, args):
     model = build_model(args, varlen=layout == "packed" and "mask" not in variant)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
     loss_fn = fused_loss if loss_kind == "fused" else naive_loss
+    plan = None
+    if layout == "packed" and args.arch != "llama":
+        plan = plan_layout(read_capabilities(model), packing=True, prefix_sharing="shared" in variant)
+        if "mask" in variant:  # no attention switch: sdpa and a block mask, the sequence mixers still hooked
+            plan = dataclasses.replace(plan, attention=None)
+        prepare_layout(plan, model)
 
     def collate(groups):
         if layout == "padded":
             return _to(pad_groups(groups, PAD_ID), args.device)
+        if plan is not None:  # a hybrid: the collator of its plan, as ``wrpo train``
+            return _to(plan.collator(PAD_ID)(groups), args.device)
         if "shared" in variant:  # each prompt once for its K responses
             return _to(pack_shared_prefix(groups, pad_token_id=PAD_ID), args.device)
         return _to(
@@ -279,7 +320,9 @@ def profile_text(profile: str) -> str:
 
 
 def describe(args) -> str:
-    return f"Llama H={args.H} layers={args.layers} V={args.V}"
+    if args.arch == "llama":
+        return f"Llama H={args.H} layers={args.layers} V={args.V}"
+    return f"{args.arch} H={args.H} layers={args.layers} ({HYBRIDS[args.arch]}/attention) V={args.V}"
 
 
 def plot(results, path, title):
@@ -291,6 +334,7 @@ def plot(results, path, title):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", choices=ARCHS, default="llama", help="the small Llama, or a hybrid (see above)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--H", type=int, default=256, help="hidden size (heads of 64)")
     p.add_argument("--layers", type=int, default=4)
@@ -301,15 +345,25 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", choices=PROFILES, default="ultrafeedback", help="prompt/response lengths")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {METHODS}")
-    p.add_argument("--out", default=None, help="JSON path, {device} filled in (a .png is written beside it)")
+    p.add_argument("--out", default=None, help="JSON path, {device} and {arch} filled in, or a directory "
+                   "(train_step_{device}.json; a hybrid: train_step_{arch}_{device}.json); a .png beside "
+                   "it")  # fmt: skip
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     if unknown := set(args.methods) - set(METHODS):
         p.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-    args.shape_argv = [f"--{k}={getattr(args, k)}" for k in ("device", "dtype", "H", "layers", "V", "B",
-                                                               "batches", "seed", "profile")]  # fmt: skip
+    shape = ("device", "arch", "dtype", "H", "layers", "V", "B", "batches", "seed", "profile")
+    args.shape_argv = [f"--{k}={getattr(args, k)}" for k in shape]
     return args
+
+
+def out_path(args) -> Path:
+    """--out with {device} and {arch} filled in; a directory gets the default name."""
+    if args.out.endswith(os.sep) or Path(args.out).is_dir():
+        name = "train_step_{device}.json" if args.arch == "llama" else "train_step_{arch}_{device}.json"
+        return Path(args.out, name.format(device=args.device, arch=args.arch))
+    return Path(args.out.format(device=args.device, arch=args.arch))
 
 
 def main(argv=None):
@@ -320,9 +374,10 @@ def main(argv=None):
     results = run(args)
     print_table(results, args)
     if args.out:
-        out = Path(args.out.format(device=args.device))
+        out = out_path(args)
         record = {
-            "machine": machine(args.device), "model": describe(args), "dtype": args.dtype,
+            "machine": machine(args.device), "model": describe(args),
+            **({} if args.arch == "llama" else {"arch": args.arch}), "dtype": args.dtype,
             "batch": {"prompts": args.B, "responses_per_prompt": K, "batches_per_round": args.batches},
             "profile": args.profile, "lengths": profile_text(args.profile),
             "real_tokens_per_round": args.tokens, "padding_fraction": args.padding_fraction,

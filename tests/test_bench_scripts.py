@@ -6,6 +6,7 @@ here) is left out of the default suite: set WRPO_SLOW_TESTS=1 to run it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,11 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import wrpo.mixers
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import bench_head_loss as bench  # noqa: E402
+import bench_train_step as train_step  # noqa: E402
 import gpu_check  # noqa: E402
 import sweep  # noqa: E402
 
@@ -325,6 +329,51 @@ def test_sweep_predicts_over_cap_and_drops_compile_before_a_configuration():
     kept, dropped, skip = sweep.budget_cut(record, big, run_now, [], cli, elapsed=90.0)
     assert kept == [] and skip.startswith("time budget")
     assert sweep.budget_cut(record, big, run_now, [], cli, elapsed=-1000.0)[0] == run_now
+
+
+@pytest.mark.parametrize("arch", ["llama", "lfm2", "qwen3_5_text"])
+def test_train_step_methods_agree_on_the_first_loss(monkeypatch, arch):
+    """benchmarks/bench_train_step.py: every method's loss of the first batch (before its AdamW step)
+    equals padded-fused's in fp32, a hybrid's packed rows prepared by wrpo.layout.prepare_layout; the
+    same rows with its conv / recurrent layers run over whole rows differ (the check has teeth)."""
+    # short sequences and log-probs far from uniform: a leak between packed sequences shows in the loss
+    monkeypatch.setitem(train_step.PROFILES, "tiny", ((4, 12), (4, 12)))
+    real_config = train_step.model_config
+
+    def steep(args):
+        cfg = real_config(args)
+        cfg.initializer_range = 0.2
+        return cfg
+
+    monkeypatch.setattr(train_step, "model_config", steep)
+    tiny = ["--H", "64", "--layers", "2", "--V", "1024", "--B", "2", "--batches", "1", "--profile", "tiny"]
+    args = train_step.parse_args(["--device", "cpu", "--arch", arch, *tiny])
+    batch = train_step.make_batches(args)[0]
+    losses = {m: train_step.build(m, args)(batch).item() for m in train_step.METHODS}
+    for m, loss in losses.items():
+        assert loss == pytest.approx(losses["padded-fused"], rel=1e-4), (m, losses)
+    if arch == "llama":
+        return
+    # no sequence mixers for wrpo.mixers to hook: the conv / recurrent layers run over whole packed rows
+    real_caps = wrpo.mixers.read_capabilities
+    monkeypatch.setattr(
+        wrpo.mixers, "read_capabilities", lambda lm: dataclasses.replace(real_caps(lm), sequence_mixers=())
+    )
+    leaky = train_step.build("packed-fused", args)(batch).item()
+    assert leaky != pytest.approx(losses["padded-fused"], rel=1e-3)
+
+
+def test_train_step_out_names_a_hybrid_by_its_arch(tmp_path):
+    def out(*argv):
+        return train_step.out_path(train_step.parse_args(["--device", "cpu", *argv]))
+
+    assert out("--out", f"{tmp_path}/") == tmp_path / "train_step_cpu.json"
+    assert out("--arch", "lfm2", "--out", str(tmp_path)) == tmp_path / "train_step_lfm2_cpu.json"
+    assert out("--out", f"{tmp_path}/t_{{device}}.json") == tmp_path / "t_cpu.json"
+    assert (
+        out("--arch", "qwen3_5_text", "--out", f"{tmp_path}/t_{{arch}}.json")
+        == tmp_path / "t_qwen3_5_text.json"
+    )
 
 
 @slow
