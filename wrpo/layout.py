@@ -7,8 +7,10 @@ of a model's :class:`~wrpo.capabilities.Capabilities` and the requested options 
 that returns a :class:`LayoutPlan` with the reason for each choice. A layout is on only where the
 model can run it (capabilities) and where the zoo suite found it equal to the model's own forward for
 that model type (``wrpo/assets/verified_layouts.json``, generated with ``docs/models.md`` by
-``make zoo``). Asked for explicitly (``True``), a layout the model cannot run is an error naming why;
-one that is possible but unverified runs, and the reason says so.
+``make zoo``). Asked for explicitly (``True``), a layout the model cannot run, or one the zoo found
+wrong for its type, is an error naming why; one of a type the zoo has not seen (custom code) runs, and
+the reason says so. A model type whose padded log-probs already differ from its own forward is
+refused in every layout (:func:`refuse_unsupported`).
 
 :func:`prepare_layout` applies a plan: packed rows run on ``wrpo_segments`` attention (or
 flash-attention varlen where installed), and the convolution / state-space / linear-attention layers
