@@ -243,7 +243,7 @@ def test_resolve_resume_explicit_paths(tmp_path, caplog):
 
 def test_marker_is_removed_before_a_save_and_written_after_it(tmp_path):
     callback = CompleteCheckpoints()
-    args = SimpleNamespace(output_dir=str(tmp_path), should_save=True)
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=True, save_total_limit=None)
     state, control = TrainerState(), TrainerControl()
     ckpt = _fake_checkpoint(tmp_path / "checkpoint-3", 3)
     state.global_step = 3
@@ -345,3 +345,92 @@ def test_resuming_from_the_last_checkpoint_trains_nothing_more(tmp_path):
     longer = _linear_trainer(tmp_path, **{**kw, "max_steps": 4})
     train_from_checkpoint(longer, last)
     assert longer.state.global_step == 4 and is_complete(tmp_path / "checkpoint-4")
+
+
+# ---- save_total_limit: the last complete checkpoint survives a kill at any moment -------------------
+
+# Put on PYTHONPATH of the killed run: kills the process with SIGKILL right after transformers'
+# ``Trainer._save_checkpoint`` returned at step $WRPO_TEST_KILL_AFTER_SAVE (the files written and, in
+# transformers, the older checkpoints rotated away), before the ``on_save`` callbacks mark it complete;
+# with $WRPO_TEST_RECORD_RESUME, writes the checkpoint ``Trainer.train`` resumes from into that file.
+_KILL_HOOK = """
+import os
+if os.environ.get("WRPO_TEST_KILL_AFTER_SAVE"):
+    import signal
+    from transformers import Trainer
+
+    _save_checkpoint = Trainer._save_checkpoint
+
+    def _save_then_die(self, model, trial):
+        _save_checkpoint(self, model, trial)
+        if self.state.global_step == int(os.environ["WRPO_TEST_KILL_AFTER_SAVE"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Trainer._save_checkpoint = _save_then_die
+if os.environ.get("WRPO_TEST_RECORD_RESUME"):
+    from transformers import Trainer
+
+    _train = Trainer.train
+
+    def _recorded_train(self, resume_from_checkpoint=None, *args, **kwargs):
+        with open(os.environ["WRPO_TEST_RECORD_RESUME"], "w") as fh:
+            fh.write(str(resume_from_checkpoint))
+        return _train(self, resume_from_checkpoint, *args, **kwargs)
+
+    Trainer.train = _recorded_train
+"""
+
+
+def test_save_total_limit_never_leaves_no_complete_checkpoint(tmp_path, monkeypatch):
+    """``--save_steps 1 --save_total_limit 1``, killed between the save of checkpoint-3 and its
+    marker: the complete checkpoint-2 is still there and the rerun resumes from it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILL_HOOK)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:8]))
+    out = tmp_path / "out"
+    flags = ["train", "--dataset", str(data), "--output_dir", str(out), "--max_steps", "4",
+             "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "1",
+             "--logging_steps", "1", "--eval_rows", "0", "--report_to", "none", "--disable_tqdm", "true",
+             "--per_device_train_batch_size", "2", "--seed", "7"]  # fmt: skip
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("WRPO_TEST_KILL_AFTER_SAVE", "3")
+    killed = _popen(flags, tmp_path / "killed.log")
+    assert killed.wait(timeout=120) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    assert not is_complete(out / "checkpoint-3")  # killed before its marker
+    assert newest_complete_checkpoint(out) == str(out / "checkpoint-2")
+
+    monkeypatch.delenv("WRPO_TEST_KILL_AFTER_SAVE")
+    monkeypatch.setenv("WRPO_TEST_RECORD_RESUME", str(tmp_path / "resumed_from"))
+    resumed = _popen([*flags, "--resume_from_checkpoint", "true"], tmp_path / "resumed.log")
+    assert resumed.wait(timeout=120) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [e["step"] for e in state["log_history"] if "loss" in e]
+    assert logged == [1, 2, 3, 4]
+    assert (tmp_path / "resumed_from").read_text() == str(out / "checkpoint-2")
+    # the limit still holds once the new checkpoint is complete
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert is_complete(out / "checkpoint-4")
+
+
+def test_rotation_keeps_the_newest_complete_checkpoint(tmp_path):
+    import transformers.trainer
+
+    from wrpo.checkpoints import rotate_checkpoints
+
+    assert transformers.trainer.rotate_checkpoints is rotate_checkpoints  # what _save_checkpoint calls
+    _fake_checkpoint(tmp_path / "checkpoint-1", 1)
+    _fake_checkpoint(tmp_path / "checkpoint-2", 2)
+    _fake_checkpoint(tmp_path / "checkpoint-3", 3, marked=False)  # just saved, not marked yet
+    rotate_checkpoints(str(tmp_path), 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    mark_complete(tmp_path / "checkpoint-3", 3)
+    rotate_checkpoints(str(tmp_path), 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
+    # no markers (plain transformers): transformers' own rule, the most recent and the best kept
+    plain = tmp_path / "plain"
+    for step in (1, 2, 3, 4):
+        _fake_checkpoint(plain / f"checkpoint-{step}", step, marked=False)
+    rotate_checkpoints(str(plain), 1, best_model_checkpoint=str(plain / "checkpoint-2"))
+    assert sorted(p.name for p in plain.iterdir()) == ["checkpoint-2", "checkpoint-4"]

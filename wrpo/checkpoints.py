@@ -13,6 +13,13 @@ the old marker is removed first, so a re-save cut off midway never looks complet
 :func:`newest_complete_checkpoint` and :func:`resolve_resume` only trust marked directories whose
 files still have the recorded sizes; :func:`train_from_checkpoint` does not train past ``max_steps``
 when the checkpoint is the last one.
+
+``save_total_limit``: transformers rotates (deletes the older checkpoints) at the end of
+``Trainer._save_checkpoint``, before the ``on_save`` callbacks run, so with a limit of 1 a kill
+between the two leaves no complete checkpoint at all. :func:`rotate_checkpoints` (put in place of
+transformers' own when this module is imported) never deletes the newest complete checkpoint;
+:class:`CompleteCheckpoints` rotates again once the new checkpoint is marked, so the limit holds
+between saves.
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 import zipfile
 from pathlib import Path
 
 import torch
+import transformers.trainer
 from transformers import TrainerCallback, TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 __all__ = [
     "MARKER",
@@ -36,6 +45,7 @@ __all__ = [
     "is_complete",
     "newest_complete_checkpoint",
     "resolve_resume",
+    "rotate_checkpoints",
     "train_from_checkpoint",
 ]
 
@@ -58,7 +68,8 @@ class CompleteCheckpoints(TrainerCallback):
     evaluation during training, with no event in between: the marker goes in ``on_evaluate``, whether
     or not a save follows. Only the processes that write checkpoints (``args.should_save``) touch the
     marker; in a distributed run every process first waits for the others to finish their part of
-    the save.
+    the save. Once marked, the older checkpoints beyond ``save_total_limit`` are deleted
+    (:func:`rotate_checkpoints`; transformers' own rotation, before the marker, kept them).
     """
 
     def __init__(self):
@@ -90,6 +101,9 @@ class CompleteCheckpoints(TrainerCallback):
         path = _checkpoint_dir(args, state)
         if path.is_dir():
             mark_complete(path, state.global_step)
+            rotate_checkpoints(
+                args.output_dir, args.save_total_limit, state.best_model_checkpoint, use_mtime=True
+            )
         else:
             logger.warning("%s was not written (custom output dir?): not marked complete", path)
 
@@ -192,6 +206,45 @@ def newest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
         if is_complete(path):
             return str(path)
     return None
+
+
+def rotate_checkpoints(
+    output_dir: str | os.PathLike,
+    save_total_limit: int | None = None,
+    best_model_checkpoint: str | None = None,
+    use_mtime: bool = False,
+    checkpoint_prefix: str = PREFIX_CHECKPOINT_DIR,
+) -> None:
+    """``transformers.trainer_utils.rotate_checkpoints`` (delete the oldest checkpoints beyond
+    ``save_total_limit``, never the most recent nor ``best_model_checkpoint``), except that the newest
+    complete checkpoint (:func:`newest_complete_checkpoint`, what a resume picks) is kept too.
+
+    transformers calls it at the end of ``Trainer._save_checkpoint``, before ``on_save`` marks the new
+    checkpoint: the previous complete one then stays (one checkpoint over the limit) until
+    :class:`CompleteCheckpoints` has marked the new one and calls it again. Without markers (a plain
+    transformers run) it deletes exactly what transformers' own does."""
+    if save_total_limit is None or save_total_limit <= 0:
+        return
+    checkpoints = sort_checkpoints(str(output_dir), checkpoint_prefix, use_mtime)
+    if len(checkpoints) <= save_total_limit:
+        return
+    protected = {checkpoints[-1]}
+    if best_model_checkpoint is not None:
+        protected.add(str(Path(best_model_checkpoint)))
+    if (newest := newest_complete_checkpoint(output_dir)) is not None:
+        protected.add(newest)
+    remaining = len(checkpoints)
+    for checkpoint in checkpoints:
+        if remaining <= max(save_total_limit, len(protected)):
+            break
+        if checkpoint not in protected:
+            logger.info("Deleting older checkpoint [%s] due to args.save_total_limit", checkpoint)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            remaining -= 1
+
+
+# Trainer._save_checkpoint looks the name up in its module at every save.
+transformers.trainer.rotate_checkpoints = rotate_checkpoints
 
 
 def _foreign_problem(path: Path) -> str | None:
