@@ -417,9 +417,12 @@ def test_save_total_limit_never_leaves_no_complete_checkpoint(tmp_path, monkeypa
 def test_rotation_keeps_the_newest_complete_checkpoint(tmp_path):
     import transformers.trainer
 
-    from wrpo.checkpoints import rotate_checkpoints
+    from wrpo.checkpoints import keeping_the_newest_complete, rotate_checkpoints
 
-    assert transformers.trainer.rotate_checkpoints is rotate_checkpoints  # what _save_checkpoint calls
+    original = transformers.trainer.rotate_checkpoints
+    with keeping_the_newest_complete():  # what WRPOTrainer._save_checkpoint runs under
+        assert transformers.trainer.rotate_checkpoints is rotate_checkpoints
+    assert transformers.trainer.rotate_checkpoints is original  # other Trainers keep transformers' own
     _fake_checkpoint(tmp_path / "checkpoint-1", 1)
     _fake_checkpoint(tmp_path / "checkpoint-2", 2)
     _fake_checkpoint(tmp_path / "checkpoint-3", 3, marked=False)  # just saved, not marked yet

@@ -17,13 +17,15 @@ when the checkpoint is the last one.
 ``save_total_limit``: transformers rotates (deletes the older checkpoints) at the end of
 ``Trainer._save_checkpoint``, before the ``on_save`` callbacks run, so with a limit of 1 a kill
 between the two leaves no complete checkpoint at all. :func:`rotate_checkpoints` (put in place of
-transformers' own when this module is imported) never deletes the newest complete checkpoint;
+transformers' own while ``WRPOTrainer`` saves, :func:`keeping_the_newest_complete`) never deletes
+the newest complete checkpoint;
 :class:`CompleteCheckpoints` rotates again once the new checkpoint is marked, so the limit holds
 between saves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +34,7 @@ import shutil
 import struct
 import zipfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 import transformers.trainer
@@ -243,8 +246,13 @@ def rotate_checkpoints(
             remaining -= 1
 
 
-# Trainer._save_checkpoint looks the name up in its module at every save.
-transformers.trainer.rotate_checkpoints = rotate_checkpoints
+@contextlib.contextmanager
+def keeping_the_newest_complete():
+    """For the duration, transformers' Trainer rotates with :func:`rotate_checkpoints`
+    (``Trainer._save_checkpoint`` looks the name up in its module at every save); trainers that mark
+    their checkpoints wrap their ``_save_checkpoint`` in it."""
+    with mock.patch.object(transformers.trainer, "rotate_checkpoints", rotate_checkpoints):
+        yield
 
 
 def _foreign_problem(path: Path) -> str | None:

@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer
 
 from .accumulation import ExactAccumulation
-from .checkpoints import CompleteCheckpoints
+from .checkpoints import CompleteCheckpoints, keeping_the_newest_complete
 from .layout import LayoutPlan, plan_and_prepare
 from .model_loss import preference_loss, sequence_logps
 from .packing import batch_counts
@@ -81,6 +81,10 @@ class WRPOTrainer(ExactAccumulation, Trainer):
             )  # fmt: skip
         self._store(out.metrics)
         return (out.loss, out) if return_outputs else out.loss
+
+    def _save_checkpoint(self, model, trial):
+        with keeping_the_newest_complete():  # the previous complete checkpoint stays until this is marked
+            super()._save_checkpoint(model, trial)
 
     def _ref_logps(self, inputs):
         if "ref_logps" in inputs:
