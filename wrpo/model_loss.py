@@ -151,7 +151,13 @@ def gathered_head(head: torch.nn.Module, owner: torch.nn.Module):
         yield
         return
     import deepspeed  # a ZeRO-3 parameter implies deepspeed is installed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    if all(p.ds_status == ZeroParamStatus.AVAILABLE for p in params):
+        # registered by an earlier call, the owner's forward has gathered them and releases them
+        # after it: partitioning them here would free parameters the owner still holds
+        yield
+        return
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, fwd_module=owner):
         yield
 
