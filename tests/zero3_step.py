@@ -31,6 +31,7 @@ CASES = {
     "zero3_packed_tied": (3, "packed", "wrpo_segments", True),
     "zero3_shared": (3, "shared", "wrpo_segments", False),
     "zero2_packed": (2, "packed", "wrpo_segments", False),
+    "zero3_offload_packed": (3, "packed", "wrpo_segments", False),
 }
 
 
@@ -57,14 +58,17 @@ def single_process(case: str) -> dict:
     return {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
 
 
-def ds_config(stage: int) -> dict:
+def ds_config(stage: int, offload: bool = False) -> dict:
     zero = {"stage": stage}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0  # every parameter partitioned, the head too
+    if offload:  # parameters and optimizer states kept in CPU memory between uses
+        zero.update(offload_param={"device": "cpu"}, offload_optimizer={"device": "cpu"})
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,  # the plain SGD below, not DeepSpeed's compiled CPU Adam
         "zero_allow_untested_optimizer": True,
     }  # plain SGD at lr 0: the gradients are what is compared
 
@@ -76,7 +80,8 @@ def run_case(case: str, rank: int, world: int) -> dict:
     stage, layout, attn, tied = CASES[case]
     model = build_model(attn, tied).float()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage))
+    config = ds_config(stage, offload="offload" in case)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     counts = batch_counts(collate(global_groups(), layout))
     batch = collate(rank_groups(rank, world), layout)
     with torch.no_grad():  # a first call registers the head with the model; the second must still work
