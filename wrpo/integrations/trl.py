@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import extract_prompt
+from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
 from wrpo_kernels import BACKENDS
@@ -33,7 +34,7 @@ from wrpo_kernels.metrics import preference_metrics
 from wrpo_kernels.objective import make_spec
 
 from ..accumulation import ExactAccumulation
-from ..config import check_choices
+from ..config import _distributed_without_gpu, check_choices
 from ..layout import PACKING_HELP, PREFIX_SHARING_HELP, LayoutPlan, plan_and_prepare
 from ..model_loss import preference_loss, sequence_logps
 from ..packing import PreferenceCollator
@@ -72,6 +73,10 @@ class WRPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
+        if _distributed_without_gpu():  # as wrpo.config.WRPOConfig: several processes, no GPU -> gloo
+            # (without use_cpu, TrainingArguments counts 1 process and DeepSpeed's batch check fails)
+            self.use_cpu = True
+            self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
         check_choices(
             self, {"alpha_schedule": ALPHA_SCHEDULES, "kernel_backend": BACKENDS, "chosen_layout": LAYOUTS}
@@ -214,6 +219,11 @@ class WRPOTrainer(ExactAccumulation, DPOTrainer):
             if not (force or is_peft_model(self.model)):
                 raise ValueError("WRPOTrainer: no reference model and no precomputed ref_logps")
             model = self.model
+            if force and self.is_deepspeed_enabled:  # precomputing before DeepSpeed prepared the policy
+                # (ZeRO-3: partitioned): TRL's inference engine over it gathers the parameters, as in TRL
+                if getattr(self, "_precompute_engine", None) is None:
+                    self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+                model = self._precompute_engine
             if is_peft_model(self.model):
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 adapter = use_adapter(
