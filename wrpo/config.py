@@ -80,11 +80,7 @@ class WRPOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        if _distributed_without_gpu():
-            # Several processes (accelerate launch, torchrun) and no GPU: CPU DDP over gloo. Without
-            # use_cpu, accelerate sees no distributed set-up there and every process trains alone.
-            self.use_cpu = True
-            self.ddp_backend = self.ddp_backend or "gloo"
+        set_cpu_processes(self)
         if self.use_cpu or not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for; DataLoader would warn on every run
         super().__post_init__()
@@ -107,8 +103,13 @@ def check_choices(config, choices: dict) -> None:
             raise ValueError(f"--{name} {value!r} is not one of {allowed}")
 
 
-def _distributed_without_gpu() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+def set_cpu_processes(args) -> None:
+    """Several processes (accelerate launch, torchrun) and no GPU: gloo, with ``use_cpu``. Without it
+    accelerate sees no distributed set-up there and every process trains alone (DDP), and DeepSpeed's
+    batch check counts one process. Both configs (``wrpo train``'s and the TRL adapter's) call it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        args.use_cpu = True
+        args.ddp_backend = args.ddp_backend or "gloo"
 
 
 def parse_config(argv: list[str], **defaults) -> WRPOConfig:

@@ -34,7 +34,7 @@ from wrpo_kernels.metrics import preference_metrics
 from wrpo_kernels.objective import make_spec
 
 from ..accumulation import ExactAccumulation
-from ..config import _distributed_without_gpu, check_choices
+from ..config import check_choices, set_cpu_processes
 from ..layout import PACKING_HELP, PREFIX_SHARING_HELP, LayoutPlan, plan_and_prepare
 from ..model_loss import preference_loss, sequence_logps
 from ..packing import PreferenceCollator
@@ -73,10 +73,7 @@ class WRPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
-        if _distributed_without_gpu():  # as wrpo.config.WRPOConfig: several processes, no GPU -> gloo
-            # (without use_cpu, TrainingArguments counts 1 process and DeepSpeed's batch check fails)
-            self.use_cpu = True
-            self.ddp_backend = self.ddp_backend or "gloo"
+        set_cpu_processes(self)
         super().__post_init__()
         check_choices(
             self, {"alpha_schedule": ALPHA_SCHEDULES, "kernel_backend": BACKENDS, "chosen_layout": LAYOUTS}
