@@ -12,12 +12,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fsdp_step import free_port
 
 pytest.importorskip("deepspeed")
 from safetensors.torch import load_file  # noqa: E402
@@ -71,15 +71,9 @@ if os.environ.get("WRPO_TEST_RECORD_RESUME"):
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, log: Path, hook: Path, extra: list[str] = (), **env) -> subprocess.Popen:
     cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "examples/accelerate/zero3.yaml"),
-           "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+           "--mixed_precision", "no", "--main_process_port", str(free_port()),
            str(ROOT / "tests/ds_cpu_launch.py"), "train", "--max_steps", str(STEPS),
            "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1",
            "--learning_rate", "1e-3", "--warmup_steps", "0", "--eval_rows", "0", "--seed", "3",
