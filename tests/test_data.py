@@ -316,5 +316,5 @@ def test_short_groups_are_not_truncated(tok):
 
 @pytest.mark.parametrize(("max_length", "max_prompt_length"), [(10, 10), (10, 0), (5, 8)])
 def test_truncation_limits_are_checked(tok, max_length, max_prompt_length):
-    with pytest.raises(ValueError, match="0 < max_prompt_length < max_length"):
+    with pytest.raises(ValueError, match="--max_prompt_length .* must be above 0 and below --max_length"):
         tokenize_example(LONG, tok, max_length=max_length, max_prompt_length=max_prompt_length)

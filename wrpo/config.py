@@ -12,6 +12,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from wrpo_kernels import BACKENDS, LOSS_TYPES
 
+from .data import prompt_limit
 from .layout import PACKING_HELP, PREFIX_SHARING_HELP
 from .schedule import ALPHA_SCHEDULES
 
@@ -50,9 +51,11 @@ class WRPOConfig(TrainingArguments):
         default=0.0, metadata={"help": "weight of the NLL on each group's first chosen response"}
     )
     max_length: int = field(default=2048, metadata={"help": "max tokens of prompt + response"})
-    max_prompt_length: int = field(
-        default=1800, metadata={"help": "prompt tokens kept (its end) when prompt + response is too long"}
-    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "prompt tokens kept (its end) when prompt + response is too long; None: "
+                  "1800/2048 of max_length (1800 at the default 2048)"},
+    )  # fmt: skip
     precompute_ref_logps: bool = field(
         default=False, metadata={"help": "run the reference model once over the data first, then drop it"}
     )
@@ -87,6 +90,7 @@ class WRPOConfig(TrainingArguments):
         check_choices(
             self, {"loss_type": LOSS_TYPES, "alpha_schedule": ALPHA_SCHEDULES, "kernel_backend": BACKENDS}
         )
+        self.max_prompt_length = prompt_limit(self.max_length, self.max_prompt_length)
         if self.prefix_sharing and self.packing is False:
             raise ValueError(
                 "--prefix_sharing needs --packing (it packs each group's responses after its prompt)"

@@ -288,8 +288,22 @@ def json_kind(value: Any) -> str:
 # ---- tokenizing --------------------------------------------------------------------------------------------
 
 
+def prompt_limit(max_length: int, max_prompt_length: int | None = None) -> int:
+    """The prompt tokens kept when prompt + response is too long: ``max_prompt_length``, or by default
+    the paper's share of ``max_length`` (1800 of 2048, so 900 of 1024). ValueError naming both
+    options unless 0 < max_prompt_length < max_length."""
+    if max_prompt_length is None:
+        max_prompt_length = max(max_length * 1800 // 2048, 1)
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(
+            f"--max_prompt_length {max_prompt_length} must be above 0 and below --max_length {max_length} "
+            "(each response keeps at least one token)"
+        )
+    return max_prompt_length
+
+
 def tokenize_example(
-    ex: PreferenceExample, tokenizer: Any, *, max_length: int = 2048, max_prompt_length: int = 1800
+    ex: PreferenceExample, tokenizer: Any, *, max_length: int = 2048, max_prompt_length: int | None = None
 ) -> TokenizedGroup:
     """Token ids of one group under ``tokenizer``'s chat template.
 
@@ -298,11 +312,10 @@ def tokenize_example(
     such as a newline go), EOS appended if it has none; when the prompt's ids are not a prefix of the
     conversation's, ``tokenizer(text, add_special_tokens=False)`` + EOS instead.
     Truncation (as TRL's DPO, keep_end): if len(prompt) + len(longest response) > max_length, keep the
-    last ``max_prompt_length`` prompt ids; if still too long, cut every response to
-    ``max_length - len(prompt)`` ids (>= 1, as 0 < max_prompt_length < max_length).
+    last ``max_prompt_length`` prompt ids (:func:`prompt_limit`: by default 1800/2048 of max_length); if
+    still too long, cut every response to ``max_length - len(prompt)`` ids (>= 1).
     """
-    if not 0 < max_prompt_length < max_length:
-        raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length}, {max_length}")
+    max_prompt_length = prompt_limit(max_length, max_prompt_length)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token")

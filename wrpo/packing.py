@@ -98,8 +98,14 @@ def _with_ref(batch, features):
     """Adds the group shape (K, number of chosen) and, if precomputed, ref_logps [B, K]."""
     batch["responses_per_prompt"] = len(features[0]["responses"])
     batch["num_chosen"] = features[0]["num_chosen"]
-    if any(len(f["responses"]) != batch["responses_per_prompt"] for f in features):
-        raise ValueError("every group of a batch needs the same number of responses")
+    for name, of in (("responses", lambda f: len(f["responses"])), ("num_chosen", lambda f: f["num_chosen"])):
+        values = [of(f) for f in features]
+        if len(set(values)) > 1:
+            odd = next(i for i, v in enumerate(values) if v != values[0])
+            raise ValueError(
+                f"every group of a batch needs the same {name}: group 0 has {values[0]}, group {odd} has "
+                f"{values[odd]} (the loss reads one K and one number of chosen responses per batch)"
+            )
     if "ref_logps" in features[0]:
         batch["ref_logps"] = torch.tensor([f["ref_logps"] for f in features], dtype=torch.float32)
     return batch

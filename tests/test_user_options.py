@@ -1,0 +1,47 @@
+"""Common options a new user sets: --max_length alone, and batches that mix group shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wrpo import PreferenceCollator
+from wrpo.cli import main
+from wrpo.data import prompt_limit
+from wrpo.tiny import SAMPLE_DATA
+
+
+def _rows(tmp_path, n=8):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(SAMPLE_DATA.read_text().splitlines()[:n]) + "\n")
+    return data
+
+
+def test_max_length_alone_trains_with_the_papers_prompt_share(tmp_path):
+    """Only --max_length set (below the old fixed 1800-token prompt default): trains, prompts cut to
+    1800/2048 of it."""
+    out = tmp_path / "o"
+    code = main(["train", "--dataset", str(_rows(tmp_path)), "--max_length", "1024", "--max_steps", "1",
+                 "--output_dir", str(out), "--report_to", "none"])  # fmt: skip
+    assert code == 0 and json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+    assert prompt_limit(1024) == 900 and prompt_limit(2048) == 1800 and prompt_limit(2) == 1
+
+
+@pytest.mark.parametrize("prompt", ["1024", "2000", "0"])
+def test_a_bad_length_pair_is_one_line_naming_both_flags(tmp_path, capsys, prompt):
+    args = ["train", "--dataset", str(_rows(tmp_path)), "--max_length", "1024", "--max_prompt_length", prompt,
+            "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"--max_prompt_length {prompt} must be above 0 and below --max_length 1024" in err
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_groups_with_different_numbers_of_chosen_responses_are_refused(packing):
+    """The loss reads one num_chosen per batch: a batch mixing 2 and 1 chosen would weigh the second
+    group's responses wrongly, depending on the order of the groups."""
+    groups = [{"prompt_ids": [3, 4], "responses": [[5], [6], [7]], "num_chosen": n} for n in (2, 2, 1)]
+    with pytest.raises(ValueError, match="same num_chosen: group 0 has 2, group 2 has 1"):
+        PreferenceCollator(0, packing=packing)(groups)
