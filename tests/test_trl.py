@@ -115,7 +115,7 @@ def test_packed_equals_padded(model_path, tmp_path):
 
 def test_prefix_sharing_logs_the_unshared_losses(model_path, tmp_path, caplog):
     """``prefix_sharing`` (on by default with packing): the losses of the unshared packed run."""
-    with caplog.at_level(logging.WARNING, logger="wrpo.sharing"):
+    with caplog.at_level(logging.WARNING, logger="wrpo.layout"):
         _, shared = run(WRPOTrainer, WRPOConfig, model_path, released(), tmp_path / "a", packing=True)
     assert "prefix sharing: on" in caplog.text
     _, plain = run(WRPOTrainer, WRPOConfig, model_path, released(), tmp_path / "b", prefix_sharing=False)

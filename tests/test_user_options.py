@@ -45,3 +45,20 @@ def test_groups_with_different_numbers_of_chosen_responses_are_refused(packing):
     groups = [{"prompt_ids": [3, 4], "responses": [[5], [6], [7]], "num_chosen": n} for n in (2, 2, 1)]
     with pytest.raises(ValueError, match="same num_chosen: group 0 has 2, group 2 has 1"):
         PreferenceCollator(0, packing=packing)(groups)
+
+
+def test_a_two_message_chosen_says_which_reading_was_used_and_how_to_pick_the_other():
+    """TRL conversational `chosen` of two assistant messages: read as WRPO alternatives (the released
+    layout), and the log line names the other reading and the chosen_layout that selects it."""
+    pytest.importorskip("trl")
+    from wrpo.integrations.trl import layout_message
+    from wrpo.integrations.trl_data import detect_layout
+
+    row = {"prompt": [{"role": "user", "content": "q"}],
+           "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
+           "rejected": [{"role": "assistant", "content": "c"}]}  # fmt: skip
+    layout = detect_layout(row)
+    message = layout_message("train", layout, "auto")
+    assert layout == "alternatives" and "detected from its first row" in message
+    assert "chosen_layout='completion' reads `chosen` / `rejected` as one completion each" in message
+    assert "chosen_layout='alternatives'" in layout_message("train", "completion", "completion")

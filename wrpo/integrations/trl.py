@@ -118,6 +118,24 @@ def refuse_unsupported(args: WRPOConfig) -> None:
         )
 
 
+READINGS = {
+    "alternatives": "a list in `chosen` as alternative responses per prompt (WRPO: sources first, the target "
+    "last; K = chosen + rejected)",
+    "completion": "`chosen` / `rejected` as one completion each (TRL preference pairs, K = 2; a list of "
+    "messages is one conversation)",
+}
+
+
+def layout_message(dataset_name: str, layout: str, requested: str) -> str:
+    """Which reading of the data was used, how it was chosen, and how to select the other one."""
+    other = "completion" if layout == "alternatives" else "alternatives"
+    how = "detected from its first row" if requested == "auto" else f"chosen_layout={requested!r}"
+    return (
+        f"WRPOTrainer: {dataset_name} dataset read with {READINGS[layout]} ({how}); "
+        f"chosen_layout={other!r} reads {READINGS[other]}"
+    )
+
+
 class WRPOTrainer(ExactAccumulation, DPOTrainer):
     """``trl.DPOTrainer`` with the fused WRPO/DPO loss of ``wrpo_kernels`` (see the module docstring)."""
 
@@ -169,11 +187,7 @@ class WRPOTrainer(ExactAccumulation, DPOTrainer):
             return dataset  # already prepared
         first = next(iter(dataset))
         layout = detect_layout(first) if args.chosen_layout == "auto" else args.chosen_layout
-        logger.warning(
-            "WRPOTrainer: %s dataset read as %s", dataset_name,
-            "alternative responses per prompt (WRPO layout)" if layout == "alternatives"
-            else "TRL preference pairs (chosen/rejected completions, K = 2)",
-        )  # fmt: skip
+        logger.warning(layout_message(dataset_name, layout, args.chosen_layout))
         if "prompt" not in first:
             dataset = dataset.map(extract_prompt)
         pairs = expand_to_pairs(dataset, layout)
