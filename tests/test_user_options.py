@@ -62,3 +62,18 @@ def test_a_two_message_chosen_says_which_reading_was_used_and_how_to_pick_the_ot
     assert layout == "alternatives" and "detected from its first row" in message
     assert "chosen_layout='completion' reads `chosen` / `rejected` as one completion each" in message
     assert "chosen_layout='alternatives'" in layout_message("train", "completion", "completion")
+
+
+def test_chosen_weights_that_do_not_fit_the_data_are_refused_when_it_is_read(tmp_path, capsys):
+    args = ["train", "--dataset", str(_rows(tmp_path)), "--chosen_weights", "0.2", "0.3", "0.5",
+            "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--chosen_weights has 3 weights" in err and "2 chosen" in err
+
+
+@pytest.mark.parametrize("path", ["./no-such-model", "/tmp/no/such/model", "~/no-such-model"])
+def test_a_missing_local_model_path_is_one_line(tmp_path, capsys, path):
+    assert main(["train", "--model", path, "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"wrpo train: --model {path}: no such directory (a local path; hub ids read org/name)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from .config import WRPOConfig, parse_config
 from .data import DataError
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = stage_config(stage, rest)
+        check_local_paths(config)
         from .checkpoints import resolve_resume
         from .pipeline import load_examples, run_stage
 
@@ -66,6 +68,18 @@ def stage_config(stage: str, argv: list[str]) -> WRPOConfig:
     if config.eval_rows == 0:  # nothing held out: no evaluation
         config = parse_config(argv, **{**defaults, "eval_strategy": "no"})
     return config
+
+
+def check_local_paths(config) -> None:
+    """A ``--model`` / ``--ref_model`` that looks like a local path (starts with / . or ~, or has more
+    than one /) and does not exist is a one-line error, not a hub lookup that retries and fails."""
+    for flag in ("model", "ref_model"):
+        value = getattr(config, flag, None)
+        if not value or value == "tiny":
+            continue
+        looks_local = value.startswith(("/", ".", "~")) or value.count("/") > 1
+        if looks_local and not Path(value).expanduser().exists():
+            raise ValueError(f"--{flag} {value}: no such directory (a local path; hub ids read org/name)")
 
 
 def _close_process_group() -> None:

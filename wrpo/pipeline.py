@@ -19,8 +19,16 @@ from .trainer import WRPOTrainer, reference_logps
 
 
 def load_examples(config):
-    """Validate every row of the data first (DataError names the line); nothing else has run yet."""
-    return load_preference_data(config.dataset or SAMPLE_DATA)
+    """Validate every row of the data first (DataError names the line), and the options that depend on
+    it (``chosen_weights``: one per chosen response); nothing else has run yet."""
+    examples = load_preference_data(config.dataset or SAMPLE_DATA)
+    weights = getattr(config, "chosen_weights", None)
+    if weights and examples and len(weights) != len(examples[0].chosen):
+        raise ValueError(
+            f"--chosen_weights has {len(weights)} weights, but the rows of {config.dataset or SAMPLE_DATA} "
+            f"have {len(examples[0].chosen)} chosen responses each: give one weight per chosen response"
+        )
+    return examples
 
 
 def build_datasets(examples, tokenizer, config, stage: str):
