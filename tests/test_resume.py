@@ -437,3 +437,15 @@ def test_rotation_keeps_the_newest_complete_checkpoint(tmp_path):
         _fake_checkpoint(plain / f"checkpoint-{step}", step, marked=False)
     rotate_checkpoints(str(plain), 1, best_model_checkpoint=str(plain / "checkpoint-2"))
     assert sorted(p.name for p in plain.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_resume_says_where_it_resumes_from_and_what_it_skipped(tmp_path, caplog):
+    _fake_checkpoint(tmp_path / "checkpoint-2", 2)
+    _fake_checkpoint(tmp_path / "checkpoint-4", 4, marked=False)  # cut off by a kill
+    with caplog.at_level("WARNING", logger="wrpo.checkpoints"):
+        assert resolve_resume("true", tmp_path) == str(tmp_path / "checkpoint-2")
+    assert f"resuming from {tmp_path / 'checkpoint-2'} (skipped, incomplete: checkpoint-4)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wrpo.checkpoints"):
+        assert resolve_resume("true", tmp_path / "empty") is None
+    assert "no complete checkpoint in" in caplog.text and "training starts from scratch" in caplog.text

@@ -320,13 +320,16 @@ def resolve_resume(value, output_dir: str | os.PathLike) -> str | None:
         return None
     if value is True or str(value).strip().lower() in _LAST:
         found = newest_complete_checkpoint(output_dir)
+        found_step = -1 if found is None else int(_CHECKPOINT_DIR.match(Path(found).name).group(1))
+        newer = [p.name for step, p in _checkpoint_dirs(output_dir) if step > found_step]  # incomplete
+        skipped = f" (skipped, incomplete: {', '.join(newer)})" if newer else ""
         if found is None:
-            skipped = [p.name for _, p in _checkpoint_dirs(output_dir)]
             logger.warning(
                 "--resume_from_checkpoint: no complete checkpoint in %s%s; training starts from scratch",
-                output_dir,
-                f" (skipped, incomplete: {', '.join(skipped)})" if skipped else "",
-            )
+                output_dir, skipped,
+            )  # fmt: skip
+        else:
+            logger.warning("--resume_from_checkpoint: resuming from %s%s", found, skipped)
         return found
     if str(value).strip().lower() in _OFF:
         return None
