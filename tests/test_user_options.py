@@ -77,3 +77,23 @@ def test_a_missing_local_model_path_is_one_line(tmp_path, capsys, path):
     assert main(["train", "--model", path, "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"wrpo train: --model {path}: no such directory (a local path; hub ids read org/name)"
+
+
+def test_wrpo_data_takes_both_spellings_of_its_options():
+    from wrpo.construct.cli import dashed, parser
+
+    argv = [
+        "sample",
+        "--model",
+        "m",
+        "--input",
+        "i",
+        "--max_new_tokens=7",
+        "--top_p",
+        "0.5",
+        "--batch-size",
+        "2",
+    ]
+    args = parser().parse_args([dashed(a) for a in argv])
+    assert (args.max_new_tokens, args.top_p, args.batch_size) == (7, 0.5, 2)
+    assert dashed("under_score") == "under_score"  # values are left alone

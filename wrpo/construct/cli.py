@@ -122,9 +122,18 @@ def run(args: argparse.Namespace) -> None:
         print(f"tiny random {'reward model' if args.reward_model else 'model'} -> {path}")
 
 
+def dashed(arg: str) -> str:
+    """``--max_new_tokens[=V]`` -> ``--max-new-tokens[=V]``: ``wrpo data`` takes both spellings, as
+    ``wrpo train`` does."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return name.replace("_", "-") + eq + value
+
+
 def main(argv: list[str]) -> int:
     try:
-        args = parser().parse_args(argv)
+        args = parser().parse_args([dashed(a) for a in argv])
     except SystemExit as e:  # usage errors (argparse printed them) and --help
         return e.code if isinstance(e.code, int) else 2
     try:
