@@ -97,3 +97,15 @@ def test_wrpo_data_takes_both_spellings_of_its_options():
     args = parser().parse_args([dashed(a) for a in argv])
     assert (args.max_new_tokens, args.top_p, args.batch_size) == (7, 0.5, 2)
     assert dashed("under_score") == "under_score"  # values are left alone
+
+
+def test_a_reward_function_module_in_the_current_directory_imports(tmp_path, monkeypatch):
+    import sys
+
+    from wrpo.construct.reward_fn import load_reward_fn
+
+    (tmp_path / "my_verifier_mod.py").write_text("def score(prompt, response, row):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert load_reward_fn("my_verifier_mod:score")([], "x", {}) == 1.0
+    assert str(tmp_path) not in sys.path  # the path is restored

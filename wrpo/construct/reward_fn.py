@@ -9,9 +9,12 @@ row's prompt as chat messages (a list of ``{"role", "content"}`` dicts, however 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import numbers
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,13 +27,28 @@ from .rows import read_sample_rows
 RewardFn = Callable[[list[dict], str, dict], float]
 
 
+@contextlib.contextmanager
+def _current_directory_on_path():
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
 def load_reward_fn(spec: str) -> RewardFn:
-    """The function ``MODULE:FUNCTION`` names, e.g. ``wrpo.construct.verifiers:arithmetic_exact_match``."""
+    """The function ``MODULE:FUNCTION`` names, e.g. ``wrpo.construct.verifiers:arithmetic_exact_match``;
+    MODULE is looked up in the current directory too (as ``python -m`` does), then on ``sys.path``."""
     module_name, sep, name = spec.partition(":")
     if not sep or not module_name or not name:
         raise ValueError(f"--reward-fn {spec!r}: expected MODULE:FUNCTION")
     try:
-        module = importlib.import_module(module_name)
+        with _current_directory_on_path():
+            module = importlib.import_module(module_name)
     except Exception as e:  # ImportError, or the module failed while importing
         raise ValueError(
             f"--reward-fn {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e})"
