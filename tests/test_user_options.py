@@ -109,3 +109,15 @@ def test_a_reward_function_module_in_the_current_directory_imports(tmp_path, mon
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert load_reward_fn("my_verifier_mod:score")([], "x", {}) == 1.0
     assert str(tmp_path) not in sys.path  # the path is restored
+
+
+@pytest.mark.parametrize("reader", ["train", "data"])
+def test_a_byte_that_is_not_utf8_is_named_with_its_file_and_line(tmp_path, reader):
+    from wrpo.construct.jsonl import read_rows
+    from wrpo.data import DataError, load_preference_data
+
+    lines = SAMPLE_DATA.read_text().splitlines()[:3]
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(("\n".join(lines[:2]) + "\n").encode() + lines[2][:10].encode() + b"\xe9" + b"\n")
+    with pytest.raises(DataError, match=rf"{data} line 3: byte 0xe9 at column 11 is not UTF-8"):
+        (load_preference_data if reader == "train" else read_rows)(data)

@@ -97,7 +97,7 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: no such file")
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{path}: unsupported format, expected .jsonl, .json or a saved datasets directory")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if not text.strip():
         raise DataError(f"{path}: file is empty")
     if path.suffix == ".json" and text.lstrip().startswith("["):
@@ -109,6 +109,20 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
         return
     # a .json file not holding a list is read as JSONL
     yield from ((f"line {n}", row) for n, row in json_lines(path, text.split("\n")))
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; a byte that is not UTF-8 raises DataError naming its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{path} line {line}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8 ({e.reason}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def json_lines(path: Path, lines) -> Iterator[tuple[int, Any]]:

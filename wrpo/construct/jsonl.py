@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..data import DataError, json_kind, json_lines
+from ..data import DataError, json_kind, json_lines, read_utf8
 
 
 class RowError(Exception):
@@ -30,11 +30,10 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, row in json_lines(path, f):
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {n}: expected a JSON object, got {json_kind(row)}")
-            rows.append((n, row))
+    for n, row in json_lines(path, read_utf8(path).split("\n")):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {n}: expected a JSON object, got {json_kind(row)}")
+        rows.append((n, row))
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
