@@ -239,7 +239,8 @@ def test_help_lists_the_wrpo_options_first_each_with_a_description_and_its_defau
 def test_help_all_adds_the_training_arguments_after_the_wrpo_options(capsys):
     assert main(["sft", "--help-all"]) == 0
     text = capsys.readouterr().out
-    assert text.index("--model") < text.index("--beta") < text.index("--learning_rate")
+    assert text.index("--model") < text.index("--max_length") < text.index("--learning_rate")
+    assert "--beta" not in text  # preference-only: wrpo sft does not read it
     blocks = _option_blocks(text)
     assert "(default: 5e-05)" in blocks["--learning_rate"]
     assert "(default: outputs/wrpo-sft)" in blocks["--output_dir"]

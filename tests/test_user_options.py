@@ -121,3 +121,15 @@ def test_a_byte_that_is_not_utf8_is_named_with_its_file_and_line(tmp_path, reade
     data.write_bytes(("\n".join(lines[:2]) + "\n").encode() + lines[2][:10].encode() + b"\xe9" + b"\n")
     with pytest.raises(DataError, match=rf"{data} line 3: byte 0xe9 at column 11 is not UTF-8"):
         (load_preference_data if reader == "train" else read_rows)(data)
+
+
+def test_sft_help_lists_no_preference_only_options(capsys):
+    from wrpo.help import PREFERENCE_ONLY
+
+    assert main(["sft", "--help"]) == 0
+    sft = capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+    train = capsys.readouterr().out
+    for name in PREFERENCE_ONLY:
+        assert f"--{name} " in train and f"--{name} " not in sft, name
+    assert "--max_length" in sft and "--packing" in sft

@@ -19,9 +19,15 @@ WRPO_GROUP = "WRPO options"
 TRAINING_GROUP = "transformers TrainingArguments options"
 
 
-def own_fields() -> list[str]:
-    """The fields declared in wrpo/config.py (WRPOConfig's own, in declaration order)."""
-    return list(WRPOConfig.__annotations__)
+# options that only the preference stage reads (``wrpo sft`` trains the NLL of the first chosen response)
+PREFERENCE_ONLY = ("ref_model", "loss_type", "beta", "alpha", "alpha_schedule", "chosen_weights", "gamma",
+                   "label_smoothing", "nll_weight", "precompute_ref_logps", "ref_logps_cache")  # fmt: skip
+
+
+def own_fields(stage: str = "train") -> list[str]:
+    """The fields declared in wrpo/config.py (WRPOConfig's own, in declaration order) that ``stage``
+    reads (sft: not the preference-only ones)."""
+    return [n for n in WRPOConfig.__annotations__ if stage != "sft" or n not in PREFERENCE_ONLY]
 
 
 def _options(names: list[str], group: str) -> type:
@@ -39,10 +45,11 @@ def _options(names: list[str], group: str) -> type:
 
 
 def _parser(stage: str, full: bool) -> HfArgumentParser:
-    own = own_fields()
+    own = own_fields(stage)
     types = [_options(own, WRPO_GROUP)]
     if full:
-        rest = [f.name for f in dataclasses.fields(WRPOConfig) if f.init and f.name not in own]
+        every_own = own_fields()
+        rest = [f.name for f in dataclasses.fields(WRPOConfig) if f.init and f.name not in every_own]
         types.append(_options(rest, TRAINING_GROUP))
     parser = HfArgumentParser(
         types,
