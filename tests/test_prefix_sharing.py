@@ -294,14 +294,17 @@ def _train_losses(tmp_path, name, extra):
     return [[e[k] for k in ("loss", "logps/chosen", "logps/rejected")] for e in logs if "loss" in e]
 
 
-def test_wrpo_train_with_prefix_sharing_logs_the_same_losses(tmp_path, caplog):
-    """``wrpo train`` (fp32, tiny model: sharing on by default) logs the losses of the unshared run."""
+def test_wrpo_train_with_prefix_sharing_logs_the_same_losses(tmp_path, capsys, caplog):
+    """``wrpo train`` (fp32, tiny model: sharing on by default) logs the losses of the unshared run;
+    the effective config says whether sharing is on, once (not in the log as well)."""
     with caplog.at_level("WARNING", logger="wrpo.layout"):
         plain = _train_losses(tmp_path, "plain", ["--prefix_sharing", "false"])
-        assert "prefix sharing: off (turned off (--prefix_sharing false))" in caplog.text
-        caplog.clear()
+        printed = capsys.readouterr().out
+        assert printed.count("prefix sharing") == 1
+        assert "prefix sharing  off (turned off (--prefix_sharing false))" in printed
         shared = _train_losses(tmp_path, "shared", [])
-        assert "prefix sharing: on (each prompt encoded once" in caplog.text
+        assert "prefix sharing  on (each prompt encoded once" in capsys.readouterr().out
+    assert "prefix sharing:" not in caplog.text
     assert len(plain) == len(shared) == 4
     torch.testing.assert_close(torch.tensor(shared), torch.tensor(plain), rtol=1e-5, atol=0)
     assert plain[0] != plain[-1]

@@ -198,10 +198,12 @@ def prepare_layout(plan: LayoutPlan, *models) -> None:
         separate_sequences(lm)
 
 
-def plan_and_prepare(config, *models) -> LayoutPlan:
-    """:func:`plan_for`, logged (packing and prefix sharing: on, or off and why), then applied."""
+def plan_and_prepare(config, *models, log: bool = True) -> LayoutPlan:
+    """:func:`plan_for`, logged (packing and prefix sharing: on, or off and why; ``log=False`` where
+    the caller prints the plan itself, as ``wrpo train``'s effective config does), then applied."""
     plan = plan_for(config, *models)
-    logger.warning("packing: %s (%s)", "on" if plan.packing else "off", plan.packing_why)
-    logger.warning("prefix sharing: %s (%s)", "on" if plan.prefix_sharing else "off", plan.sharing_why)
+    if log:
+        logger.warning("packing: %s (%s)", "on" if plan.packing else "off", plan.packing_why)
+        logger.warning("prefix sharing: %s (%s)", "on" if plan.prefix_sharing else "off", plan.sharing_why)
     prepare_layout(plan, *models)
     return plan

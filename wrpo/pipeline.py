@@ -87,7 +87,7 @@ def run_stage(stage: str, config, examples) -> dict:
     model, tokenizer = load_policy(config)
     train, evaluation = build_datasets(examples, tokenizer, config, stage)
     ref_model = load_reference(config, model) if stage == "train" else None
-    layout = plan_and_prepare(config, model, ref_model)  # one decision for the whole run, logged
+    layout = plan_and_prepare(config, model, ref_model, log=False)  # one decision, printed just below
     print_effective_config(stage, config, model, train, evaluation, layout)
     if ref_model is not None and config.precompute_ref_logps:
         pad = tokenizer.pad_token_id
