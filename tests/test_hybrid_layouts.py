@@ -107,3 +107,26 @@ def test_wrpo_train_defaults_log_the_padded_logps(name, tmp_path, capsys):
     assert set(packed) == set(padded) and len(packed) >= 4
     for key in packed:
         assert abs(packed[key] - padded[key]) <= 1e-5 * abs(padded[key]), (key, packed[key], padded[key])
+
+
+@pytest.mark.parametrize("layout", ["packed", "packed_rows"])
+def test_the_sequence_index_is_built_once_per_forward(layout, monkeypatch):
+    """Every mixer layer of a forward reuses the first one's index (one host sync, not one per layer),
+    in one packed row as in one row per group."""
+    import transformers
+
+    import wrpo.mixers as mixers
+
+    calls = []
+    monkeypatch.setattr(
+        mixers, "_index_for", mixers.once_per_forward(lambda p: calls.append(1) or mixers.sequence_index(p))
+    )
+    config = transformers.Lfm2Config(
+        vocab_size=TEXT_VOCAB + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, block_auto_adjust_ff_dim=False,
+        layer_types=["conv", "conv", "conv", "full_attention"],
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config).double()
+    prepare_layout(layout_plan(layout), model)
+    sequence_logps(model, collator(layout)(make_groups(TEXT_VOCAB, seed=3)), backend="torch")
+    assert len(read_capabilities(model).sequence_mixers) == 3 and len(calls) == 1

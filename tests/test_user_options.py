@@ -51,8 +51,7 @@ def test_a_two_message_chosen_says_which_reading_was_used_and_how_to_pick_the_ot
     """TRL conversational `chosen` of two assistant messages: read as WRPO alternatives (the released
     layout), and the log line names the other reading and the chosen_layout that selects it."""
     pytest.importorskip("trl")
-    from wrpo.integrations.trl import layout_message
-    from wrpo.integrations.trl_data import detect_layout
+    from wrpo.integrations.trl_data import detect_layout, layout_message
 
     row = {"prompt": [{"role": "user", "content": "q"}],
            "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],

@@ -20,10 +20,6 @@ from transformers import PreTrainedModel
 
 # keyword names under which transformers passes a KV / recurrent cache to a token mixer
 CACHE_ARGUMENTS = ("cache", "cache_params", "past_key_values", "past_key_value", "layer_past")
-ATTENTION_KINDS = ("attention", "sliding_attention")
-# mixers that are causal in time with no other coupling between tokens: a sequence's outputs depend on
-# its own earlier tokens only, so running each packed sequence alone (wrpo/mixers.py) is exact
-SEQUENCE_MIXER_KINDS = ("conv", "ssm", "linear_attention")
 
 
 @dataclass(frozen=True)
@@ -47,11 +43,6 @@ class Capabilities:
     softcap: float | None
     temperature: float
     head_bias: bool
-
-    @property
-    def rope_reads_max_position(self) -> bool:
-        """Rope whose frequencies depend on the longest position in the batch (dynamic NTK, longrope)."""
-        return self.rope_type in ("dynamic", "longrope")
 
     @property
     def packing_blocker(self) -> str | None:
@@ -101,20 +92,21 @@ def causal_lm(model) -> PreTrainedModel:
 def read_capabilities(model) -> Capabilities:
     """The :class:`Capabilities` of ``model`` (bare or wrapped); the module walk runs once per model."""
     lm = causal_lm(model)
-    structure = vars(lm).get("_wrpo_structure")  # the module walk, once per model; the config each call
+    # what the modules say, read once per model (plain values: names, not modules); the config each call
+    structure = vars(lm).get("_wrpo_structure")
     if structure is None:
         path, body = _body(lm)
-        structure = (path, *_mixers(body, lm.config))
-        vars(lm)["_wrpo_structure"] = structure  # plain values: names, not modules
-    path, kinds, attention, sequence, unknown, interface = structure
-    body = _resolve(lm, path)
+        takes_positions = "position_ids" in _forward_parameters(type(body))
+        structure = (path, takes_positions, _uses_alibi(body), *_mixers(body, lm.config))
+        vars(lm)["_wrpo_structure"] = structure
+    path, takes_positions, body_alibi, kinds, attention, sequence, unknown, interface = structure
     softcap, temperature = head_transform(lm.config)
     text = _text_config(lm.config)
     caps = Capabilities(
         model_type=getattr(lm.config, "model_type", "") or "",
         class_name=type(lm).__name__,
         body_path=path,
-        takes_position_ids="position_ids" in inspect.signature(body.forward).parameters,
+        takes_position_ids=takes_positions,
         attention=lm.config._attn_implementation,
         interface_attention=interface,
         mixer_kinds=kinds,
@@ -122,7 +114,7 @@ def read_capabilities(model) -> Capabilities:
         sequence_mixers=sequence,
         unknown_mixers=unknown,
         sliding_window=sliding_window(lm.config),
-        alibi=bool(getattr(text, "alibi", False)) or _uses_alibi(body),
+        alibi=bool(getattr(text, "alibi", False)) or body_alibi,
         rope_type=_rope_type(text),
         softcap=softcap,
         temperature=temperature,

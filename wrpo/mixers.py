@@ -93,7 +93,8 @@ def _regather(module, args, kwargs):
     R, L = hidden.shape[:2]
     if positions.shape[-1] != L:
         raise ValueError(f"position_ids of length {positions.shape[-1]} for rows of {L} tokens")
-    index = _index_for(positions.expand(R, L) if positions.shape[0] == 1 else positions)
+    # the same tensor in every layer of a forward, so the index is built once (a new view would miss)
+    index = _index_for(positions if positions.shape[0] == R else positions.expand(R, L))
     module._wrpo_pending = [*getattr(module, "_wrpo_pending", []), (index, R, L)]
     if index is None:
         return None

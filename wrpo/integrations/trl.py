@@ -39,7 +39,7 @@ from ..layout import PACKING_HELP, PREFIX_SHARING_HELP, LayoutPlan, plan_and_pre
 from ..model_loss import preference_loss, sequence_logps
 from ..packing import PreferenceCollator
 from ..schedule import ALPHA_SCHEDULES
-from .trl_data import LAYOUTS, detect_layout, expand_to_pairs, regroup
+from .trl_data import LAYOUTS, detect_layout, expand_to_pairs, layout_message, regroup
 
 logger = logging.getLogger(__name__)
 
@@ -116,24 +116,6 @@ def refuse_unsupported(args: WRPOConfig) -> None:
             f"WRPOConfig options not supported by the wrpo backend: {', '.join(bad)} "
             "(leave them at their defaults, or use trl.DPOTrainer)"
         )
-
-
-READINGS = {
-    "alternatives": "a list in `chosen` as alternative responses per prompt (WRPO: sources first, the target "
-    "last; K = chosen + rejected)",
-    "completion": "`chosen` / `rejected` as one completion each (TRL preference pairs, K = 2; a list of "
-    "messages is one conversation)",
-}
-
-
-def layout_message(dataset_name: str, layout: str, requested: str) -> str:
-    """Which reading of the data was used, how it was chosen, and how to select the other one."""
-    other = "completion" if layout == "alternatives" else "alternatives"
-    how = "detected from its first row" if requested == "auto" else f"chosen_layout={requested!r}"
-    return (
-        f"WRPOTrainer: {dataset_name} dataset read with {READINGS[layout]} ({how}); "
-        f"chosen_layout={other!r} reads {READINGS[other]}"
-    )
 
 
 class WRPOTrainer(ExactAccumulation, DPOTrainer):

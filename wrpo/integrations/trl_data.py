@@ -47,6 +47,24 @@ def detect_layout(example: dict) -> str:
     return "completion"
 
 
+READINGS = {
+    "alternatives": "a list in `chosen` as alternative responses per prompt (WRPO: sources first, the target "
+    "last; K = chosen + rejected)",
+    "completion": "`chosen` / `rejected` as one completion each (TRL preference pairs, K = 2; a list of "
+    "messages is one conversation)",
+}
+
+
+def layout_message(dataset_name: str, layout: str, requested: str) -> str:
+    """Which reading of the data was used, how it was chosen, and how to select the other one."""
+    other = "completion" if layout == "alternatives" else "alternatives"
+    how = "detected from its first row" if requested == "auto" else f"chosen_layout={requested!r}"
+    return (
+        f"WRPOTrainer: {dataset_name} dataset read with {READINGS[layout]} ({how}); "
+        f"chosen_layout={other!r} reads {READINGS[other]}"
+    )
+
+
 def _as_list(value):
     return value if isinstance(value, list) else [value]
 
