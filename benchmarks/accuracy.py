@@ -29,7 +29,7 @@ DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 def batch(B, K, H, V, seed):
     g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(1, 40, (B * K,), generator=g)
+    lens = torch.randint(2, 40, (B * K,), generator=g)
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
     N = int(cu[-1])
     hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
@@ -38,6 +38,7 @@ def batch(B, K, H, V, seed):
     labels = torch.randint(0, V, (N,), generator=g)
     labels[torch.rand(N, generator=g) < 0.2] = -100
     labels[cu[:-1]] = torch.randint(0, V, (B * K,), generator=g)  # one valid label per sequence at least
+    labels[cu[1:] - 1] = -100  # shifted labels: the last position of a sequence predicts nothing
     ref = -lens.view(B, K).double() * torch.log(torch.tensor(float(V))) + torch.randn(B, K, generator=g)
     return hidden, weight, bias, labels, cu, ref
 

@@ -156,7 +156,7 @@ def make_inputs(args, K):
         (torch.randn(args.V, args.H, generator=g, device=home) * args.H**-0.5).to(dev, dt).requires_grad_()
     )
     labels = torch.randint(0, args.V, (N,), generator=g, device=home).to(dev)
-    labels[:: args.T] = -100  # the first position of every response is a prompt token
+    labels[args.T - 1 :: args.T] = -100  # shifted labels: the last position of a sequence predicts nothing
     cu = torch.arange(0, N + 1, args.T, device=dev)
     ref = (torch.randn(args.B, K, generator=g, device=home) - 10.0 * args.T).to(dev)
     return hidden, weight, labels, cu, ref

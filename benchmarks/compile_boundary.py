@@ -75,13 +75,14 @@ def layouts(n_layouts, B, mean_len, V, seed=0):
     N = S * mean_len
     out = []
     for _ in range(n_layouts):
-        cuts = torch.sort(torch.randperm(N - 1, generator=g)[: S - 1] + 1).values
+        cuts = 2 * torch.sort(torch.randperm(N // 2 - 1, generator=g)[: S - 1] + 1).values  # >= 2 tokens
         cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([N])])
         ids = torch.randint(0, V, (N,), generator=g)
         labels = torch.randint(0, V, (N,), generator=g)
         for s in range(S):  # the first quarter of each response is "prompt": ignored
             a, b = int(cu[s]), int(cu[s + 1])
             labels[a : a + (b - a) // 4] = -100
+            labels[b - 1] = -100  # shifted labels: the last position predicts nothing
         lengths = (cu[1:] - cu[:-1]).double().view(B, K)
         ref = -lengths * torch.log(torch.tensor(float(V))) + torch.randn(
             B, K, generator=g, dtype=torch.float64

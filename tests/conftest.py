@@ -105,23 +105,26 @@ def make_batch(
     allow_empty: bool = False,
     lengths: list[int] | None = None,
 ) -> Batch:
-    """A random packed batch of B groups of K responses (lengths in [min_len, max_len] unless given)."""
+    """A random packed batch of B groups of K responses of ``lengths`` predicted tokens (random in
+    [min_len, max_len] unless given); each sequence has one more row, its last, which predicts nothing
+    (label ignored), as shifted labels have."""
     g = torch.Generator().manual_seed(seed)
     S = B * K
     if lengths is None:
         lengths = torch.randint(min_len, max_len + 1, (S,), generator=g).tolist()
     assert len(lengths) == S
-    N = sum(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
+    N = sum(lengths) + S
+    cu = torch.tensor([0, *(torch.tensor(lengths) + 1).cumsum(0).tolist()], dtype=torch.int64)
     hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (1.5 / H**0.5)
     bias = torch.randn(V, generator=g, dtype=torch.float64) * 0.5 if with_bias else None
     labels = torch.randint(0, V, (N,), generator=g)
     if ignore_frac > 0:
         labels[torch.rand(N, generator=g) < ignore_frac] = IGNORE
+    labels[cu[1:] - 1] = IGNORE
     if not allow_empty:
         for s in range(S):
-            a, b = int(cu[s]), int(cu[s + 1])
+            a, b = int(cu[s]), int(cu[s + 1]) - 1
             if b > a and not bool((labels[a:b] != IGNORE).any()):
                 labels[a + int(torch.randint(0, b - a, (1,), generator=g))] = int(
                     torch.randint(0, V, (1,), generator=g)

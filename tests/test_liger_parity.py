@@ -22,7 +22,7 @@ def make_groups(B=3, T=6, H=16, V=40, seed=0):
     weight = torch.randn(V, H, generator=g) / H**0.5
     ref_weight = weight + 0.05 * torch.randn(V, H, generator=g)
     labels = torch.randint(0, V, (B, 3, T), generator=g)
-    lengths = torch.randint(2, T + 1, (B, 3), generator=g)
+    lengths = torch.randint(2, T, (B, 3), generator=g)  # the last of T rows predicts nothing
     labels[torch.arange(T) >= lengths[..., None]] = IGNORE
     return hidden, ref_hidden, weight, ref_weight, labels
 

@@ -17,7 +17,7 @@ from wrpo_kernels import native
 from wrpo_kernels.api import triton_unavailable_reason
 
 B, K, C, H, V = 2, 3, 2, 19, 53
-LENGTHS = [9, 1, 7, 4, 11, 5]  # N = 37, unequal, one 1-token response (a chosen one)
+LENGTHS = [9, 1, 7, 4, 11, 5]  # predicted tokens, unequal, one 1-token response (a chosen one)
 TOL64, TOL32 = 1e-10, 2e-4
 NO_TRITON = triton_unavailable_reason(torch.device("cpu"))
 
@@ -124,8 +124,9 @@ def test_mean_matches_fp64_oracle(backend, case, chunk, batch):
 
 
 def test_the_batch_has_the_intended_shape(batch):
-    """N = 37 rows, a 1-token response, and ignored rows: counts differ from lengths."""
-    assert batch.N == 37 and min(batch.seqlens) == 1
+    """N = 37 + 6 rows (each sequence's last predicts nothing), a 1-token response, and ignored rows:
+    counts differ from lengths."""
+    assert batch.N == 43 and min(batch.seqlens) == 2
     assert (batch.counts < torch.tensor(LENGTHS)).any() and (batch.counts >= 1).all()
 
 

@@ -163,6 +163,23 @@ def test_wrappers_are_seen_through():
         causal_lm(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_unshifted_labels_are_refused(packing):
+    """A collated batch whose labels were replaced by its input_ids (as transformers models take them)."""
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)).double()
+    groups = [{"prompt_ids": [3, 4, 5], "responses": [[6, 7], [8], [9, 10, 11]], "num_chosen": 2}]
+    batch = pack_groups(groups) if packing else pad_groups(groups, pad_token_id=0)
+    ref_logps = torch.zeros(1, 3, dtype=torch.float64)
+    preference_loss(model, batch, ref_logps=ref_logps)  # shifted: accepted
+    batch["labels"] = batch["input_ids"].clone()
+    if not packing:
+        batch["labels"][batch["attention_mask"] == 0] = -100
+    with pytest.raises(ValueError, match=r"is the last position of sequence \d .*the labels look unshifted"):
+        preference_loss(model, batch, ref_logps=ref_logps)
+    with pytest.raises(ValueError, match=r"the labels look unshifted"):
+        sequence_logps(model, batch)
+
+
 def test_a_model_without_lm_head_is_refused():
     config = transformers.LlamaConfig(**SMALL)
     with pytest.raises(TypeError, match="no LM head"):

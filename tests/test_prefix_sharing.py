@@ -130,14 +130,15 @@ def test_layout():
     # [5 6 | 7 | 8 9] [4 | 10 11 | 12]: responses restart at the prompt's length
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4, 10, 11, 12]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3, 0, 1, 2, 1]]
-    # the prompt's last row (1, then 5) predicts each response's first token
-    assert batch["head_index"].tolist() == [1, 1, 3, 5, 6, 5]
-    assert batch["labels"].tolist() == [7, 8, 9, 10, 11, 12]
-    assert batch["cu_seqlens"].tolist() == [0, 1, 3, 5, 6]
+    # the prompt's last row (1, then 5) predicts each response's first token; each response's last
+    # row predicts nothing (ignored), as the last position of every sequence of pack_groups
+    assert batch["head_index"].tolist() == [1, 2, 1, 3, 4, 5, 6, 7, 5, 8]
+    assert batch["labels"].tolist() == [7, -100, 8, 9, -100, 10, 11, -100, 12, -100]
+    assert batch["cu_seqlens"].tolist() == [0, 2, 5, 8, 10]
     assert segment_layout(batch["position_ids"]) == [[(0, 3, 0, 0), (3, 5, 0, 2), (5, 8, 5, 0), (8, 9, 5, 1)]]
     per_group = pack_shared_prefix(groups, row_per_group=True, pad_token_id=0)
     assert per_group["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 10, 11, 12, 0]]
-    assert per_group["head_index"].tolist() == [1, 1, 3, 5, 6, 5]
+    assert per_group["head_index"].tolist() == [1, 2, 1, 3, 4, 5, 6, 7, 5, 8]
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -101,6 +101,29 @@ def test_out_of_range_label_names_its_token(call, bad_label, batch):
         call(batch, labels=labels)
 
 
+@pytest.mark.parametrize("call", ENTRY_POINTS, ids=["fused", "logprobs"])
+def test_unshifted_labels_are_refused_with_the_shift(call, batch):
+    """labels = input_ids (as transformers models take them) label every sequence's last position."""
+    cu = batch.cu_seqlens.tolist()
+    labels = batch.labels.clone()
+    labels[cu[4] - 1] = 3  # the last position of sequence 3
+    with pytest.raises(ValueError, match=rf"labels\[{cu[4] - 1}\] = 3 is the last position of sequence 3 "
+                       r"(\(group 1, response 0 of 3, chosen\) )?and is labelled: the labels look unshifted.*"
+                       r"labels\[t\] = input_ids\[t\+1\]"):  # fmt: skip
+        call(batch, labels=labels)
+
+
+@pytest.mark.parametrize("call", ENTRY_POINTS, ids=["fused", "logprobs"])
+def test_unshifted_padded_labels_are_refused(call, batch):
+    """Padded [S, T, H]: a sequence that fills its row ends on a labelled position."""
+    hidden, labels = batch.padded()
+    longest = max(batch.seqlens)
+    s = batch.seqlens.index(longest)
+    labels[s, longest - 1] = 2
+    with pytest.raises(ValueError, match=rf"last position of sequence {s}.*unshifted"):
+        call(batch, hidden=hidden, labels=labels, cu_seqlens=None)
+
+
 def test_ignore_index_labels_are_accepted(batch):
     labels = batch.labels.clone()
     labels[1] = IGNORE

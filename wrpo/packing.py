@@ -176,7 +176,8 @@ def pack_shared_prefix(features, *, row_per_group: bool = False, pad_token_id: i
     ``labels`` [N] and ``cu_seqlens`` [S+1] over those N gathered rows, one sequence per response.
     Gathered row i predicts ``labels[i]``: the prompt's last row is gathered once per response (it
     predicts each response's first token, and autograd sums its K gradients), then the response's
-    rows but its last. With an empty prompt, as in :func:`pack_groups`, a response's first token is
+    rows, the last one ignored (it predicts nothing: every sequence ends on an ignored label, as in
+    :func:`pack_groups`). With an empty prompt, as in :func:`pack_groups`, a response's first token is
     not predicted (its rows are gathered with labels shifted by one, the last ignored).
     """
     rows = [features] if not row_per_group else [[f] for f in features]
@@ -194,8 +195,8 @@ def pack_shared_prefix(features, *, row_per_group: bool = False, pad_token_id: i
                 ids += response
                 positions += range(P, P + len(response))
                 if P > 0:
-                    rows_k = [g + P - 1] + list(range(start, start + len(response) - 1))
-                    labels_k = response
+                    rows_k = [g + P - 1] + list(range(start, start + len(response)))
+                    labels_k = response + [IGNORE_INDEX]
                 else:
                     rows_k = list(range(start, start + len(response)))
                     labels_k = response[1:] + [IGNORE_INDEX]

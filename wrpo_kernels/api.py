@@ -32,7 +32,7 @@ def _pack(hidden, weight, labels, cu_seqlens, bias, ignore_index, *, require_tok
     hidden = hidden.contiguous()
     seq = sequence_ids(cu, hidden.shape[0])
     counts, counts_host = check_labels(
-        labels, seq, len(cu_host) - 1, weight.shape[0], ignore_index,
+        labels, cu, seq, weight.shape[0], ignore_index,
         require_tokens=require_tokens, describe=describe,
     )  # fmt: skip
     return hidden, labels, PackedRows(cu, cu_host, seq, counts, counts_host)
@@ -125,12 +125,14 @@ def linear_logprobs(
 ):
     """Log-probs of labels under ``softcap(hidden @ weight^T + bias) / temperature``, chunk by chunk.
 
-    hidden: [N, H] packed rows with ``cu_seqlens`` [S+1] (labels already shifted), or [S, T, H]
-    padded sequences with ``cu_seqlens=None``. Returns fp32 (fp64 for fp64 inputs):
-    ``reduction="sum"`` -> [S] sum over tokens with label != ignore_index; ``"mean"`` -> [S] that sum
-    over the token count; ``"none"`` -> per-token log-probs shaped like ``labels`` (0 where ignored).
-    Differentiable w.r.t. hidden, weight and bias. ``chunk_tokens`` bounds the rows of logits held at
-    once (default: ~1 GiB of fp32 logits on a GPU, ~256 MiB on a CPU).
+    hidden: [N, H] packed rows with ``cu_seqlens`` [S+1], or [S, T, H] padded sequences with
+    ``cu_seqlens=None``. Labels are shifted, ``labels[t] = ids[t+1]`` within a sequence, so the last
+    position of every sequence is ``ignore_index`` (a labelled one is refused as unshifted). Returns
+    fp32 (fp64 for fp64 inputs): ``reduction="sum"`` -> [S] sum over tokens with label !=
+    ignore_index; ``"mean"`` -> [S] that sum over the token count; ``"none"`` -> per-token log-probs
+    shaped like ``labels`` (0 where ignored). Differentiable w.r.t. hidden, weight and bias.
+    ``chunk_tokens`` bounds the rows of logits held at once (default: ~1 GiB of fp32 logits on a GPU,
+    ~256 MiB on a CPU).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")

@@ -138,23 +138,43 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.T
         raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
 
 
-def check_labels(labels, seq, num_seqs: int, vocab: int, ignore_index: int, *, require_tokens, describe):
-    """Labels in [0, V) or ``ignore_index``; with ``require_tokens`` every sequence needs one valid label.
+def check_labels(labels, cu, seq, vocab: int, ignore_index: int, *, require_tokens, describe):
+    """Labels in [0, V) or ``ignore_index``, shifted; with ``require_tokens`` every sequence needs one
+    valid label. ``cu`` [S+1]: the sequences' bounds in the packed rows, ``seq`` [N] each row's sequence.
+
+    Shifted labels (``labels[t] = ids[t+1]`` within a sequence) leave the last position of every
+    sequence without a target, so it must be ``ignore_index``; a labelled last position means the
+    labels were not shifted (``labels = input_ids``, as transformers models take them) and every
+    log-prob would score each token as its own prediction.
 
     Returns the valid-token count per sequence, n [S] (int64), on the device and as a host list.
     ``describe(s)`` names sequence s in error messages. One host synchronisation.
     """
+    num_seqs = cu.numel() - 1
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= vocab))
     counts = segment_sum(valid.to(torch.int64), seq, num_seqs)
-    any_bad, any_empty, *counts_host = torch.cat(
-        [torch.stack([bad.any(), (counts == 0).any()]), counts]
+    ends = (cu[1:] - 1).clamp_min(0)
+    nonempty = cu[1:] > cu[:-1]
+    unshifted = (nonempty & valid.index_select(0, ends)) if labels.numel() else nonempty
+    any_bad, any_unshifted, any_empty, *counts_host = torch.cat(
+        [torch.stack([bad.any(), unshifted.any(), (counts == 0).any()]), counts]
     ).tolist()
     if any_bad:
         t = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"labels[{t}] = {int(labels[t])} is outside [0, {vocab}) and is not ignore_index={ignore_index} "
             f"(in {describe(int(seq[t]))})"
+        )
+    if any_unshifted:
+        s = int(unshifted.nonzero()[0, 0])
+        t = int(ends[s])
+        raise ValueError(
+            f"labels[{t}] = {int(labels[t])} is the last position of {describe(s)} and is labelled: the "
+            f"labels look unshifted (labels = input_ids). Shift them within each sequence, "
+            f"labels[t] = input_ids[t+1], and set the last position to ignore_index={ignore_index} "
+            f"(e.g. labels = torch.cat([ids[1:], ids.new_full((1,), {ignore_index})]) per sequence; "
+            f"wrpo.pad_groups and wrpo.PreferenceCollator build them so)"
         )
     if require_tokens and any_empty:
         s = int((counts == 0).nonzero()[0, 0])
