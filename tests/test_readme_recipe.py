@@ -1,7 +1,7 @@
-"""The plain-PyTorch recipe of README.md ("## Plain PyTorch"), run as written and checked.
+"""The plain-PyTorch recipe of docs/api.md ("## Plain PyTorch"), run as written and checked.
 
 The code blocks after the ``<!-- recipe -->`` and ``<!-- recipe: accumulation -->`` markers are
-executed in one namespace, so README and test cannot drift apart. The recipe's loss, log-probs and
+executed in one namespace, so the page and the test cannot drift apart. The recipe's loss, log-probs and
 gradients must equal a naive computation from the model's full logits on the padded layout (one
 sequence per row, no packing, plain autograd), and the accumulated gradients those of the whole batch.
 """
@@ -20,13 +20,13 @@ from wrpo import pad_groups, preference_loss
 from wrpo.packing import block_causal_mask
 from wrpo_kernels import wrpo_loss
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 
 def block_after(marker: str) -> str:
-    text = README.read_text()
+    text = PAGE.read_text()
     m = re.search(re.escape(marker) + r"\s*```python\n(.*?)```", text, re.S)
-    assert m, f"README.md has no ```python block right after {marker}"
+    assert m, f"docs/api.md has no ```python block right after {marker}"
     return m.group(1)
 
 
@@ -54,7 +54,7 @@ def rel_err(a, b):
 @pytest.fixture(scope="module")
 def recipe():
     ns: dict = {}
-    exec(compile(block_after("<!-- recipe -->"), "README.md recipe", "exec"), ns)
+    exec(compile(block_after("<!-- recipe -->"), "docs/api.md recipe", "exec"), ns)
     return ns
 
 
@@ -93,7 +93,7 @@ def test_after_the_step_the_packed_loss_still_equals_the_naive_one(recipe):
 
 
 def test_without_position_ids_the_packed_sequences_attend_to_each_other(recipe):
-    """The README's figure: on the recipe's model, one packed row run without position ids (causal over
+    """The figure of docs/api.md: on the recipe's model, one packed row run without position ids (causal over
     the whole row) moves the hidden states of the later sequences by up to 1.8."""
     lm = copy.deepcopy(recipe["ref_model"])
     lm.set_attn_implementation("sdpa")
@@ -109,9 +109,9 @@ def test_without_position_ids_the_packed_sequences_attend_to_each_other(recipe):
 
 def test_the_accumulation_block_gives_the_whole_batch_gradient():
     ns: dict = {}  # a fresh run: this block trains the model on
-    exec(compile(block_after("<!-- recipe -->"), "README.md recipe", "exec"), ns)
+    exec(compile(block_after("<!-- recipe -->"), "docs/api.md recipe", "exec"), ns)
     before = copy.deepcopy(ns["model"])
-    exec(compile(block_after("<!-- recipe: accumulation -->"), "README.md accumulation", "exec"), ns)
+    exec(compile(block_after("<!-- recipe: accumulation -->"), "docs/api.md accumulation", "exec"), ns)
     assert (int(ns["num_groups"]), int(ns["num_nll_tokens"])) == (2, 6)
     whole = preference_loss(before, ns["batch"], ref_logps=ns["ref_logps"], alpha=0.1, beta=0.01)
     whole.loss.backward()
