@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from wrpo import head_transform, pack_groups, pad_groups, preference_loss, sequence_logps
+from wrpo import head_transform, pack_groups, pad_groups, preference_loss, sequence_logps, sft_loss
 from wrpo.model_loss import causal_lm
 from wrpo_kernels import wrpo_loss
 
@@ -110,6 +110,30 @@ def test_preference_loss_and_gradients_equal_the_naive_path(name, loss_type, lay
     for (n, p), q in zip(ours.named_parameters(), naive.parameters(), strict=True):
         err = (p.grad - q.grad).norm() / q.grad.norm()
         assert err <= 10 * tol, f"{n}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sft_loss_and_gradients_equal_the_naive_path(name, layout):
+    """The single-pass SFT loss: the mean NLL of the responses' tokens from the model's full logits."""
+    feats = [{**f, "responses": f["responses"][:1], "num_chosen": 1} for f in groups(seed=3)]
+    naive = build(name)
+    batch = pad_groups(feats, pad_token_id=0)
+    logits = naive(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    valid = batch["labels"] != -100
+    picked = logits.log_softmax(-1).gather(-1, batch["labels"].clamp_min(0)[..., None]).squeeze(-1) * valid
+    expected = -picked.sum() / valid.sum()
+    expected.backward()
+
+    ours = build(name)
+    batch = pad_groups(feats, 0) if layout == "padded" else pack_groups(feats, row_per_group=True)
+    loss, logps = sft_loss(ours, batch, backend="torch")
+    loss.backward()
+    tol = PACKED_TOL.get(name, 1e-10) if layout == "packed" else 1e-10
+    torch.testing.assert_close(loss, expected, rtol=tol, atol=0)
+    torch.testing.assert_close(logps, picked.sum(1).detach(), rtol=tol, atol=0)
+    for (n, p), q in zip(ours.named_parameters(), naive.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=max(tol, 1e-9), atol=1e-12, msg=n)
 
 
 def test_an_explicit_temperature_multiplies_the_models_scaling():

@@ -2,7 +2,7 @@
 schedule, the trainer (``wrpo.trainer.WRPOTrainer``) and the ``wrpo`` command line."""
 
 from .capabilities import head_transform
-from .model_loss import preference_loss, sequence_logps
+from .model_loss import preference_loss, sequence_logps, sft_loss
 from .packing import PreferenceCollator, batch_counts, pack_groups, pad_groups
 from .schedule import ALPHA_SCHEDULES, alpha_at
 
@@ -16,4 +16,5 @@ __all__ = [
     "pad_groups",
     "preference_loss",
     "sequence_logps",
+    "sft_loss",
 ]

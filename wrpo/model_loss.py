@@ -16,7 +16,7 @@ import contextlib
 import torch
 from transformers import PreTrainedModel
 
-from wrpo_kernels import WRPOOutput, fused_linear_wrpo_loss, linear_logprobs
+from wrpo_kernels import WRPOOutput, fused_linear_nll_loss, fused_linear_wrpo_loss, linear_logprobs
 
 from .attention import FLASH_ATTENTION
 from .attention import NAME as SEGMENT_ATTENTION
@@ -25,7 +25,7 @@ from .layout import refuse_unsupported
 from .mixers import separate_sequences
 from .packing import block_causal_mask, shared_prefix_mask
 
-__all__ = ["causal_lm", "preference_loss", "sequence_logps"]
+__all__ = ["causal_lm", "preference_loss", "sequence_logps", "sft_loss"]
 
 
 def body_hidden_states(lm: PreTrainedModel, batch) -> torch.Tensor:
@@ -242,3 +242,18 @@ def sequence_logps(model, batch: dict, **options) -> torch.Tensor:
         return {"logps": run_head(lm, batch, linear_logprobs, **options)}
 
     return call_inside_forward(model, lm, forward)["logps"]
+
+
+def sft_loss(model, batch: dict, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean NLL of a collated batch's labelled tokens (SFT) and its per-sequence log-probs [S] (detached),
+    computed inside the call to the model like :func:`preference_loss`, in one pass over the head
+    (:func:`wrpo_kernels.fused_linear_nll_loss`, whose options these are: ``num_tokens``, ``backend``...)."""
+    lm = causal_lm(model)
+    options = _head_options(lm, dict(options))
+
+    def forward():
+        loss, logps = run_head(lm, batch, fused_linear_nll_loss, **options)
+        return {"loss": loss, "logps": logps}
+
+    out = call_inside_forward(model, lm, forward)
+    return out["loss"], out["logps"]

@@ -1,10 +1,11 @@
 """``WRPOTrainer``: transformers' Trainer with the fused WRPO head loss.
 
-Every loss goes through :func:`wrpo.preference_loss` (or :func:`wrpo.sequence_logps` for SFT and the
-reference model), which runs the body and the fused head inside the call to the (wrapped) model, so
-DDP, FSDP2 and ZeRO-3 hooks see the head weight. Under gradient accumulation each micro-batch's loss
-is divided by the counts of the whole optimizer step (groups, first-chosen tokens; summed over the
-processes): the micro-batch gradients add up to exactly the gradient of the whole batch's mean.
+Every loss goes through :func:`wrpo.preference_loss` (:func:`wrpo.sft_loss` for SFT, and
+:func:`wrpo.sequence_logps` for the reference model), which runs the body and the fused head inside
+the call to the (wrapped) model, so DDP, FSDP2 and ZeRO-3 hooks see the head weight. Under gradient
+accumulation each micro-batch's loss is divided by the counts of the whole optimizer step (groups,
+first-chosen tokens; summed over the processes): the micro-batch gradients add up to exactly the
+gradient of the whole batch's mean.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from transformers import Trainer
 from .accumulation import ExactAccumulation
 from .checkpoints import CompleteCheckpoints, keeping_the_newest_complete
 from .layout import LayoutPlan, plan_and_prepare
-from .model_loss import preference_loss, sequence_logps
+from .model_loss import preference_loss, sequence_logps, sft_loss
 from .packing import batch_counts
 
 STAGES = ("train", "sft")
@@ -67,10 +68,8 @@ class WRPOTrainer(ExactAccumulation, Trainer):
         common = {"backend": a.kernel_backend, "chunk_tokens": a.chunk_tokens}
         if self.stage == "sft":
             with self.accelerator.autocast():
-                logps = sequence_logps(model, inputs, reduction="sum", **common)
-            nll_sum, own_tokens = -logps.sum(), batch_counts(inputs)[1].to(logps.device)
-            loss = nll_sum / norms.get("num_nll_tokens", own_tokens)
-            self._store({"nll_loss": (nll_sum / own_tokens).detach()})
+                loss, logps = sft_loss(model, inputs, num_tokens=norms.get("num_nll_tokens"), **common)
+            self._store({"nll_loss": -logps.sum() / batch_counts(inputs)[1].to(logps.device)})
             return (loss, None) if return_outputs else loss
         ref = self._ref_logps(inputs)
         with self.accelerator.autocast():  # the body in the run's mixed precision (the head stays exact)

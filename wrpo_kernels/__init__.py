@@ -1,10 +1,10 @@
 """wrpo-kernels: fused, memory-lean LM-head losses for WRPO, DPO, SimPO and IPO.
 
 Public API (docs/method.md §2): :func:`linear_logprobs`, :func:`fused_linear_wrpo_loss`, :func:`wrpo_loss`,
-and the modules :class:`LinearLogprobs`, :class:`FusedLinearWRPOLoss`.
+:func:`fused_linear_nll_loss` (SFT), and the modules :class:`LinearLogprobs`, :class:`FusedLinearWRPOLoss`.
 """
 
-from .api import BACKENDS, fused_linear_wrpo_loss, linear_logprobs, wrpo_loss
+from .api import BACKENDS, fused_linear_nll_loss, fused_linear_wrpo_loss, linear_logprobs, wrpo_loss
 from .modules import FusedLinearWRPOLoss, LinearLogprobs
 from .objective import LOSS_TYPES, default_chosen_weights
 from .output import WRPOOutput
@@ -18,6 +18,7 @@ __all__ = [
     "LinearLogprobs",
     "WRPOOutput",
     "default_chosen_weights",
+    "fused_linear_nll_loss",
     "fused_linear_wrpo_loss",
     "linear_logprobs",
     "wrpo_loss",

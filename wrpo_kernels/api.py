@@ -17,6 +17,7 @@ from .validation import as_packed_rows, check_head, check_labels, check_preferen
 __all__ = [
     "BACKENDS",
     "REDUCTIONS",
+    "fused_linear_nll_loss",
     "fused_linear_wrpo_loss",
     "linear_logprobs",
     "resolve_backend",
@@ -38,24 +39,26 @@ def _pack(hidden, weight, labels, cu_seqlens, bias, ignore_index, *, require_tok
     return hidden, labels, PackedRows(cu, cu_host, seq, counts, counts_host)
 
 
+def batch_normaliser(name: str, value, dtype, device) -> torch.Tensor | None:
+    """A mean's denominator ``value`` (number or 1-element tensor) as a 0-dim ``dtype`` tensor on
+    ``device``; None stays None (the call's own count)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+        return value.detach().reshape(()).to(device=device, dtype=dtype)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a positive number (or a tensor), got {value!r}")
+    return torch.tensor(float(value), dtype=dtype, device=device)
+
+
 def batch_normalisers(num_groups, num_nll_tokens, dtype, device):
     """-> (groups, nll tokens) as 0-dim ``dtype`` tensors on ``device`` (None: this call's own count)."""
-    out = []
-    for name, value in (("num_groups", num_groups), ("num_nll_tokens", num_nll_tokens)):
-        if value is None:
-            out.append(None)
-            continue
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(
-                    f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}"
-                )
-            out.append(value.detach().reshape(()).to(device=device, dtype=dtype))
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ValueError(f"{name} must be a positive number (or a tensor), got {value!r}")
-        out.append(torch.tensor(float(value), dtype=dtype, device=device))
-    return tuple(out)
+    return tuple(
+        batch_normaliser(name, value, dtype, device)
+        for name, value in (("num_groups", num_groups), ("num_nll_tokens", num_nll_tokens))
+    )
 
 
 def _check_head_options(softcap, temperature, chunk_tokens):
@@ -148,6 +151,46 @@ def linear_logprobs(
         h, weight, lab, rows, bias=bias, opts=opts, reduction=reduction, chunk_tokens=chunk_tokens
     )
     return out.view(out_shape) if reduction == "none" else out
+
+
+@compile_boundary
+def fused_linear_nll_loss(
+    hidden,
+    weight,
+    labels,
+    cu_seqlens=None,
+    *,
+    bias=None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    chunk_tokens: int | None = None,
+    num_tokens=None,
+):
+    """LM head + mean NLL (SFT) in one pass: ``loss = -(1/n) * sum_t log p(labels[t])`` over the labelled
+    rows, n = ``num_tokens`` (number or 0-dim tensor; default: this call's labelled rows).
+
+    Inputs as :func:`linear_logprobs` (packed [N, H] with ``cu_seqlens``, or padded [S, T, H]; shifted
+    labels). Returns ``(loss, logps)``: the loss, differentiable w.r.t. hidden, weight and bias, and the
+    per-sequence log-prob sums [S] (fp32, fp64 for fp64 inputs), detached. The gradients are computed in
+    the forward from the logits of each chunk (6NHV, as the preference loss), where ``linear_logprobs``
+    and autograd compute the logits twice (8NHV). Under gradient accumulation pass the whole batch's
+    token count as ``num_tokens``: the micro-batch losses then sum to the whole batch's mean.
+    """
+    _check_head_options(softcap, temperature, chunk_tokens)
+    h, lab, rows = _pack(
+        hidden, weight, labels, cu_seqlens, bias, ignore_index,
+        require_tokens=False, describe=lambda s: f"sequence {s}",
+    )  # fmt: skip
+    md = math_dtype(h.dtype)
+    tokens = batch_normaliser("num_tokens", num_tokens, md, h.device)
+    if tokens is None and sum(rows.counts_host) == 0:
+        raise ValueError(f"no label != ignore_index={ignore_index} in the batch: its mean NLL is undefined")
+    _, impl = resolve_backend(backend, h.device, h.dtype)
+    opts = HeadOptions(ignore_index, softcap, float(temperature))
+    return impl.fused_linear_nll_loss(h, weight, lab, rows, bias=bias, opts=opts, chunk_tokens=chunk_tokens,
+                                      num_tokens=tokens)  # fmt: skip
 
 
 @compile_boundary

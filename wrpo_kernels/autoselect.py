@@ -43,6 +43,9 @@ class Backend(Protocol):
     ):
         """(loss, policy log-probs [B, K] detached); ``norms``: the denominators of the two means."""
 
+    def fused_linear_nll_loss(self, hidden, weight, labels, rows, *, bias, opts, chunk_tokens, num_tokens):
+        """(mean NLL over the labelled rows, log-probs [S] detached); ``num_tokens``: the denominator."""
+
     def wrpo_loss(self, spec, logps, ref_logps, lengths):
         """The loss from [B, K] log-probs, in their dtype, differentiable w.r.t. ``logps``."""
 

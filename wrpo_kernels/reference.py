@@ -140,6 +140,12 @@ class ReferenceBackend:
         return out.loss, out.logps
 
     @staticmethod
+    def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, num_tokens):
+        logps = linear_logprobs(hidden, weight, labels, rows.cu, bias=bias, **_head(opts))
+        tokens = sum(rows.counts_host) if num_tokens is None else num_tokens
+        return -logps.sum() / tokens, logps.detach()
+
+    @staticmethod
     def wrpo_loss(spec, logps, ref_logps, lengths):
         loss, _ = wrpo_loss(spec, logps, ref_logps, lengths)
         return loss.to(logps.dtype)

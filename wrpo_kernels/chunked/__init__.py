@@ -4,8 +4,9 @@ A backend plugs in its row ops, an object of the :class:`RowOps` protocol (:mod:
 chunk's GEMM, per-row log-sum-exp and target logit, the in-place softmax gradient and the group loss.
 """
 
-from .entry import on_labelled_rows, run_fused, run_logprobs
+from .entry import on_labelled_rows, run_fused, run_logprobs, run_nll
 from .fused_loss import FusedLinearWRPOFunction, FusedPlan
+from .fused_nll import FusedLinearNLLFunction, NLLPlan
 from .grads import HeadGrads
 from .logprobs import LinearLogprobsFunction, LogprobPlan, reduce_token_logprobs
 from .options import HeadOptions, default_chunk_tokens, math_dtype
@@ -15,12 +16,14 @@ from .schedule import plan_group_chunks, row_tiles
 from .targets import Targets
 
 __all__ = [
+    "FusedLinearNLLFunction",
     "FusedLinearWRPOFunction",
     "FusedPlan",
     "HeadGrads",
     "HeadOptions",
     "LinearLogprobsFunction",
     "LogprobPlan",
+    "NLLPlan",
     "PreferenceLossFunction",
     "RowOps",
     "Targets",
@@ -32,4 +35,5 @@ __all__ = [
     "row_tiles",
     "run_fused",
     "run_logprobs",
+    "run_nll",
 ]

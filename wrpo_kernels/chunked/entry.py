@@ -10,6 +10,7 @@ import torch
 
 from ..packing import PackedRows, keep_labelled_rows, scatter_rows
 from .fused_loss import FusedLinearWRPOFunction, FusedPlan
+from .fused_nll import FusedLinearNLLFunction, NLLPlan
 from .logprobs import LinearLogprobsFunction, LogprobPlan
 from .options import HeadOptions, default_chunk_tokens
 from .row_ops import RowOps
@@ -62,3 +63,16 @@ def run_fused(
     grad_on = torch.is_grad_enabled()
     needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
     return FusedLinearWRPOFunction.apply(hidden, weight, bias, ref_logps, plan, needs)
+
+
+def run_nll(ops: RowOps, hidden, weight, labels, rows, bias, opts, chunk_tokens, num_tokens=None):
+    """(mean NLL, per-sequence log-probs [S]) in one pass over row tiles, ``ops`` doing the row work.
+
+    ``num_tokens``: the mean's denominator (0-dim tensor), None for this call's labelled rows."""
+    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.device)
+    hidden, labels, rows, _ = keep_labelled_rows(hidden, labels, rows, opts.ignore_index)
+    targets = Targets.build(labels, rows, opts.ignore_index, hidden.dtype)
+    plan = NLLPlan(targets, opts, chunk, ops, num_tokens)
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return FusedLinearNLLFunction.apply(hidden, weight, bias, plan, needs)

@@ -7,7 +7,7 @@ On CPU tensors the row work runs in the native kernels of ``csrc/`` when they bu
 from __future__ import annotations
 
 from .. import native
-from ..chunked import PreferenceLossFunction, run_fused, run_logprobs
+from ..chunked import PreferenceLossFunction, run_fused, run_logprobs, run_nll
 from .native_rows import NATIVE_ROW_OPS
 from .rows import TORCH_ROW_OPS
 
@@ -31,6 +31,12 @@ def fused_linear_wrpo_loss(
     return run_fused(
         ops, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens, norms
     )
+
+
+def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, num_tokens):
+    """(mean NLL, log-probs [S]) of packed rows in one pass over row tiles."""
+    ops = row_ops(hidden.device)
+    return run_nll(ops, hidden, weight, labels, rows, bias, opts, chunk_tokens, num_tokens)
 
 
 def wrpo_loss(spec, logps, ref_logps, lengths):

@@ -17,6 +17,7 @@ from ..chunked import (
     reduce_token_logprobs,
     run_fused,
     run_logprobs,
+    run_nll,
 )
 from .forward_kernel import forward_token_logprobs
 from .loss_kernel import group_loss_from_logps
@@ -58,6 +59,12 @@ def fused_linear_wrpo_loss(
         TRITON_ROW_OPS, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens,
         norms,
     )  # fmt: skip
+
+
+def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, num_tokens):
+    """(mean NLL, log-probs [S]) in one pass over row tiles, row work in Triton kernels."""
+    _check_dtype(hidden.dtype)
+    return run_nll(TRITON_ROW_OPS, hidden, weight, labels, rows, bias, opts, chunk_tokens, num_tokens)
 
 
 def wrpo_loss(spec, logps, ref_logps, lengths):
