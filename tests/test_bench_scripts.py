@@ -24,6 +24,7 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import bench_head_loss as bench  # noqa: E402
+import bench_sft  # noqa: E402
 import bench_train_step as train_step  # noqa: E402
 import gpu_check  # noqa: E402
 import sweep  # noqa: E402
@@ -361,6 +362,24 @@ def test_train_step_methods_agree_on_the_first_loss(monkeypatch, arch):
     )
     leaky = train_step.build("packed-fused", args)(batch).item()
     assert leaky != pytest.approx(losses["padded-fused"], rel=1e-3)
+
+
+def test_sft_bench_methods_agree_and_write_their_record(tmp_path):
+    """benchmarks/bench_sft.py on tiny shapes: the head methods equal the fp64 naive path, the two step
+    methods give the same first loss, and the JSON record and plot are written."""
+    tiny = ["--S", "2", "--T", "12", "--prompt", "3", "--H", "16", "--V", "97", "--model-H", "64",
+            "--layers", "1", "--reps", "2", "--memory-inproc"]  # fmt: skip
+    args = bench_sft.parse_args(tiny)
+    for method, errs in bench_sft.check_head(args).items():
+        assert max(errs.values()) < 1e-5, (method, errs)
+    first = [bench_sft.build(m, args)()[0].item() for m in bench_sft.STEP]
+    assert first[0] == pytest.approx(first[1], rel=1e-5)
+    out = tmp_path / "sft.json"
+    bench_sft.main([*tiny, "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert [r["method"] for r in record["results"]] == list(bench_sft.METHODS)
+    assert all(len(r["times_s"]) == 2 and r["peak_mem_mb"] >= 0 for r in record["results"])
+    assert out.with_suffix(".png").is_file()
 
 
 def test_train_step_out_names_a_hybrid_by_its_arch(tmp_path):

@@ -1,0 +1,229 @@
+"""The SFT loss (mean NLL of the response tokens): its LM head alone, and a training step of a small model.
+
+Head methods (the same packed rows, every sequence's prompt ignored, fwd + bwd):
+  naive        full [N, V] logits (F.linear), cross_entropy, autograd
+  two-pass     -sum(wrpo_kernels.linear_logprobs) / n, autograd: chunked, the logits recomputed in the
+               backward (8NHV) -- what ``wrpo sft`` ran before
+  single-pass  wrpo_kernels.fused_linear_nll_loss: chunked, gradients computed in the forward (6NHV)
+Step methods (a small Llama, sequences packed into one row, attention per sequence, fwd + bwd + AdamW):
+  step-two-pass     wrpo.sequence_logps -> -sum / n (the body once, the head as two-pass)
+  step-single-pass  wrpo.sft_loss (the body once, the head as single-pass) -- ``wrpo sft`` now
+
+Time: median of --reps calls per method after a warm-up, methods interleaved, the order rotated every
+round; ``round_ratios_vs_two_pass`` pair each round's times. Memory (CPU): peak RSS rise over one call
+in a fresh process per method (large allocations forced to mmap). Check: every head method's loss,
+dX and dW against the naive path in fp64 on the same inputs.
+
+    python benchmarks/bench_sft.py --out benchmarks/results/sft_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from measure import MMAP_ENV, bar_plot, machine, peak_rss_rise_mb, write_json
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import wrpo_kernels as wk
+from wrpo import pack_groups, sequence_logps, sft_loss
+from wrpo.attention import NAME as SEGMENT_ATTENTION
+from wrpo.capabilities import read_capabilities
+from wrpo.layout import plan_layout, prepare_layout
+
+HEAD = ("naive", "two-pass", "single-pass")
+STEP = ("step-two-pass", "step-single-pass")
+METHODS = HEAD + STEP
+
+
+def head_inputs(args, dtype=torch.float32):
+    """hidden [N, H], weight [V, H], labels [N] (the first ``prompt`` rows of each of the S sequences and
+    its last row ignored), cu_seqlens [S+1]."""
+    g = torch.Generator().manual_seed(0)
+    S, T, N = args.S, args.T, args.S * args.T
+    hidden = torch.randn(N, args.H, generator=g).to(dtype)
+    weight = (torch.randn(args.V, args.H, generator=g) * args.H**-0.5).to(dtype)
+    labels = torch.randint(0, args.V, (N,), generator=g).view(S, T)
+    labels[:, : args.prompt] = -100
+    labels[:, -1] = -100
+    return hidden, weight, labels.reshape(-1), torch.arange(0, N + 1, T)
+
+
+def head_method(method, args):
+    hidden, weight, labels, cu = head_inputs(args)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    n = int((labels != -100).sum())
+
+    def loss_fn():
+        if method == "naive":
+            return F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum") / n
+        if method == "two-pass":
+            return -wk.linear_logprobs(hidden, weight, labels, cu, backend="torch").sum() / n
+        return wk.fused_linear_nll_loss(hidden, weight, labels, cu, backend="torch")[0]
+
+    def call():
+        hidden.grad = weight.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), hidden.grad, weight.grad
+
+    return call
+
+
+def step_method(method, args):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=args.V, hidden_size=args.model_H, intermediate_size=args.model_H * 8 // 3,
+        num_hidden_layers=args.layers, num_attention_heads=args.model_H // 64,
+        num_key_value_heads=args.model_H // 64, tie_word_embeddings=False, pad_token_id=0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    prepare_layout(plan_layout(read_capabilities(model), packing=True, prefix_sharing=False), model)
+    assert model.config._attn_implementation == SEGMENT_ATTENTION
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(1)
+    groups = [
+        {"prompt_ids": torch.randint(1, args.V, (args.prompt,), generator=g).tolist(),
+         "responses": [torch.randint(1, args.V, (args.T - args.prompt,), generator=g).tolist()],
+         "num_chosen": 1}
+        for _ in range(args.S)
+    ]  # fmt: skip
+    batch = pack_groups(groups)
+    n = int((batch["labels"] != -100).sum())
+
+    def call():
+        if method == "step-two-pass":
+            loss = -sequence_logps(model, batch, backend="torch").sum() / n
+        else:
+            loss = sft_loss(model, batch, backend="torch")[0]
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return loss.detach(), None, None
+
+    return call
+
+
+def build(method, args):
+    return head_method(method, args) if method in HEAD else step_method(method, args)
+
+
+def check_head(args) -> dict:
+    """Relative Frobenius error of each head method's loss, dX and dW against the naive path in fp64."""
+    hidden, weight, labels, _ = head_inputs(args)
+    h, w = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    n = int((labels != -100).sum())
+    (F.cross_entropy(F.linear(h, w), labels, reduction="sum") / n).backward()
+    ref = F.cross_entropy(F.linear(h, w), labels, reduction="sum").detach() / n
+    out = {}
+    for m in HEAD:
+        loss, dX, dW = build(m, args)()
+        out[m] = {
+            name: float((a.double() - b).norm() / b.norm())
+            for name, a, b in (("loss", loss, ref), ("dX", dX, h.grad), ("dW", dW, w.grad))
+        }
+    return out
+
+
+def time_methods(args) -> dict:
+    calls = {m: build(m, args) for m in args.methods}
+    for m in args.methods:
+        calls[m]()  # warm-up
+    times = {m: [] for m in args.methods}
+    for r in range(args.reps):
+        k = r % len(args.methods)
+        for m in args.methods[k:] + args.methods[:k]:
+            t = time.perf_counter()
+            calls[m]()
+            times[m].append(time.perf_counter() - t)
+    return times
+
+
+def peak_memory_mb(method, args) -> float:
+    call = build(method, args)
+    call()  # warm-up: optimizer state, workspaces
+    return peak_rss_rise_mb(call)
+
+
+def memory_in_child(method, args) -> float:
+    if args.memory_inproc:
+        return peak_memory_mb(method, args)
+    cmd = [sys.executable, __file__, "--memory-child", method, *args.shape_argv]
+    out = subprocess.run(cmd, env={**os.environ, **MMAP_ENV}, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child for {method} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--S", type=int, default=8, help="sequences")
+    p.add_argument("--T", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens per sequence (not trained)")
+    p.add_argument("--H", type=int, default=1024, help="hidden size of the head benchmark")
+    p.add_argument("--V", type=int, default=32000)
+    p.add_argument("--model-H", type=int, default=256, help="hidden size of the step's model (heads of 64)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--out", default=None, help="JSON path (a PNG plot is written next to it)")
+    p.add_argument("--memory-inproc", action="store_true", help="measure memory in this process (tests)")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.methods = args.methods.split(",")
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    args.shape_argv = [f"--{k}={getattr(args, k.replace('-', '_'))}"
+                       for k in ("S", "T", "prompt", "H", "V", "model-H", "layers")]  # fmt: skip
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_child:
+        print(peak_memory_mb(args.memory_child, args))
+        return
+    check = check_head(args)
+    times = time_methods(args)
+    results = []
+    for m in args.methods:
+        pair = "two-pass" if m in HEAD else "step-two-pass"
+        r = {"method": m, "times_s": times[m], "median_s": statistics.median(times[m]),
+             "peak_mem_mb": memory_in_child(m, args)}  # fmt: skip
+        if pair in times:
+            r["round_ratios_vs_two_pass"] = [a / b for a, b in zip(times[pair], times[m], strict=True)]
+            r["median_speedup_vs_two_pass"] = statistics.median(r["round_ratios_vs_two_pass"])
+        if m in check:
+            r["rel_err_vs_fp64"] = check[m]
+        results.append(r)
+    labelled = args.S * (args.T - args.prompt - 1)
+    shape = (
+        f"head: N = {args.S}x{args.T} rows ({labelled} labelled), H = {args.H}, V = {args.V}, fp32; "
+        f"step: Llama H = {args.model_H}, {args.layers} layers, same tokens"
+    )
+    for r in results:
+        speed = r.get("median_speedup_vs_two_pass")
+        print(f"{r['method']:>17}: {r['median_s'] * 1e3:8.1f} ms  peak {r['peak_mem_mb']:7.1f} MiB"
+              + (f"  {speed:.2f}x vs two-pass" if speed else ""))  # fmt: skip
+    if args.out:
+        path = Path(args.out)
+        write_json(path, {"shape": shape, "machine": machine("cpu"), "reps": args.reps, "results": results})
+        for r in results:
+            r["median_ms"] = r["median_s"] * 1e3
+        bar_plot(results, path.with_suffix(".png"), f"SFT loss, CPU ({shape})",
+                 [("median_ms", "median time per call (ms)"), ("peak_mem_mb", "peak RSS rise (MiB)")],
+                 lambda name: "single-pass" in name)  # fmt: skip
+        print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
