@@ -3,7 +3,7 @@
 # make bench : the fused-loss and train-step benchmarks on this machine
 # make bench-csrc : the csrc row kernels against the pure-torch rows and the naive path (CPU)
 # make sweep : how the fused loss's cost grows in tokens, K (two K = 4 layouts) and V, CPU (< 15 min)
-# make fusion-demo : "Does it fuse?" (README): the WRPO pipeline on toy arithmetic, 3 seeds (QUICK=1: 1 seed, small)
+# make fusion-demo : "Does it fuse?" (docs/fusion.md): the WRPO pipeline on toy arithmetic, 3 seeds (QUICK=1: 1 seed, small)
 # make zoo   : every causal-LM architecture of transformers in every layout -> docs/models.md (~1 min)
 # make gpu-check : on the first CUDA machine, < 8 min: GPU tests, auto self-test, 8B-head benchmark vs peers, sweep
 VENV := .venv
