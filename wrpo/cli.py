@@ -12,7 +12,8 @@ from .tiny import TINY_DEFAULTS, is_bundled_tiny
 USAGE = """usage: wrpo {train,sft} [CONFIG.yaml] [--field value ...]
        wrpo data {prompts,sample,score,build,split,tiny-model} ...
 
-  wrpo sft     supervised fine-tuning on the first chosen response (the source pick y_ws)
+  wrpo sft     supervised fine-tuning on the completion: TRL's SFT rows (text, messages,
+               prompt + completion) or preference rows (their first chosen response, y_ws)
   wrpo train   WRPO preference optimisation (loss_type dpo | simpo | ipo)
   wrpo data    build the training data: sample, score, build (x, y_ws, y_wt, y_l), split (`wrpo data -h`)
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         # a bad --resume_from_checkpoint path fails here, before any model is loaded
         config.resume_from_checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)
 
-        examples = load_examples(config)
+        examples = load_examples(config, stage)
     except (DataError, ValueError) as err:
         print(f"wrpo {stage}: {err}", file=sys.stderr)
         return 2

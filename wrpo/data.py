@@ -12,7 +12,7 @@ message, or a list of messages (its last assistant message counts): ``"chosen": 
 works as well as assistant messages. ``chosen``/``rejected`` given as a single response (not in a
 list) count as one response, e.g. DPO pairs ``{"prompt": P, "chosen": y, "rejected": y}``. Every row
 needs the same numbers of chosen and rejected responses; a single response where the other rows have
-a list is reported as such.
+a list is reported as such. ``wrpo sft`` reads these rows and TRL's SFT formats (``wrpo.sft_data``).
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def load_preference_data(path: str | Path, *, num_chosen: int | None = None) -> 
     path = Path(path)
     examples: list[PreferenceExample] = []
     first: tuple[str, Any, tuple[int, int]] | None = None  # where, row, (n_chosen, n_rejected)
-    for where, row in _rows(path):
+    for where, row in iter_rows(path):
         try:
-            ex = _parse_row(row)
+            ex = parse_preference_row(row)
             counts = len(ex.chosen), len(ex.rejected)
             if num_chosen is not None and counts[0] != num_chosen:
                 raise RowProblem(f"{counts[0]} chosen responses, expected num_chosen={num_chosen}")
@@ -88,8 +88,11 @@ def load_preference_data(path: str | Path, *, num_chosen: int | None = None) -> 
     return examples
 
 
-def _rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(where, row)`` in file order, where = ``"line n"`` or ``"row n"``; broken JSON raises on its line."""
+def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` of a ``.jsonl`` file, a ``.json`` list or a saved ``datasets`` directory, in file
+    order, where = ``"line n"`` or ``"row n"``; a missing or empty file, broken JSON or a byte that is not
+    UTF-8 raises DataError (naming the line)."""
+    path = Path(path)
     if path.is_dir():
         yield from ((f"row {i}", row) for i, row in enumerate(_load_dataset_dir(path), 1))
         return
@@ -199,7 +202,8 @@ def _is_flat(row: Mapping) -> bool:
     return row.get("source_chosen") is not None or row.get("target_chosen") is not None
 
 
-def _parse_row(row: Any) -> PreferenceExample:
+def parse_preference_row(row: Any) -> PreferenceExample:
+    """One preference row (released or flat layout) as an example; RowProblem says what is wrong."""
     if not isinstance(row, Mapping):
         raise RowProblem(f"expected a JSON object, got {json_kind(row)}")
     flat = _is_flat(row)
@@ -211,21 +215,23 @@ def _parse_row(row: Any) -> PreferenceExample:
             raise RowProblem(f"missing key {key!r}")
     prompt = parse_prompt(row["prompt"])
     if flat:
-        sources = _responses(row["source_chosen"], "source_chosen")
-        chosen = (*sources, _response(row["target_chosen"], "target_chosen"))
+        sources = parse_responses(row["source_chosen"], "source_chosen")
+        chosen = (*sources, parse_response(row["target_chosen"], "target_chosen"))
     else:
-        chosen = _responses(row["chosen"], "chosen")
-    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=_responses(row["rejected"], "rejected"))
+        chosen = parse_responses(row["chosen"], "chosen")
+    return PreferenceExample(
+        prompt=prompt, chosen=chosen, rejected=parse_responses(row["rejected"], "rejected")
+    )
 
 
 def parse_prompt(value: Any) -> tuple[dict, ...]:
     """Chat messages of a prompt: a string (one user message), a message dict or a message list."""
     if isinstance(value, str):
-        messages = ({"role": "user", "content": _text(value, "prompt")},)
+        messages = ({"role": "user", "content": parse_text(value, "prompt")},)
     elif isinstance(value, Mapping):
-        messages = (_message(value, "prompt"),)
+        messages = (parse_message(value, "prompt"),)
     elif isinstance(value, list):
-        messages = tuple(_message(m, f"prompt[{i}]") for i, m in enumerate(value))
+        messages = tuple(parse_message(m, f"prompt[{i}]") for i, m in enumerate(value))
     else:
         raise RowProblem(
             f"prompt: expected a string, a message or a list of messages, got {json_kind(value)}"
@@ -237,24 +243,27 @@ def parse_prompt(value: Any) -> tuple[dict, ...]:
     return messages
 
 
-def _responses(value: Any, key: str) -> tuple[str, ...]:
+def parse_responses(value: Any, key: str) -> tuple[str, ...]:
+    """The texts of a response list ``row[key]`` (a single response counts as one)."""
     if not isinstance(value, list):
-        return (_response(value, key),)
+        return (parse_response(value, key),)
     if not value:
         raise RowProblem(f"{key} is an empty list")
-    return tuple(_response(v, f"{key}[{i}]") for i, v in enumerate(value))
+    return tuple(parse_response(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
-def _response(value: Any, where: str) -> str:
+def parse_response(value: Any, where: str) -> str:
+    """The assistant text of a response: a string, an assistant message or a list of messages (its last
+    assistant message)."""
     if isinstance(value, str):
-        return _text(value, where)
+        return parse_text(value, where)
     if isinstance(value, Mapping):
-        message = _message(value, where)
+        message = parse_message(value, where)
         if message["role"] != "assistant":
             raise RowProblem(f"{where}: expected an assistant message, got role {message['role']!r}")
         return message["content"]
     if isinstance(value, list):
-        messages = [_message(m, f"{where}[{i}]") for i, m in enumerate(value)]
+        messages = [parse_message(m, f"{where}[{i}]") for i, m in enumerate(value)]
         replies = [m["content"] for m in messages if m["role"] == "assistant"]
         if not replies:
             raise RowProblem(f"{where}: no assistant message in the list")
@@ -262,7 +271,8 @@ def _response(value: Any, where: str) -> str:
     raise RowProblem(f"{where}: expected text or an assistant message, got {json_kind(value)}")
 
 
-def _message(value: Any, where: str) -> dict:
+def parse_message(value: Any, where: str) -> dict:
+    """A chat message ``{"role": text, "content": text}`` (other keys dropped)."""
     if not isinstance(value, Mapping):
         raise RowProblem(
             f"{where}: expected a message {{'role': ..., 'content': ...}}, got {json_kind(value)}"
@@ -271,12 +281,13 @@ def _message(value: Any, where: str) -> dict:
         if key not in value:
             raise RowProblem(f"{where}: message without {key!r}")
     return {
-        "role": _text(value["role"], f"{where}.role"),
-        "content": _text(value["content"], f"{where}.content"),
+        "role": parse_text(value["role"], f"{where}.role"),
+        "content": parse_text(value["content"], f"{where}.content"),
     }
 
 
-def _text(value: Any, where: str) -> str:
+def parse_text(value: Any, where: str) -> str:
+    """A string that is not blank."""
     if not isinstance(value, str):
         raise RowProblem(f"{where}: expected text, got {json_kind(value)}")
     if not value.strip():
@@ -342,7 +353,7 @@ def tokenize_example(
             ids = full[len(prompt) :]
             ids = ids[: len(ids) - ids[::-1].index(eos)] if eos in ids else [*ids, eos]
         else:
-            ids = [*_plain_ids(tokenizer(text, add_special_tokens=False)), eos]
+            ids = [*plain_ids(tokenizer(text, add_special_tokens=False)), eos]
         responses.append(ids)
     longest = max(map(len, responses))
     if len(prompt) + longest > max_length:
@@ -354,9 +365,9 @@ def tokenize_example(
 
 def _template_ids(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = False) -> list[int]:
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    return _plain_ids(out)
+    return plain_ids(out)
 
 
-def _plain_ids(out: Any) -> list[int]:
+def plain_ids(out: Any) -> list[int]:
     """A flat list of ints from a list or a BatchEncoding/dict (transformers 5 returns one by default)."""
     return [int(i) for i in (out["input_ids"] if isinstance(out, Mapping) else out)]

@@ -8,19 +8,25 @@ from .layout import LayoutPlan
 from .tiny import SAMPLE_DATA, is_bundled_tiny
 
 
-def print_effective_config(stage: str, config, model, train, evaluation, layout: LayoutPlan) -> None:
+def print_effective_config(
+    stage: str, config, model, train, evaluation, layout: LayoutPlan, *, sft_formats: str | None = None
+) -> None:
     """Print :func:`effective_config` on the main process."""
     if config.process_index == 0:
-        print(effective_config(stage, config, model, train, evaluation, layout), flush=True)
+        text = effective_config(stage, config, model, train, evaluation, layout, sft_formats=sft_formats)
+        print(text, flush=True)
 
 
-def effective_config(stage: str, config, model, train, evaluation, layout: LayoutPlan) -> str:
-    """The settings this run trains with (``layout``: the run's planned and applied batch layout)."""
+def effective_config(
+    stage: str, config, model, train, evaluation, layout: LayoutPlan, *, sft_formats: str | None = None
+) -> str:
+    """The settings this run trains with (``layout``: the run's planned and applied batch layout;
+    ``sft_formats``: the row formats an sft run read, ``wrpo.sft_data.describe_formats``)."""
     lines = {
         "model": _model(config),
         "data": f"{config.dataset or SAMPLE_DATA}: train {len(train)} rows, eval {_rows(evaluation)} rows",
         "K": _responses(train),
-        **_loss(stage, config),
+        **_loss(stage, config, sft_formats),
         "lr": _lr(config),
         "batch": _batch(config),
         "steps": _steps(config, len(train)),
@@ -58,10 +64,11 @@ def _responses(train) -> str:
     return f"{k} responses per prompt ({chosen} chosen + {k - chosen} rejected)"
 
 
-def _loss(stage: str, config) -> dict[str, str]:
-    """``loss``, ``beta`` and ``alpha`` lines (sft: the NLL only)."""
+def _loss(stage: str, config, sft_formats: str | None = None) -> dict[str, str]:
+    """``loss``, ``beta`` and ``alpha`` lines (sft: the NLL only, and the row formats read)."""
     if stage == "sft":
-        return {"loss": "nll on the first chosen response (sft)"}
+        rows = f"; rows: {sft_formats}" if sft_formats else ""
+        return {"loss": f"nll on the completion (sft{rows})"}
     extras = [
         f"{name} {getattr(config, name)}"
         for name in ("gamma", "label_smoothing", "nll_weight")

@@ -14,13 +14,18 @@ from .effective_config import print_effective_config
 from .layout import LayoutPlan, plan_and_prepare
 from .models import load_policy, load_reference
 from .report import plot_curves, summary
+from .sft_data import describe_formats, load_sft_data, tokenize_sft_example
 from .tiny import SAMPLE_DATA
 from .trainer import WRPOTrainer, reference_logps
 
 
-def load_examples(config):
+def load_examples(config, stage: str = "train"):
     """Validate every row of the data first (DataError names the line), and the options that depend on
-    it (``chosen_weights``: one per chosen response); nothing else has run yet."""
+    it (``chosen_weights``: one per chosen response); nothing else has run yet. ``stage`` "sft" reads
+    SFT rows (``wrpo.sft_data``: text, messages, prompt-completion or preference rows), "train"
+    preference rows (``wrpo.data``)."""
+    if stage == "sft":
+        return load_sft_data(config.dataset or SAMPLE_DATA)
     examples = load_preference_data(config.dataset or SAMPLE_DATA)
     weights = getattr(config, "chosen_weights", None)
     if weights and examples and len(weights) != len(examples[0].chosen):
@@ -34,17 +39,20 @@ def load_examples(config):
 def build_datasets(examples, tokenizer, config, stage: str):
     """-> (train, eval | None) datasets of groups: prompt_ids, responses, num_chosen.
 
-    sft keeps the first chosen response (the source pick y_ws) of each group."""
+    sft: one response per group, the completion of each SFT example (``wrpo.sft_data``; a preference
+    example gives its first chosen response, the source pick y_ws), ``num_chosen`` 1."""
+    limits = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
     rows = []
     for ex in examples:
-        g = tokenize_example(
-            ex, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length
-        )
-        responses = [list(r) for r in g.responses]
         if stage == "sft":
-            responses = responses[:1]
-        rows.append({"prompt_ids": list(g.prompt_ids), "responses": responses,
-                     "num_chosen": 1 if stage == "sft" else len(ex.chosen)})  # fmt: skip
+            g = tokenize_sft_example(ex, tokenizer, **limits)
+            rows.append(
+                {"prompt_ids": list(g.prompt_ids), "responses": [list(g.responses[0])], "num_chosen": 1}
+            )
+            continue
+        g = tokenize_example(ex, tokenizer, **limits)
+        rows.append({"prompt_ids": list(g.prompt_ids), "responses": [list(r) for r in g.responses],
+                     "num_chosen": len(ex.chosen)})  # fmt: skip
     n_eval = min(config.eval_rows, len(rows) - 1)
     train = datasets.Dataset.from_list(rows[: len(rows) - n_eval])
     evaluation = datasets.Dataset.from_list(rows[len(rows) - n_eval :]) if n_eval > 0 else None
@@ -88,7 +96,8 @@ def run_stage(stage: str, config, examples) -> dict:
     train, evaluation = build_datasets(examples, tokenizer, config, stage)
     ref_model = load_reference(config, model) if stage == "train" else None
     layout = plan_and_prepare(config, model, ref_model, log=False)  # one decision, printed just below
-    print_effective_config(stage, config, model, train, evaluation, layout)
+    formats = describe_formats(examples) if stage == "sft" else None
+    print_effective_config(stage, config, model, train, evaluation, layout, sft_formats=formats)
     if ref_model is not None and config.precompute_ref_logps:
         pad = tokenizer.pad_token_id
         train = precompute_ref_logps(ref_model, train, config, pad, config.device, layout)
