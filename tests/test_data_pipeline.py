@@ -1,4 +1,4 @@
-"""The README's data recipe end to end on the tiny default: prompts -> sample -> score -> build -> split ->
+"""The data recipe of docs/data.md end to end on the tiny default: prompts -> sample -> score -> build -> split ->
 ``wrpo sft`` -> ``wrpo train``, with tiny random models saved to a temporary directory (scores mean nothing:
 this checks the plumbing)."""
 
