@@ -1,6 +1,6 @@
-"""The data recipe of docs/data.md end to end on the tiny default: prompts -> sample -> score -> build -> split ->
-``wrpo sft`` -> ``wrpo train``, with tiny random models saved to a temporary directory (scores mean nothing:
-this checks the plumbing)."""
+"""The data recipe of docs/data.md end to end on the tiny default: prompts -> sample -> score -> build
+-> split -> ``wrpo sft`` -> ``wrpo train``, with tiny random models saved to a temporary directory
+(scores mean nothing: this checks the plumbing)."""
 
 from __future__ import annotations
 

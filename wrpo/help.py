@@ -19,7 +19,7 @@ WRPO_GROUP = "WRPO options"
 TRAINING_GROUP = "transformers TrainingArguments options"
 
 
-# options that only the preference stage reads (``wrpo sft`` trains the NLL of the first chosen response)
+# options that only the preference stage reads (``wrpo sft`` trains the NLL of the completion)
 PREFERENCE_ONLY = ("ref_model", "loss_type", "beta", "alpha", "alpha_schedule", "chosen_weights", "gamma",
                    "label_smoothing", "nll_weight", "precompute_ref_logps", "ref_logps_cache")  # fmt: skip
 
