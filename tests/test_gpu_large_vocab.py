@@ -56,6 +56,7 @@ def batch(V, H, device, dtype, *, K=3, groups=2, min_len=3, max_len=9, seed=0):
     labels = torch.randint(0, V, (N,), generator=g)
     labels[::3] = V - 1 - torch.arange(len(labels[::3])) * 7  # the far end of the vocabulary
     labels[1] = IGNORE
+    labels[cu[1:] - 1] = IGNORE  # shifted labels: the last position of a sequence predicts nothing
     gen = torch.Generator(device).manual_seed(seed)
     hidden = torch.randn(N, H, generator=gen, device=device, dtype=torch.float32).to(dtype)
     weight = (torch.randn(V, H, generator=gen, device=device, dtype=torch.float32) * H**-0.5).to(dtype)
