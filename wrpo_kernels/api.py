@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -12,7 +14,8 @@ from .metrics import mean_logit_metrics, preference_metrics
 from .objective import make_spec, rewards, token_span
 from .output import WRPOOutput
 from .packing import PackedRows, sequence_ids
-from .validation import as_packed_rows, check_head, check_labels, check_preference_tensor
+from .validation import as_packed_rows, check_head, check_labels, check_not_module, check_preference_tensor
+from .vocab_parallel import check_replicated, vocab_shard
 
 __all__ = [
     "BACKENDS",
@@ -27,16 +30,35 @@ __all__ = [
 REDUCTIONS = ("sum", "mean", "none")
 
 
-def _pack(hidden, weight, labels, cu_seqlens, bias, ignore_index, *, require_tokens, describe):
+class HeadInputs(NamedTuple):
+    """Validated head inputs: packed ``hidden`` [N, H] and ``labels`` [N], the ``weight`` [V_r, H] and
+    ``bias`` rows this rank holds (all of them, unless the head is sharded over the vocabulary, see
+    :mod:`.vocab_parallel`), the layout ``rows`` and the head's ``opts``."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    labels: torch.Tensor
+    rows: PackedRows
+    opts: HeadOptions
+
+
+def head_inputs(hidden, weight, labels, cu_seqlens, bias, opts: HeadOptions, *, require_tokens, describe):
     hidden, labels, cu, cu_host = as_packed_rows(hidden, labels, cu_seqlens)
+    check_not_module("weight", weight)
+    check_not_module("bias", bias)
+    weight, bias, shard = vocab_shard(weight, bias)
     check_head(hidden, weight, bias, labels)
+    if shard is not None:
+        check_replicated(shard, labels, cu)
     hidden = hidden.contiguous()
     seq = sequence_ids(cu, hidden.shape[0])
+    opts = dataclasses.replace(opts, shard=shard)
     counts, counts_host = check_labels(
-        labels, cu, seq, weight.shape[0], ignore_index,
+        labels, cu, seq, opts.vocab(weight), opts.ignore_index,
         require_tokens=require_tokens, describe=describe,
     )  # fmt: skip
-    return hidden, labels, PackedRows(cu, cu_host, seq, counts, counts_host)
+    return HeadInputs(hidden, weight, bias, labels, PackedRows(cu, cu_host, seq, counts, counts_host), opts)
 
 
 def batch_normaliser(name: str, value, dtype, device) -> torch.Tensor | None:
@@ -141,15 +163,15 @@ def linear_logprobs(
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
     _check_head_options(softcap, temperature, chunk_tokens)
     out_shape = labels.shape if isinstance(labels, torch.Tensor) else None
-    h, lab, rows = _pack(
-        hidden, weight, labels, cu_seqlens, bias, ignore_index,
+    x = head_inputs(
+        hidden, weight, labels, cu_seqlens, bias, HeadOptions(ignore_index, softcap, float(temperature)),
         require_tokens=reduction == "mean", describe=lambda s: f"sequence {s}",
     )  # fmt: skip
-    _, impl = resolve_backend(backend, h.device, h.dtype)
-    opts = HeadOptions(ignore_index, softcap, float(temperature))
+    _, impl = resolve_backend(backend, x.hidden.device, x.hidden.dtype)
     out = impl.linear_logprobs(
-        h, weight, lab, rows, bias=bias, opts=opts, reduction=reduction, chunk_tokens=chunk_tokens
-    )
+        x.hidden, x.weight, x.labels, x.rows, bias=x.bias, opts=x.opts, reduction=reduction,
+        chunk_tokens=chunk_tokens,
+    )  # fmt: skip
     return out.view(out_shape) if reduction == "none" else out
 
 
@@ -179,18 +201,18 @@ def fused_linear_nll_loss(
     token count as ``num_tokens``: the micro-batch losses then sum to the whole batch's mean.
     """
     _check_head_options(softcap, temperature, chunk_tokens)
-    h, lab, rows = _pack(
-        hidden, weight, labels, cu_seqlens, bias, ignore_index,
+    x = head_inputs(
+        hidden, weight, labels, cu_seqlens, bias, HeadOptions(ignore_index, softcap, float(temperature)),
         require_tokens=False, describe=lambda s: f"sequence {s}",
     )  # fmt: skip
-    md = math_dtype(h.dtype)
-    tokens = batch_normaliser("num_tokens", num_tokens, md, h.device)
-    if tokens is None and sum(rows.counts_host) == 0:
+    tokens = batch_normaliser("num_tokens", num_tokens, math_dtype(x.hidden.dtype), x.hidden.device)
+    if tokens is None and sum(x.rows.counts_host) == 0:
         raise ValueError(f"no label != ignore_index={ignore_index} in the batch: its mean NLL is undefined")
-    _, impl = resolve_backend(backend, h.device, h.dtype)
-    opts = HeadOptions(ignore_index, softcap, float(temperature))
-    return impl.fused_linear_nll_loss(h, weight, lab, rows, bias=bias, opts=opts, chunk_tokens=chunk_tokens,
-                                      num_tokens=tokens)  # fmt: skip
+    _, impl = resolve_backend(backend, x.hidden.device, x.hidden.dtype)
+    return impl.fused_linear_nll_loss(
+        x.hidden, x.weight, x.labels, x.rows, bias=x.bias, opts=x.opts, chunk_tokens=chunk_tokens,
+        num_tokens=tokens,
+    )  # fmt: skip
 
 
 @compile_boundary
@@ -257,9 +279,11 @@ def fused_linear_wrpo_loss(
         role = "chosen" if s % K < spec.num_chosen else "rejected"
         return f"sequence {s} (group {s // K}, response {s % K} of {K}, {role})"
 
-    h, lab, rows = _pack(
-        hidden, weight, labels, cu_seqlens, bias, ignore_index, require_tokens=True, describe=describe
-    )
+    x = head_inputs(
+        hidden, weight, labels, cu_seqlens, bias, HeadOptions(ignore_index, softcap, float(temperature)),
+        require_tokens=True, describe=describe,
+    )  # fmt: skip
+    h, rows = x.hidden, x.rows
     S = len(rows.cu_host) - 1
     if S % K:
         raise ValueError(f"cu_seqlens describes S={S} sequences, not a multiple of responses_per_prompt={K}")
@@ -272,13 +296,13 @@ def fused_linear_wrpo_loss(
     _, impl = resolve_backend(backend, h.device, h.dtype)
     lengths = rows.counts.view(B, K).to(md)
     norms = batch_normalisers(num_groups, num_nll_tokens, md, h.device)
-    opts = HeadOptions(ignore_index, softcap, float(temperature))
     loss, logps = impl.fused_linear_wrpo_loss(
-        spec, h, weight, lab, rows, ref, bias=bias, opts=opts, nll_weight=nll_weight,
+        spec, h, x.weight, x.labels, rows, ref, bias=x.bias, opts=x.opts, nll_weight=nll_weight,
         chunk_tokens=chunk_tokens, norms=norms,
     )  # fmt: skip
     metrics = preference_metrics(spec, logps, rewards(spec, logps, ref, lengths))
-    metrics.update(mean_logit_metrics(spec, h, weight, bias, rows, valid=lab != ignore_index))
+    valid = x.labels != ignore_index
+    metrics.update(mean_logit_metrics(spec, h, x.weight, x.bias, rows, valid=valid, shard=x.opts.shard))
     if nll_weight:
         metrics["nll_loss"] = -(logps[:, 0] * token_span(spec, lengths)[:, 0]).sum() / lengths[:, 0].sum()
     return WRPOOutput(loss=loss, metrics=metrics, logps=logps)

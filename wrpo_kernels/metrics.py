@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .objective import PreferenceSpec
+from .vocab_parallel import all_reduce
 
 
 def preference_metrics(spec: PreferenceSpec, logps: torch.Tensor, rewards: torch.Tensor) -> dict:
@@ -52,18 +53,23 @@ def preference_metrics(spec: PreferenceSpec, logps: torch.Tensor, rewards: torch
 
 @torch.no_grad()
 def mean_logit_metrics(
-    spec: PreferenceSpec, hidden, weight, bias, rows, valid=None, block: int = 4096
+    spec: PreferenceSpec, hidden, weight, bias, rows, valid=None, block: int = 4096, shard=None
 ) -> dict:
     """``logits/chosen``, ``logits/rejected``: the mean raw logit ``z = h W^T + b`` over the vocabulary
     and over the tokens of the chosen (resp. rejected) responses, as TRL's ``mean_logits``.
 
     ``mean_v z_tv = (h_t . sum_v W_v + sum_v b_v) / V``: one [H] vector, no logits. hidden [N, H]
     with ``rows`` (``PackedRows``: seq [N], counts [S]); ``valid`` [N] marks counted rows (None: all).
+    ``shard``: the head's vocabulary shard (``vocab_parallel.VocabShard``), whose sums are added over
+    its group (one all-reduce of H + 1 numbers).
     """
     md = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    V = weight.shape[0]
     w_sum = weight.detach().sum(0, dtype=md)
-    b_sum = bias.detach().sum(dtype=md) if bias is not None else 0.0
+    b_sum = bias.detach().sum(dtype=md) if bias is not None else w_sum.new_zeros(())
+    V = weight.shape[0]
+    if shard is not None:
+        both = all_reduce(torch.cat([w_sum, b_sum[None]]), torch.distributed.ReduceOp.SUM, shard.group)
+        w_sum, b_sum, V = both[:-1], both[-1], shard.vocab
     h = hidden.detach()
     row_mean = torch.cat([(h[i : i + block].to(md) @ w_sum + b_sum) / V for i in range(0, h.shape[0], block)])
     if valid is not None:

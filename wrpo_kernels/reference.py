@@ -105,6 +105,11 @@ def fused_linear_wrpo_loss(
 
 
 def _head(opts) -> dict:
+    if opts.shard is not None:
+        raise ValueError(
+            "backend='reference' computes the whole head's logits: it takes a whole weight, not one sharded "
+            "over the vocabulary (use backend='torch' or 'triton', or pass weight.full_tensor())"
+        )
     return {"ignore_index": opts.ignore_index, "softcap": opts.softcap, "temperature": opts.temperature}
 
 

@@ -5,8 +5,6 @@ Checks that read tensor values (labels, token counts) are batched into one host 
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from .packing import padded_to_packed, segment_sum
@@ -79,24 +77,9 @@ def check_not_module(name: str, x) -> None:
         )
 
 
-def _is_dtensor(x) -> bool:
-    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (none can exist before that module loads)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(x, module.DTensor)
-
-
 def check_materialised(name: str, x) -> None:
-    """``x`` (the head's weight or bias) must be a plain, whole tensor, not a shard or a released parameter.
-
-    The fused head reads the full [V, H] matrix (and [V] bias) with plain tensor ops, so a parameter
-    that FSDP2 or DeepSpeed ZeRO-3 keeps partitioned outside the forward cannot be used as it is.
-    """
-    if _is_dtensor(x):
-        raise ValueError(
-            f"{name} is a DTensor (a sharded FSDP2 parameter, placements {tuple(x.placements)}); the head "
-            f"needs the whole tensor: call the loss inside the model's forward, e.g. through "
-            f"wrpo.preference_loss(model, batch), so FSDP gathers it"
-        )
+    """``x`` (the head's weight or bias, DTensors already resolved by ``vocab_parallel.vocab_shard``)
+    must not be a parameter DeepSpeed ZeRO-3 released (0 elements) outside the forward."""
     if isinstance(x, torch.Tensor) and x.numel() == 0:
         raise ValueError(
             f"{name} has 0 elements (a parameter released by DeepSpeed ZeRO-3?), shape {tuple(x.shape)}: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..packing import PackedRows, keep_labelled_rows, scatter_rows
+from ..vocab_parallel import replicated_input, vocab_parallel
 from .fused_loss import FusedLinearWRPOFunction, FusedPlan
 from .fused_nll import FusedLinearNLLFunction, NLLPlan
 from .logprobs import LinearLogprobsFunction, LogprobPlan
@@ -29,7 +30,8 @@ def on_labelled_rows(compute, hidden, labels, rows: PackedRows, opts: HeadOption
 
 def run_logprobs(ops: RowOps, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens):
     """Log-probs [S] or [N] of packed rows with ``ops`` doing the row work (two-pass)."""
-    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.device)
+    chunk = chunk_tokens or default_chunk_tokens(opts.vocab(weight), hidden.device)
+    ops, hidden = vocab_parallel(ops, opts.shard), replicated_input(hidden, opts.shard)
 
     def compute(h, lab, r):
         plan = LogprobPlan(Targets.build(lab, r, opts.ignore_index, h.dtype), opts, reduction, chunk, ops)
@@ -55,7 +57,8 @@ def run_fused(
     """(loss, logps [B, K]) in one pass over chunks of whole groups, ``ops`` doing the row work.
 
     ``norms``: (groups, first-chosen tokens) denominators of the batch means, None for this batch's own."""
-    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.device)
+    chunk = chunk_tokens or default_chunk_tokens(opts.vocab(weight), hidden.device)
+    ops, hidden = vocab_parallel(ops, opts.shard), replicated_input(hidden, opts.shard)
     hidden, labels, rows, _ = keep_labelled_rows(hidden, labels, rows, opts.ignore_index)
     targets = Targets.build(labels, rows, opts.ignore_index, hidden.dtype)
     chunks = tuple(plan_group_chunks(rows.cu_host, spec.responses_per_prompt, chunk))
@@ -69,7 +72,8 @@ def run_nll(ops: RowOps, hidden, weight, labels, rows, bias, opts, chunk_tokens,
     """(mean NLL, per-sequence log-probs [S]) in one pass over row tiles, ``ops`` doing the row work.
 
     ``num_tokens``: the mean's denominator (0-dim tensor), None for this call's labelled rows."""
-    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.device)
+    chunk = chunk_tokens or default_chunk_tokens(opts.vocab(weight), hidden.device)
+    ops, hidden = vocab_parallel(ops, opts.shard), replicated_input(hidden, opts.shard)
     hidden, labels, rows, _ = keep_labelled_rows(hidden, labels, rows, opts.ignore_index)
     targets = Targets.build(labels, rows, opts.ignore_index, hidden.dtype)
     plan = NLLPlan(targets, opts, chunk, ops, num_tokens)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..vocab_parallel import VocabShard
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -20,8 +24,14 @@ def default_chunk_tokens(vocab: int, device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class HeadOptions:
-    """How logits are formed, ``softcap(h W^T + b) / temperature``, and which labels count."""
+    """How logits are formed, ``softcap(h W^T + b) / temperature``, which labels count, and, for a head
+    sharded over the vocabulary, which rows of it this rank holds (``shard``; None: the whole head)."""
 
     ignore_index: int = -100
     softcap: float | None = None
     temperature: float = 1.0
+    shard: VocabShard | None = None
+
+    def vocab(self, weight) -> int:
+        """The head's whole vocabulary V (``weight`` holds this rank's rows of it)."""
+        return weight.shape[0] if self.shard is None else self.shard.vocab

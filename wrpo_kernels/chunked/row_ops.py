@@ -44,7 +44,9 @@ class RowOps(Protocol):
     def grad(
         self, state: Any, safe_labels, scale: torch.Tensor, lse: torch.Tensor, opts: HeadOptions
     ) -> torch.Tensor:
-        """dL/dx [n, V] (any strides, computed in place where possible) for dL/d(log p) = ``scale`` [n]."""
+        """dL/dx [n, V] (any strides, computed in place where possible) for dL/d(log p) = ``scale`` [n]:
+        ``scale * (onehot(label) - exp(z - lse))`` times the soft cap's derivative, with the given ``lse``
+        (which may normalise over a wider vocabulary than these columns: a shard of the head)."""
 
     def lowp(self, ws: Any, n: int) -> torch.Tensor | None:
         """A buffer [n, V] in the input dtype for the gradient GEMMs, when :meth:`grad` returns the math

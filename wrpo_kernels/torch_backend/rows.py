@@ -56,24 +56,26 @@ def head_logits_(ws: Workspace, hidden, weight, bias, opts: HeadOptions, *, keep
 
 
 def softmax_stats_(z: torch.Tensor, safe_labels: torch.Tensor):
-    """In place z <- exp(z - rowmax). Returns lse [n], target logit z[label] [n], sum of exp [n]."""
+    """In place z <- exp(z - rowmax). Returns lse [n], target logit z[label] [n], rowmax [n]."""
     rowmax = z.amax(1, keepdim=True)
     target = z.gather(1, safe_labels[:, None]).squeeze(1)
     sumexp = z.sub_(rowmax).exp_().sum(1)
-    return rowmax.squeeze(1) + sumexp.log(), target, sumexp
+    rowmax = rowmax.squeeze(1)
+    return rowmax + sumexp.log(), target, rowmax
 
 
-def softmax_grad_(z, safe_labels, scale, *, lse=None, sumexp=None, capgrad=None):
-    """In place: z <- scale * (onehot(label) - softmax) [* capgrad].
+def softmax_grad_(z, safe_labels, scale, lse, *, rowmax=None, capgrad=None):
+    """In place: z <- scale * (onehot(label) - exp(z - lse)) [* capgrad].
 
-    ``z`` holds either logits (pass ``lse``) or ``exp(z - rowmax)`` from :func:`softmax_stats_`
-    (pass ``sumexp``). ``scale`` [n] already includes the 1/T of the temperature.
+    ``z`` holds either logits, or ``exp(z - rowmax)`` from :func:`softmax_stats_` (pass ``rowmax``):
+    then the softmax is ``z * exp(rowmax - lse)``. ``lse`` may be that of a wider softmax than these
+    columns (a vocabulary shard's rows). ``scale`` [n] already includes the 1/T of the temperature.
     """
-    if lse is not None:
+    if rowmax is None:
         z.sub_(lse[:, None]).exp_()
         coef = -scale
     else:
-        coef = -scale / sumexp
+        coef = -scale * (rowmax - lse).exp()
     z.mul_(coef[:, None]).scatter_add_(1, safe_labels[:, None], scale[:, None])
     if capgrad is not None:
         z.mul_(capgrad)
@@ -81,10 +83,11 @@ def softmax_grad_(z, safe_labels, scale, *, lse=None, sumexp=None, capgrad=None)
 
 
 class _RowState:
-    """A chunk's logits in ``ws.math`` (``z``), the softcap derivative, and the sum of exps once known."""
+    """A chunk's logits in ``ws.math`` (``z``), the softcap derivative, and the row maxima once
+    :func:`softmax_stats_` has turned z into ``exp(z - rowmax)``."""
 
     def __init__(self, z, capgrad):
-        self.z, self.capgrad, self.sumexp = z, capgrad, None
+        self.z, self.capgrad, self.rowmax = z, capgrad, None
 
 
 class TorchRowOps:
@@ -99,15 +102,12 @@ class TorchRowOps:
         return _RowState(*head_logits_(ws, hidden, weight, bias, opts, keep_capgrad=for_grad))
 
     def stats(self, st: _RowState, safe, opts: HeadOptions):
-        lse, target, st.sumexp = softmax_stats_(st.z, safe)
+        lse, target, st.rowmax = softmax_stats_(st.z, safe)
         return lse, target
 
     def grad(self, st: _RowState, safe, scale, lse, opts: HeadOptions):
-        """dL/dx [n, V] (math dtype) for dL/d(log p) = ``scale`` [n]."""
-        scale = scale / opts.temperature
-        if st.sumexp is not None:
-            return softmax_grad_(st.z, safe, scale, sumexp=st.sumexp, capgrad=st.capgrad)
-        return softmax_grad_(st.z, safe, scale, lse=lse, capgrad=st.capgrad)
+        """dL/dx [n, V] (math dtype) for dL/d(log p) = ``scale`` [n], the softmax normalised by ``lse``."""
+        return softmax_grad_(st.z, safe, scale / opts.temperature, lse, rowmax=st.rowmax, capgrad=st.capgrad)
 
     def lowp(self, ws: Workspace, n: int):
         return ws.raw[:n]

@@ -34,12 +34,13 @@ def _check_dtype(dtype):
 
 
 def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chunk_tokens):
-    """Under no_grad (or with nothing to differentiate): the forward-only kernel; else two-pass chunks."""
+    """Under no_grad (or with nothing to differentiate): the forward-only kernel; else, or for a head
+    sharded over the vocabulary, two-pass chunks."""
     _check_dtype(hidden.dtype)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    if needs_grad:
+    if needs_grad or opts.shard is not None:  # the forward-only kernel reads the whole vocabulary
         return run_logprobs(TRITON_ROW_OPS, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens)
 
     def forward_only(h, lab, r):
