@@ -16,7 +16,7 @@ import torch
 
 from ..objective import PreferenceSpec, token_span
 from ..once_differentiable import once_differentiable
-from .grads import HeadGrads
+from .grads import HeadGrads, save_grads, saved_grads
 from .logprobs import recompute_head_grads_
 from .options import HeadOptions, math_dtype
 from .row_ops import RowOps
@@ -108,18 +108,11 @@ class FusedLinearWRPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
         loss, logps, grads = fused_forward(hidden, weight, bias, ref_logps, plan, needs)
-        ctx.grads = grads
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        save_grads(ctx, grads, weight, bias)
         ctx.mark_non_differentiable(logps)
         return loss, logps
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_logps):
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError("fused_linear_wrpo_loss: backward ran twice; its gradients are consumed once")
-        ctx.grads = None
-        grads.scale_(grad_loss)
-        dX, dW, db = grads.to_input_dtypes(*ctx.dtypes)
-        return dX, dW, db, None, None, None
+        return *saved_grads(ctx, grad_loss, "fused_linear_wrpo_loss"), None, None, None

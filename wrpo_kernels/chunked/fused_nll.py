@@ -15,7 +15,7 @@ import torch
 
 from ..once_differentiable import once_differentiable
 from ..packing import segment_sum
-from .grads import HeadGrads
+from .grads import HeadGrads, save_grads, saved_grads
 from .options import HeadOptions, math_dtype
 from .row_ops import RowOps
 from .schedule import row_tiles
@@ -62,18 +62,11 @@ class FusedLinearNLLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: NLLPlan, needs):
         loss, logps, grads = fused_nll_forward(hidden, weight, bias, plan, needs)
-        ctx.grads = grads
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        save_grads(ctx, grads, weight, bias)
         ctx.mark_non_differentiable(logps)
         return loss, logps
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_logps):
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError("fused_linear_nll_loss: backward ran twice; its gradients are consumed once")
-        ctx.grads = None
-        grads.scale_(grad_loss)
-        dX, dW, db = grads.to_input_dtypes(*ctx.dtypes)
-        return dX, dW, db, None, None
+        return *saved_grads(ctx, grad_loss, "fused_linear_nll_loss"), None, None

@@ -119,3 +119,19 @@ class HeadGrads:
         dW = None if self.dW is None else self.dW.to(weight_dtype)
         db = None if self.db is None else self.db.to(bias_dtype)
         return self.dX, dW, db
+
+
+def save_grads(ctx, grads: HeadGrads, weight, bias) -> None:
+    """Keep the gradients a forward computed for its backward (:func:`saved_grads`, consumed once)."""
+    ctx.grads, ctx.dtypes = grads, (weight.dtype, None if bias is None else bias.dtype)
+
+
+def saved_grads(ctx, grad_loss, name: str):
+    """(dX, dW, db) kept by :func:`save_grads`, scaled by dL/d(loss), in the parameters' dtypes;
+    RuntimeError naming ``name`` when a second backward asks for them again."""
+    grads = ctx.grads
+    if grads is None:
+        raise RuntimeError(f"{name}: backward ran twice; its gradients are consumed once")
+    ctx.grads = None
+    grads.scale_(grad_loss)
+    return grads.to_input_dtypes(*ctx.dtypes)
