@@ -94,14 +94,14 @@ def _all_gather_sizes(size: int, group, device) -> list[int]:
 def check_replicated(shard: VocabShard, labels: torch.Tensor, cu: torch.Tensor) -> None:
     """Every rank of the shard's group must hold the same labels and bounds (the hidden states come
     from the same tokens): a fingerprint of each is compared across the group (one small all-reduce)."""
-    n = torch.arange(1, labels.numel() + 1, device=labels.device, dtype=torch.float64)
-    prints = torch.stack([
-        torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device),
-        (labels.to(torch.float64) * n).sum(),
-        (cu.to(torch.float64) * torch.arange(1, cu.numel() + 1, device=cu.device, dtype=torch.float64)).sum(),
-    ])  # fmt: skip
-    both = torch.cat([prints, -prints])
-    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=shard.group)
+
+    def fingerprint(t: torch.Tensor) -> torch.Tensor:  # int64: exact in any summation order
+        t = t.reshape(-1).to(torch.int64)
+        return (t * torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.int64)).sum()
+
+    count = torch.tensor(labels.numel(), dtype=torch.int64, device=labels.device)
+    prints = torch.stack([count, fingerprint(labels), fingerprint(cu.to(labels.device))])
+    both = all_reduce(torch.cat([prints, -prints]), torch.distributed.ReduceOp.MAX, shard.group)
     if not torch.equal(both[:3], -both[3:]):
         raise ValueError(
             "the head's weight is a DTensor sharded over the vocabulary (Shard(0)), but the ranks of its "
@@ -113,7 +113,7 @@ def check_replicated(shard: VocabShard, labels: torch.Tensor, cu: torch.Tensor) 
 
 
 def all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
-    """In place; the one place the head's collectives go through (tests count the bytes here)."""
+    """In place; every all-reduce of the sharded head goes through here (tests count the bytes)."""
     torch.distributed.all_reduce(t, op=op, group=group)
     return t
 
