@@ -8,7 +8,12 @@ import sys
 import pytest
 
 from wrpo.cli import main
-from wrpo.construct.verifiers import arithmetic_exact_match, final_number
+from wrpo.construct.verifiers import (
+    arithmetic_exact_match,
+    arithmetic_graded,
+    equation_steps,
+    final_number,
+)
 
 VERIFIER = "wrpo.construct.verifiers:arithmetic_exact_match"
 ROWS = [
@@ -42,6 +47,56 @@ def test_final_number_and_a_row_without_answer():
     assert final_number("x = -2.5") == -2.5 and final_number("none") is None
     with pytest.raises(ValueError, match="no 'answer'"):
         arithmetic_exact_match([], "5", {"prompt": "p"})
+
+
+GRADED = "wrpo.construct.verifiers:arithmetic_graded"
+TWOSTEP = {"prompt": "Add 5 to the product of 3 and 4.", "answer": 17}
+
+
+def graded(text, row=TWOSTEP):
+    return arithmetic_graded([], text, row)
+
+
+def test_graded_ranks_correct_over_near_over_far_over_no_number():
+    correct = graded("3 * 4 = 12. 12 + 5 = 17. The answer is 17.")
+    near, far = graded("The answer is 18."), graded("The answer is 170.")
+    assert correct == 1.0 > near > far > graded("I do not know.") == 0.0
+    assert graded("The answer is 16.") == near  # the same distance either side
+    assert graded("The answer is -17.") < near  # the sign counts
+    # a correct final answer is 1.0 whatever the steps; the best wrong answer stays below it
+    assert graded("3 * 4 = 13. The answer is 17.") == 1.0
+    assert graded("3 * 4 = 12. 12 + 5 = 17. 17 - 1 = 16. The answer is 16.") < 0.9
+    assert graded("The answer is 17.", {"answer": "it is 17"}) == 1.0  # the answer as text
+
+
+def test_graded_gives_partial_credit_for_true_steps():
+    assert equation_steps("3 * 4 = 12. 12 + 5 = 18.") == (1, 2)
+    assert equation_steps("3 * 4 = 12 + 5 = 17") == (2, 2)  # a chain holds two equations
+    assert equation_steps("28 - 7 = 21. 28-7=22. 6 / 0 = 0. 2 x 3 = 6") == (2, 4)
+    assert equation_steps("12.5 * 2 = 25. The answer is 25.") == (1, 1)  # 12.5, not 5
+    assert equation_steps("The answer is 17.") == (0, 0)
+    no_steps = graded("The answer is 18.")
+    one_step = graded("3 * 4 = 12. 12 + 5 = 18. The answer is 18.")
+    both_steps = graded("3 * 4 = 12. 12 + 6 = 18. The answer is 18.")
+    wrong_steps = graded("3 * 4 = 11. 11 + 5 = 15. The answer is 18.")
+    assert both_steps > one_step > no_steps == wrong_steps
+    assert one_step - no_steps == pytest.approx(0.2) and both_steps - no_steps == pytest.approx(0.4)
+
+
+def test_graded_is_bounded_and_rejects_rows_without_answer(tmp_path):
+    texts = ["", "no", "0", "-99999", "1e9", "3 * 4 = 12", "17.0001", "The answer is 17.", "0 + 0 = 0. 0"]
+    for answer in (17, 0, -5, 29997, 2.5):
+        for text in texts:
+            score = graded(text, {"answer": answer})
+            assert 0.0 <= score <= 1.0 and (score == 1.0) == (final_number(text) == answer)
+    with pytest.raises(ValueError, match="no 'answer'"):
+        graded("5", {"prompt": "p"})
+    with pytest.raises(ValueError, match="holds no number"):
+        graded("5", {"answer": "seventeen"})
+    data = write(tmp_path / "s.jsonl", ROWS)
+    assert main(["data", "score", "--input", str(data), "--reward-fn", GRADED]) == 0
+    (right, wrong), (right2, none) = scores(data)
+    assert right == right2 == 1.0 and 0.0 < wrong < 1.0 and none == 0.0
 
 
 def test_reward_model_and_reward_fn_are_exclusive_and_one_is_required(tmp_path, capsys):
