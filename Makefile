@@ -3,7 +3,8 @@
 # make bench : the fused-loss and train-step benchmarks on this machine
 # make bench-csrc : the csrc row kernels against the pure-torch rows and the naive path (CPU)
 # make sweep : how the fused loss's cost grows in tokens, K (two K = 4 layouts) and V, CPU (< 15 min)
-# make fusion-demo : "Does it fuse?" (docs/fusion.md): the WRPO pipeline on toy arithmetic, 3 seeds (QUICK=1: 1 seed, small)
+# make fusion-demo : "Does it fuse?" (docs/fusion.md): the WRPO pipeline on toy arithmetic, 3 seeds (QUICK=1: 1 seed, small;
+#                    REWARD=graded: the graded reward, 5 seeds, results in benchmarks/results/fusion_demo/graded)
 # make zoo   : every causal-LM architecture of transformers in every layout -> docs/models.md (~1 min)
 # make gpu-check : on the first CUDA machine, < 8 min: GPU tests, auto self-test, 8B-head benchmark vs peers, sweep
 VENV := .venv
@@ -43,7 +44,7 @@ gpu-check: $(STAMP)
 	$(VENV)/bin/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 fusion-demo: $(STAMP)
-	$(VENV)/bin/python -m wrpo.fusion_demo $(if $(QUICK),--quick) --out outputs/fusion-demo
+	$(VENV)/bin/python -m wrpo.fusion_demo $(if $(QUICK),--quick) $(if $(REWARD),--reward $(REWARD)) $(if $(OUT),--out $(OUT))
 
 # the model-zoo conformance matrix: wrpo/assets/verified_layouts.json (read by the layout plan) + docs/models.md
 zoo: $(STAMP)

@@ -1,13 +1,20 @@
-"""The demo's settings: the full run and the QUICK one (one seed, fewer prompts and steps)."""
+"""The demo's settings: the full run and the QUICK one (one seed, fewer prompts and steps), each with the
+0/1 verifier (``exact``) or the graded reward (``graded``: ``GRADED``, five seeds)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+REWARDS = {
+    "exact": "wrpo.construct.verifiers:arithmetic_exact_match",  # 1 or 0
+    "graded": "wrpo.construct.verifiers:arithmetic_graded",  # in [0, 1]: closeness and true steps
+}
+
 
 @dataclass(frozen=True)
 class DemoConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
+    reward: str = "exact"  # a key of REWARDS: how `wrpo data score --reward-fn` scores every sample
     held_out_per_family: int = 50  # greedy evaluation problems, never trained on
     # the pipeline's prompts (1/3 SFT, 2/3 preference), from the train part; with the held-out and the
     # target's problems at most 225 per family (the size of twostep)
@@ -35,10 +42,19 @@ class DemoConfig:
     # y_wt = y_l, DPO gets no signal and WRPO still learns y_ws over y_l)
     pref_keep_tied: bool = False
     batch_size: int = 16
-    parallel: int = 2  # wrpo commands at once (one CPU thread each)
+    parallel: int = 2  # wrpo commands at once
+    threads: int = 1  # torch threads of every wrpo command (and of this process), whatever `parallel` is
+
+    def __post_init__(self) -> None:
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward {self.reward!r}: expected one of {', '.join(REWARDS)}")
+
+    @property
+    def reward_fn(self) -> str:
+        return REWARDS[self.reward]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "reward_fn": self.reward_fn}
 
 
 FULL = DemoConfig()
@@ -56,3 +72,16 @@ QUICK = replace(
     extra_alphas=(),
     extra_betas=(),
 )
+
+# the graded reward's full run: five seeds (the paired WRPO - DPO interval needs them), else as FULL
+GRADED = replace(FULL, reward="graded", seeds=(0, 1, 2, 3, 4))
+QUICK_GRADED = replace(QUICK, reward="graded")
+
+
+def preset(*, quick: bool, reward: str) -> DemoConfig:
+    """The settings ``python -m wrpo.fusion_demo [--quick] --reward REWARD`` starts from."""
+    if reward not in REWARDS:
+        raise ValueError(f"reward {reward!r}: expected one of {', '.join(REWARDS)}")
+    if reward == "graded":
+        return QUICK_GRADED if quick else GRADED
+    return QUICK if quick else FULL

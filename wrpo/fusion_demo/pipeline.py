@@ -3,9 +3,14 @@
 1. sources: ``wrpo sft`` on every train problem of their family; the target: ``wrpo sft`` briefly on a
    few train problems of each family that are not pipeline prompts;
 2. ``wrpo data split`` of the pipeline prompts (1/3 SFT); ``wrpo data sample`` (the sources on every
-   prompt, the target on the SFT third), ``score --reward-fn``, ``build --keep-tied``; ``wrpo sft`` on y_ws;
+   prompt, the target on the SFT third), ``score --reward-fn`` (the config's reward: the 0/1 verifier or
+   the graded one), ``build --keep-tied``; ``wrpo sft`` on y_ws;
 3. the SFT target re-sampled on the preference prompts, scored, built; ``wrpo train`` per method from the
    SFT checkpoint; greedy held-out accuracy of every model.
+
+Besides the accuracies, each seed records what the preference data holds (``preference_stats``): how many
+of the offered prompts ``build`` kept, and on how many kept rows y_ws is right (exact match) and y_wt
+wrong, the rows where a source can teach the target something DPO's y_wt cannot.
 """
 
 from __future__ import annotations
@@ -17,13 +22,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..cli import main as wrpo
+from ..construct.verifiers import arithmetic_exact_match
 from .config import DemoConfig
 from .evaluate import accuracy
 from .jobs import run_wrpo
 from .models import save_init_model
 from .tasks import FAMILIES, prompt_row, sft_row, split_problems
-
-VERIFIER = "wrpo.construct.verifiers:arithmetic_exact_match"
 
 
 def method_runs(cfg: DemoConfig) -> dict[str, list[str]]:
@@ -103,7 +107,7 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, bar: tqdm) -> dict:
     pool = [sft_row(p) for f in FAMILIES for p in rest[f][: cfg.target_problems_per_family]]
     data = _write(out / "sft-target.jsonl", pool)
     jobs["target"] = _sft(init, data, models / "target", cfg.target_lr, 32, steps=cfg.target_steps)
-    run_wrpo(jobs, logs, bar, parallel=cfg.parallel)
+    run_wrpo(jobs, logs, bar, parallel=cfg.parallel, threads=cfg.threads)
 
     bar.set_description(f"seed {seed}: split, sample, score, build")
     _data("split", "--input", str(prompts), "--seed", str(seed), "--out-dir", str(out / "split"))
@@ -112,9 +116,9 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, bar: tqdm) -> dict:
     samples = {n: out / "samples" / f"{n}.jsonl" for n in [*names, "target", "target-sft"]}
     jobs = {f"sample-{n}": _sample(models / n, prompts, samples[n], n, cfg, seed) for n in names}
     jobs["sample-target"] = _sample(models / "target", sft_prompts, samples["target"], "target", cfg, seed)
-    run_wrpo(jobs, logs, bar, parallel=cfg.parallel)
+    run_wrpo(jobs, logs, bar, parallel=cfg.parallel, threads=cfg.threads)
     for n in [*names, "target"]:
-        _data("score", "--input", str(samples[n]), "--reward-fn", VERIFIER)
+        _data("score", "--input", str(samples[n]), "--reward-fn", cfg.reward_fn)
     sources = [str(samples[n]) for n in names]
     sft_data = out / "sft-built.jsonl"
     _data(
@@ -132,12 +136,12 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, bar: tqdm) -> dict:
     sft = _sft(
         models / "target", sft_data, models / "target-sft", cfg.sft_lr, cfg.batch_size, epochs=cfg.sft_epochs
     )
-    run_wrpo({"target-sft": sft}, logs, bar)
+    run_wrpo({"target-sft": sft}, logs, bar, threads=cfg.threads)
 
     bar.set_description(f"seed {seed}: re-sample, score, build")
     again = _sample(models / "target-sft", pref_prompts, samples["target-sft"], "target-sft", cfg, seed)
-    run_wrpo({"sample-target-sft": again}, logs, bar)
-    _data("score", "--input", str(samples["target-sft"]), "--reward-fn", VERIFIER)
+    run_wrpo({"sample-target-sft": again}, logs, bar, threads=cfg.threads)
+    _data("score", "--input", str(samples["target-sft"]), "--reward-fn", cfg.reward_fn)
     pref = out / "pref-built.jsonl"
     tied = ["--keep-tied"] if cfg.pref_keep_tied else []
     _data(
@@ -153,7 +157,7 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, bar: tqdm) -> dict:
                       "--per_device_train_batch_size", str(cfg.batch_size), "--lr_scheduler_type", "cosine",
                       "--warmup_steps", "5", "--logging_steps", "10", "--save_strategy", "no",
                       "--report_to", "none", "--use_cpu", "true", "--seed", "0"]  # fmt: skip
-    run_wrpo(jobs, logs, bar, parallel=cfg.parallel)
+    run_wrpo(jobs, logs, bar, parallel=cfg.parallel, threads=cfg.threads)
 
     bar.set_description(f"seed {seed}: evaluate")
     results = {}
@@ -168,7 +172,32 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, bar: tqdm) -> dict:
         "pref_rows": _lines(pref),
         "held_out": sum(len(v) for v in held.values()),
     }
-    return {"methods": results, "data": counts}
+    return {"methods": results, "data": counts, "preference_stats": preference_stats(pref, pref_prompts)}
+
+
+def _text(message) -> str:
+    return message["content"] if isinstance(message, dict) else str(message)
+
+
+def preference_stats(built: Path, offered: Path) -> dict:
+    """What the built preference rows hold, judged by exact match of the final number (whatever reward
+    ranked them): {"offered": prompts, "kept": rows, "kept_fraction", "ws_correct", "wt_correct",
+    "ws_correct_wt_wrong": rows, and "ws_correct_wt_wrong_fraction" of the kept rows}."""
+    rows = [json.loads(line) for line in built.read_text().splitlines() if line.strip()]
+    offered_n = _lines(offered)
+    ws = [arithmetic_exact_match([], _text(r["chosen"][0]), r) == 1.0 for r in rows]
+    wt = [arithmetic_exact_match([], _text(r["chosen"][-1]), r) == 1.0 for r in rows]
+    teach = sum(a and not b for a, b in zip(ws, wt, strict=True))
+    kept = len(rows)
+    return {
+        "offered": offered_n,
+        "kept": kept,
+        "kept_fraction": round(kept / offered_n, 4) if offered_n else 0.0,
+        "ws_correct": sum(ws),
+        "wt_correct": sum(wt),
+        "ws_correct_wt_wrong": teach,
+        "ws_correct_wt_wrong_fraction": round(teach / kept, 4) if kept else 0.0,
+    }
 
 
 def _lines(path: Path) -> int:
