@@ -25,6 +25,7 @@ sys.path.insert(0, str(BENCH))
 
 import bench_head_loss as bench  # noqa: E402
 import bench_sft  # noqa: E402
+import bench_tp  # noqa: E402
 import bench_train_step as train_step  # noqa: E402
 import gpu_check  # noqa: E402
 import sweep  # noqa: E402
@@ -380,6 +381,20 @@ def test_sft_bench_methods_agree_and_write_their_record(tmp_path):
     assert [r["method"] for r in record["results"]] == list(bench_sft.METHODS)
     assert all(len(r["times_s"]) == 2 and r["peak_mem_mb"] >= 0 for r in record["results"])
     assert out.with_suffix(".png").is_file()
+
+
+def test_tp_bench_runs_two_ranks_and_writes_its_record(tmp_path):
+    """benchmarks/bench_tp.py on tiny shapes: one process against TP 2 (2 gloo processes, half the
+    vocabulary each), the same loss and gradients, the JSON record and plot written."""
+    out = tmp_path / "tp.json"
+    methods = "1 process x 1 thread,TP 2 x 1 thread"
+    tiny = ["--N", "32", "--B", "2", "--H", "16", "--V", "97", "--reps", "2", "--methods", methods]
+    record = bench_tp.main([*tiny, "--out", str(out)])
+    one, tp = record["results"]
+    assert (one["processes"], tp["processes"]) == (1, 2) and tp["vocab_rows_per_process"] == [49, 48]
+    assert max(tp["rel_err_vs_first"].values()) < 1e-5 and tp["collectives_ms"] > 0
+    assert all(len(r["times_s"]) == 2 for r in record["results"])
+    assert json.loads(out.read_text())["shape"] == record["shape"] and out.with_suffix(".png").is_file()
 
 
 def test_train_step_out_names_a_hybrid_by_its_arch(tmp_path):
