@@ -17,7 +17,7 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
-from fsdp_step import build_model, free_port, global_groups, rank_groups, spawn
+from fsdp_step import build_model, exit_rank, free_port, global_groups, rank_groups, spawn
 
 from wrpo import batch_counts, pack_groups, pad_groups, preference_loss
 from wrpo.packing import pack_shared_prefix
@@ -132,6 +132,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 torch.save(result, Path(out_dir) / f"{name}.pt")
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 def run(out_dir, world: int = 2, timeout: float = 240.0) -> None:

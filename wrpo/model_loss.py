@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from wrpo_kernels import WRPOOutput, fused_linear_nll_loss, fused_linear_wrpo_loss, linear_logprobs
+from wrpo_kernels.vocab_parallel import is_dtensor
 
 from .attention import FLASH_ATTENTION
 from .attention import NAME as SEGMENT_ATTENTION
@@ -190,8 +191,26 @@ def run_head(lm, batch: dict, head_fn, **options):
     the head's parameters gathered (ZeRO-3). The head functions run outside autocast themselves."""
     h, labels, cu = head_inputs(body_hidden_states(lm, batch), batch)
     head = lm.get_output_embeddings()
+    refuse_untied_parallel_head(lm, head)
     with gathered_head(head, lm):
         return head_fn(h, head.weight, labels, cu, bias=head.bias, **options)
+
+
+def refuse_untied_parallel_head(lm, head) -> None:
+    """A model configured with tied embeddings whose head weight is a DTensor but no longer the
+    embedding's weight: ``parallelize_module`` put a new parameter on the head alone, so the step would
+    train an untied model while the config says tied. Refused with the plan that keeps them tied."""
+    if not is_dtensor(head.weight) or not getattr(lm.config.get_text_config(), "tie_word_embeddings", False):
+        return
+    embedding = lm.get_input_embeddings()
+    if embedding is not None and embedding.weight is not head.weight:
+        raise ValueError(
+            f"{type(lm).__name__} ties its embedding and LM head (tie_word_embeddings=True), but its head "
+            "weight is a DTensor the embedding does not share: parallelizing the head alone unties them, "
+            "and the step would train an untied model. Shard the embedding over the same rows too "
+            '(e.g. {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate()), "lm_head": '
+            "ColwiseParallel()}) and call model.tie_weights() after parallelize_module"
+        )
 
 
 def _head_options(lm, options: dict) -> dict:

@@ -31,10 +31,11 @@ def on_labelled_rows(compute, hidden, labels, rows: PackedRows, opts: HeadOption
 def run_logprobs(ops: RowOps, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens):
     """Log-probs [S] or [N] of packed rows with ``ops`` doing the row work (two-pass)."""
     chunk = chunk_tokens or default_chunk_tokens(opts.vocab(weight), hidden.device)
-    ops, hidden = vocab_parallel(ops, opts.shard), replicated_input(hidden, opts.shard)
+    ops = vocab_parallel(ops, opts.shard)
 
     def compute(h, lab, r):
         plan = LogprobPlan(Targets.build(lab, r, opts.ignore_index, h.dtype), opts, reduction, chunk, ops)
+        h = replicated_input(h, opts.shard)  # dX summed over the ranks: the labelled rows only
         return LinearLogprobsFunction.apply(h, weight, bias, plan)
 
     return on_labelled_rows(compute, hidden, labels, rows, opts, reduction)
@@ -58,8 +59,9 @@ def run_fused(
 
     ``norms``: (groups, first-chosen tokens) denominators of the batch means, None for this batch's own."""
     chunk = chunk_tokens or default_chunk_tokens(opts.vocab(weight), hidden.device)
-    ops, hidden = vocab_parallel(ops, opts.shard), replicated_input(hidden, opts.shard)
+    ops = vocab_parallel(ops, opts.shard)
     hidden, labels, rows, _ = keep_labelled_rows(hidden, labels, rows, opts.ignore_index)
+    hidden = replicated_input(hidden, opts.shard)  # dX summed over the ranks: the labelled rows only
     targets = Targets.build(labels, rows, opts.ignore_index, hidden.dtype)
     chunks = tuple(plan_group_chunks(rows.cu_host, spec.responses_per_prompt, chunk))
     plan = FusedPlan(spec, targets, opts, chunks, chunk, float(nll_weight), ops, *norms)
@@ -73,8 +75,9 @@ def run_nll(ops: RowOps, hidden, weight, labels, rows, bias, opts, chunk_tokens,
 
     ``num_tokens``: the mean's denominator (0-dim tensor), None for this call's labelled rows."""
     chunk = chunk_tokens or default_chunk_tokens(opts.vocab(weight), hidden.device)
-    ops, hidden = vocab_parallel(ops, opts.shard), replicated_input(hidden, opts.shard)
+    ops = vocab_parallel(ops, opts.shard)
     hidden, labels, rows, _ = keep_labelled_rows(hidden, labels, rows, opts.ignore_index)
+    hidden = replicated_input(hidden, opts.shard)  # dX summed over the ranks: the labelled rows only
     targets = Targets.build(labels, rows, opts.ignore_index, hidden.dtype)
     plan = NLLPlan(targets, opts, chunk, ops, num_tokens)
     grad_on = torch.is_grad_enabled()
