@@ -191,8 +191,8 @@ def run_head(lm, batch: dict, head_fn, **options):
     the head's parameters gathered (ZeRO-3). The head functions run outside autocast themselves."""
     h, labels, cu = head_inputs(body_hidden_states(lm, batch), batch)
     head = lm.get_output_embeddings()
-    refuse_untied_parallel_head(lm, head)
-    with gathered_head(head, lm):
+    with gathered_head(head, lm):  # (read head.weight only inside: ZeRO-3 gathers a parameter read outside)
+        refuse_untied_parallel_head(lm, head)
         return head_fn(h, head.weight, labels, cu, bias=head.bias, **options)
 
 
