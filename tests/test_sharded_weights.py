@@ -1,7 +1,7 @@
-"""A head weight that FSDP2 keeps sharded (a DTensor) or DeepSpeed ZeRO-3 has released (0 elements)
-cannot be used outside the model's forward: both entry points refuse it with a ValueError that says
-what to do, instead of a shape error or a silently wrong loss.
-"""
+"""A head weight sharded other than over the vocabulary (a DTensor not placed Shard(0)) or released by
+DeepSpeed ZeRO-3 (0 elements) cannot be used: both entry points refuse it with a ValueError that says
+what to do, instead of a shape error or a silently wrong loss. A Shard(0) DTensor is a vocabulary-
+parallel head (tests/test_tensor_parallel.py); on a one-rank mesh it gives the plain result."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def logprobs(batch, weight, bias=None):
 
 ENTRY_POINTS = {"fused": fused, "logprobs": logprobs}
 DTENSOR = (
-    r"weight is a DTensor \(a sharded FSDP2 parameter.*call the loss inside the model's forward"
-    r".*wrpo\.preference_loss\(model, batch\).*FSDP gathers it"
+    r"weight is a DTensor placed \(Shard\(dim=1\),\).*sharded over the vocabulary only.*"
+    r"call the loss inside the model's forward.*wrpo\.preference_loss\(model, batch\)"
 )
 RELEASED = (
     r"weight has 0 elements \(a parameter released by DeepSpeed ZeRO-3\?\)"
@@ -63,23 +63,23 @@ RELEASED = (
 )
 
 
-def sharded(t, mesh):
+def sharded(t, mesh, dim: int = 0):
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    return torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(0)]))
+    return torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(dim)]))
 
 
 @pytest.mark.parametrize("call", ENTRY_POINTS)
-def test_dtensor_weight_is_refused(call, batch, mesh):
-    weight = sharded(batch.weight, mesh)
+def test_a_weight_sharded_over_h_is_refused(call, batch, mesh):
+    weight = sharded(batch.weight, mesh, dim=1)
     with pytest.raises(ValueError, match=DTENSOR):
         ENTRY_POINTS[call](batch, weight)
 
 
 @pytest.mark.parametrize("call", ENTRY_POINTS)
-def test_dtensor_bias_is_refused(call, batch, mesh):
+def test_a_dtensor_bias_beside_a_plain_weight_is_refused(call, batch, mesh):
     bias = sharded(batch.bias, mesh)
-    with pytest.raises(ValueError, match=DTENSOR.replace("weight", "bias", 1)):
+    with pytest.raises(ValueError, match="bias is a DTensor but weight is not: shard both"):
         ENTRY_POINTS[call](batch, batch.weight, bias)
 
 
@@ -109,3 +109,13 @@ def test_gathered_weight_works(batch, mesh):
     full = weight.full_tensor()
     expected = fused(batch, batch.weight).loss
     assert torch.equal(fused(batch, full).loss, expected)
+
+
+@pytest.mark.parametrize("call", ENTRY_POINTS)
+def test_a_vocabulary_shard_on_one_rank_is_the_whole_head(call, batch, mesh):
+    """Shard(0) over a one-rank mesh: a vocabulary-parallel head of one rank, the plain result."""
+    expected = ENTRY_POINTS[call](batch, batch.weight, batch.bias)
+    got = ENTRY_POINTS[call](batch, sharded(batch.weight, mesh), sharded(batch.bias, mesh))
+    if call == "fused":
+        expected, got = expected.loss, got.loss
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
