@@ -14,7 +14,7 @@ from .metrics import mean_logit_metrics, preference_metrics
 from .objective import make_spec, rewards, token_span
 from .output import WRPOOutput
 from .packing import PackedRows, sequence_ids
-from .validation import as_packed_rows, check_head, check_labels, check_not_module, check_preference_tensor
+from .validation import as_packed_rows, check_head, check_labels, check_preference_tensor
 from .vocab_parallel import check_replicated, vocab_shard
 
 __all__ = [
@@ -45,8 +45,6 @@ class HeadInputs(NamedTuple):
 
 def head_inputs(hidden, weight, labels, cu_seqlens, bias, opts: HeadOptions, *, require_tokens, describe):
     hidden, labels, cu, cu_host = as_packed_rows(hidden, labels, cu_seqlens)
-    check_not_module("weight", weight)
-    check_not_module("bias", bias)
     weight, bias, shard = vocab_shard(weight, bias)
     check_head(hidden, weight, bias, labels)
     if shard is not None:

@@ -142,7 +142,7 @@ class _ShardState:
     this shard, and (with a soft cap) the raw logit of local column 0."""
 
     def __init__(self, inner, raw0):
-        self.inner, self.raw0, self.local = inner, raw0, None
+        self.inner, self.raw0, self.local, self.safe_local = inner, raw0, None, None
 
 
 class VocabParallelRowOps:
@@ -163,9 +163,12 @@ class VocabParallelRowOps:
         return _ShardState(self.inner.logits(ws, hidden, weight, bias, opts, for_grad=for_grad), raw0)
 
     def _local_labels(self, st: _ShardState, safe):
-        local = safe - self.shard.start
-        st.local = (local >= 0) & (local < self.shard.size)
-        return torch.where(st.local, local, 0)
+        """The chunk's labels as rows of this shard (0 where another rank owns them), once per chunk."""
+        if st.local is None:
+            local = safe - self.shard.start
+            st.local = (local >= 0) & (local < self.shard.size)
+            st.safe_local = torch.where(st.local, local, 0)
+        return st.safe_local
 
     def stats(self, st: _ShardState, safe, opts):
         lse_r, target_r = self.inner.stats(st.inner, self._local_labels(st, safe), opts)

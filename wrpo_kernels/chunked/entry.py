@@ -6,6 +6,8 @@ the GEMMs and row work see only the labelled rows, and per-token results come ba
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..packing import PackedRows, keep_labelled_rows, scatter_rows
@@ -41,6 +43,28 @@ def run_logprobs(ops: RowOps, hidden, weight, labels, rows, bias, opts, reductio
     return on_labelled_rows(compute, hidden, labels, rows, opts, reduction)
 
 
+class _SinglePassInputs(NamedTuple):
+    ops: RowOps
+    chunk: int
+    hidden: torch.Tensor
+    rows: PackedRows
+    targets: Targets
+    needs: tuple[bool, bool, bool]
+
+
+def _single_pass_inputs(ops, hidden, weight, labels, rows, bias, opts, chunk_tokens) -> _SinglePassInputs:
+    """What both single-pass losses start from: the row ops (vocabulary-parallel for a sharded head),
+    the chunk size, the labelled rows only (their dX summed over the ranks of a sharded head), their
+    targets, and which of hidden, weight, bias need gradients."""
+    chunk = chunk_tokens or default_chunk_tokens(opts.vocab(weight), hidden.device)
+    hidden, labels, rows, _ = keep_labelled_rows(hidden, labels, rows, opts.ignore_index)
+    hidden = replicated_input(hidden, opts.shard)
+    targets = Targets.build(labels, rows, opts.ignore_index, hidden.dtype)
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _SinglePassInputs(vocab_parallel(ops, opts.shard), chunk, hidden, rows, targets, needs)
+
+
 def run_fused(
     ops: RowOps,
     spec,
@@ -58,28 +82,16 @@ def run_fused(
     """(loss, logps [B, K]) in one pass over chunks of whole groups, ``ops`` doing the row work.
 
     ``norms``: (groups, first-chosen tokens) denominators of the batch means, None for this batch's own."""
-    chunk = chunk_tokens or default_chunk_tokens(opts.vocab(weight), hidden.device)
-    ops = vocab_parallel(ops, opts.shard)
-    hidden, labels, rows, _ = keep_labelled_rows(hidden, labels, rows, opts.ignore_index)
-    hidden = replicated_input(hidden, opts.shard)  # dX summed over the ranks: the labelled rows only
-    targets = Targets.build(labels, rows, opts.ignore_index, hidden.dtype)
-    chunks = tuple(plan_group_chunks(rows.cu_host, spec.responses_per_prompt, chunk))
-    plan = FusedPlan(spec, targets, opts, chunks, chunk, float(nll_weight), ops, *norms)
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return FusedLinearWRPOFunction.apply(hidden, weight, bias, ref_logps, plan, needs)
+    x = _single_pass_inputs(ops, hidden, weight, labels, rows, bias, opts, chunk_tokens)
+    chunks = tuple(plan_group_chunks(x.rows.cu_host, spec.responses_per_prompt, x.chunk))
+    plan = FusedPlan(spec, x.targets, opts, chunks, x.chunk, float(nll_weight), x.ops, *norms)
+    return FusedLinearWRPOFunction.apply(x.hidden, weight, bias, ref_logps, plan, x.needs)
 
 
 def run_nll(ops: RowOps, hidden, weight, labels, rows, bias, opts, chunk_tokens, num_tokens=None):
     """(mean NLL, per-sequence log-probs [S]) in one pass over row tiles, ``ops`` doing the row work.
 
     ``num_tokens``: the mean's denominator (0-dim tensor), None for this call's labelled rows."""
-    chunk = chunk_tokens or default_chunk_tokens(opts.vocab(weight), hidden.device)
-    ops = vocab_parallel(ops, opts.shard)
-    hidden, labels, rows, _ = keep_labelled_rows(hidden, labels, rows, opts.ignore_index)
-    hidden = replicated_input(hidden, opts.shard)  # dX summed over the ranks: the labelled rows only
-    targets = Targets.build(labels, rows, opts.ignore_index, hidden.dtype)
-    plan = NLLPlan(targets, opts, chunk, ops, num_tokens)
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return FusedLinearNLLFunction.apply(hidden, weight, bias, plan, needs)
+    x = _single_pass_inputs(ops, hidden, weight, labels, rows, bias, opts, chunk_tokens)
+    plan = NLLPlan(x.targets, opts, x.chunk, x.ops, num_tokens)
+    return FusedLinearNLLFunction.apply(x.hidden, weight, bias, plan, x.needs)
