@@ -39,9 +39,9 @@ CASES = {
 }
 
 
-def build_model(attn: str, tied: bool) -> LlamaForCausalLM:
+def build_model(attn: str, tied: bool, vocab: int = VOCAB) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=tied, attn_implementation=attn)  # fmt: skip
     model = LlamaForCausalLM(cfg).double()
@@ -50,11 +50,12 @@ def build_model(attn: str, tied: bool) -> LlamaForCausalLM:
     return model
 
 
-def global_groups() -> list[dict]:
+def global_groups(vocab: int = VOCAB) -> list[dict]:
+    """GROUPS groups of K responses, token ids in [3, vocab)."""
     g = torch.Generator().manual_seed(3)
 
     def ids(lo, hi):
-        return torch.randint(3, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+        return torch.randint(3, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
 
     return [{"prompt_ids": ids(2, 7), "responses": [ids(1, 7) for _ in range(K)], "num_chosen": K - 1,
              "ref_logps": (torch.randn(K, generator=g) * 2 - 15).tolist()}

@@ -32,7 +32,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.distributed as dist  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 import wrpo.attention  # noqa: E402, F401  (registers attn_implementation="wrpo_segments")
 import wrpo_kernels as wk  # noqa: E402
@@ -40,6 +40,7 @@ from wrpo import batch_counts, pack_groups, pad_groups, preference_loss, sequenc
 from wrpo.packing import pack_shared_prefix  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fsdp_step  # noqa: E402
 from conftest import make_batch  # noqa: E402
 from fsdp_step import exit_rank, free_port, spawn  # noqa: E402
 
@@ -101,11 +102,7 @@ def full(t):
 
 
 def build_model(attn: str, tied: bool) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tied, attn_implementation=attn)  # fmt: skip
-    return LlamaForCausalLM(cfg).double()
+    return fsdp_step.build_model(attn, tied, vocab=VOCAB)
 
 
 def is_tied(model) -> bool:
@@ -132,14 +129,7 @@ def parallelize(model, mesh, tied: bool):
 
 def global_groups() -> list[dict]:
     """Tokens over the whole vocabulary (the labels reach both ranks' rows)."""
-    g = torch.Generator().manual_seed(5)
-
-    def ids(lo, hi):
-        return torch.randint(1, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-
-    return [{"prompt_ids": ids(2, 7), "responses": [ids(1, 7) for _ in range(K)], "num_chosen": K - 1,
-             "ref_logps": (torch.randn(K, generator=g) * 2 - 15).tolist()}
-            for _ in range(GROUPS)]  # fmt: skip
+    return fsdp_step.global_groups(vocab=VOCAB)
 
 
 def collate(groups: list[dict], layout: str) -> dict:
