@@ -153,10 +153,21 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))  # fmt: skip
-    try:
+
+    def cases() -> dict:
         mesh = init_device_mesh("cpu", (world,))
         results = {case: run_case(case, rank, world, mesh) for case in CASES}
         results["control"] = negative_control(rank, world, mesh)
+        return results
+
+    finish_rank(rank, cases, out_dir)
+
+
+def finish_rank(rank: int, cases, out_dir) -> None:
+    """In a rank whose process group is up: ``cases()`` -> {name: result}, written by rank 0 as
+    ``OUT_DIR/<name>.pt``; then the group is destroyed and the rank leaves (:func:`exit_rank`)."""
+    try:
+        results = cases()
         if rank == 0:
             for name, result in results.items():
                 torch.save(result, Path(out_dir) / f"{name}.pt")

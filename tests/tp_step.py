@@ -42,7 +42,7 @@ from wrpo.packing import pack_shared_prefix  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsdp_step  # noqa: E402
 from conftest import make_batch  # noqa: E402
-from fsdp_step import exit_rank, free_port, spawn  # noqa: E402
+from fsdp_step import finish_rank, free_port, spawn  # noqa: E402
 
 GROUPS, K, VOCAB, TP, DP = 4, 3, 41, 2, 2
 OPTIONS = {"beta": 0.3, "alpha": 0.2, "nll_weight": 0.2, "backend": "torch"}
@@ -378,14 +378,7 @@ def rank_main(rank: int, cases, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))  # fmt: skip
-    try:
-        results = cases(rank)
-        if rank == 0:
-            for name, result in results.items():
-                torch.save(result, Path(out_dir) / f"{name}.pt")
-    finally:
-        dist.destroy_process_group()
-    exit_rank()
+    finish_rank(rank, lambda: cases(rank), out_dir)
 
 
 def tp_cases(rank: int) -> dict:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.distributed as dist
-from fsdp_step import build_model, exit_rank, free_port, global_groups, rank_groups, spawn
+from fsdp_step import build_model, finish_rank, free_port, global_groups, rank_groups, spawn
 
 from wrpo import batch_counts, pack_groups, pad_groups, preference_loss
 from wrpo.packing import pack_shared_prefix
@@ -124,15 +123,13 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # the shared-memory all-reduce op serves inference only; skip its ~1 minute JIT build
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
-    try:
+
+    def cases() -> dict:
         results = {case: run_case(case, rank, world) for case in CASES}
         results["control"] = {"error": unregistered_head_control(rank, world)}  # last: it fails mid-step
-        if rank == 0:
-            for name, result in results.items():
-                torch.save(result, Path(out_dir) / f"{name}.pt")
-    finally:
-        dist.destroy_process_group()
-    exit_rank()
+        return results
+
+    finish_rank(rank, cases, out_dir)
 
 
 def run(out_dir, world: int = 2, timeout: float = 240.0) -> None:
