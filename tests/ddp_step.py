@@ -59,3 +59,6 @@ def main(out_path):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    from fsdp_step import exit_rank  # tests/ is this script's directory
+
+    exit_rank()  # without the interpreter's teardown, where a gloo rank now and then aborts or hangs
