@@ -44,7 +44,7 @@ gpu-check: $(STAMP)
 	$(VENV)/bin/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 fusion-demo: $(STAMP)
-	$(VENV)/bin/python -m wrpo.fusion_demo $(if $(QUICK),--quick) $(if $(REWARD),--reward $(REWARD)) $(if $(OUT),--out $(OUT))
+	PYTHONPATH=examples $(VENV)/bin/python -m fusion_demo $(if $(QUICK),--quick) $(if $(REWARD),--reward $(REWARD)) $(if $(OUT),--out $(OUT))
 
 # the model-zoo conformance matrix: wrpo/assets/verified_layouts.json (read by the layout plan) + docs/models.md
 zoo: $(STAMP)

@@ -34,9 +34,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import wrpo_kernels as wk
 from wrpo import pack_groups, sequence_logps, sft_loss
-from wrpo.attention import NAME as SEGMENT_ATTENTION
-from wrpo.capabilities import read_capabilities
-from wrpo.layout import plan_layout, prepare_layout
+from wrpo.model.attention import NAME as SEGMENT_ATTENTION
+from wrpo.model.capabilities import read_capabilities
+from wrpo.model.layout import plan_layout, prepare_layout
 
 HEAD = ("naive", "two-pass", "single-pass")
 STEP = ("step-two-pass", "step-single-pass")

@@ -4,11 +4,11 @@ Methods (same batches, same initial weights, forward + backward + AdamW step, pr
 log-probs, K = 3 responses per prompt):
   packed-fused   the ``wrpo train`` path: every sequence of the batch packed into one row without
                  padding, attention per sequence (flash-attention varlen on a GPU when installed,
-                 else wrpo.attention: one causal sdpa call per sequence), the body run without its
+                 else wrpo.model.attention: one causal sdpa call per sequence), the body run without its
                  head, then wrpo_kernels.fused_linear_wrpo_loss on the hidden states and
                  lm_head.weight (which drops the prompt rows before the head)
   packed-shared-fused  the same with each prompt encoded once for its K responses
-                 (wrpo.packing.pack_shared_prefix: responses restart at position P and attend to the
+                 (wrpo.data.collate.pack_shared_prefix: responses restart at position P and attend to the
                  prompt and themselves); tokens/s still counts the unshared tokens (prompt once per
                  response), so the same work counts the same; --profile picks the lengths
   packed-mask-fused  the same, attention through sdpa with a dense block-diagonal causal mask
@@ -23,8 +23,8 @@ tokens) clipped to [50, 700]; every method sees the same batches.
 --arch: the small Llama (default), or a hybrid of the same size class whose layers alternate between
 its sequence mixer and full attention: lfm2 (short convolutions), qwen3_5_text (gated delta nets),
 jamba (Mamba scans, a dense MLP). Packed methods prepare a hybrid as ``wrpo train`` does
-(wrpo.layout.prepare_layout: attention on wrpo_segments, the conv / recurrent layers hooked to run one
-sequence at a time, wrpo/mixers.py; packed-mask-fused: those hooks, the attention left on sdpa with the
+(wrpo.model.layout.prepare_layout: attention on wrpo_segments, the conv / recurrent layers hooked to run one
+sequence at a time, wrpo/model/mixers.py; packed-mask-fused: those hooks, the attention left on sdpa with the
 block mask); padded methods run its own sdpa attention with the attention mask.
 
 Throughput: real (non-padding) tokens of one round over all batches divided by its time; the median
@@ -53,11 +53,11 @@ from transformers import AutoModelForCausalLM, JambaConfig, Lfm2Config, LlamaCon
 
 import wrpo_kernels as wk
 from wrpo import preference_loss
-from wrpo.attention import NAME as SEGMENT_ATTENTION
-from wrpo.capabilities import read_capabilities
-from wrpo.layout import plan_layout, prepare_layout
-from wrpo.model_loss import varlen_attention
-from wrpo.packing import IGNORE_INDEX, block_causal_mask, pack_groups, pack_shared_prefix, pad_groups
+from wrpo.data.collate import IGNORE_INDEX, block_causal_mask, pack_groups, pack_shared_prefix, pad_groups
+from wrpo.model.attention import NAME as SEGMENT_ATTENTION
+from wrpo.model.capabilities import read_capabilities
+from wrpo.model.layout import plan_layout, prepare_layout
+from wrpo.model.losses import varlen_attention
 
 METHODS = (
     "padded-naive",

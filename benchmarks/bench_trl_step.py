@@ -35,7 +35,7 @@ PAD_ID = 0
 
 def make_data(path: Path, rows: int, seed: int) -> None:
     """Pairs of random-word texts with UltraFeedback-like token lengths (tiny tokenizer: 1 word = 1 id)."""
-    from wrpo.tiny import WORDS
+    from wrpo.train.tiny import WORDS
 
     g = torch.Generator().manual_seed(seed)
     words = sorted(set(WORDS))
@@ -60,7 +60,7 @@ def make_data(path: Path, rows: int, seed: int) -> None:
 def make_model(path: Path, args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from wrpo.tiny import build_tiny_tokenizer
+    from wrpo.train.tiny import build_tiny_tokenizer
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(vocab_size=args.V, hidden_size=args.H, intermediate_size=4 * args.H,

@@ -2,7 +2,7 @@
 examples/accelerate/zero3.yaml tests/ds_cpu_launch.py train ...`` (test_deepspeed_trainer.py).
 
 A test shim, never on a GPU user's path (there: ``accelerate launch ... -m wrpo.cli train ...``, which
-also runs on a CPU, only slower to start). Before running ``wrpo.cli.main`` unchanged it:
+also runs on a CPU, only slower to start). Before running ``wrpo.cli.main.main`` unchanged it:
 
 - skips the JIT build of DeepSpeed's shared-memory all-reduce op (~1 minute of g++ on first use; it
   serves inference only);
@@ -11,7 +11,7 @@ also runs on a CPU, only slower to start). Before running ``wrpo.cli.main`` unch
   trained, not DDP.
 
 Nothing else is needed on a CPU: ``DS_ACCELERATOR=cpu`` (set by the test) selects DeepSpeed's CPU
-accelerator, and ``wrpo.config`` puts several processes without a GPU on gloo (``use_cpu``), which
+accelerator, and ``wrpo.train.config`` puts several processes without a GPU on gloo (``use_cpu``), which
 keeps the DeepSpeed plugin that ``accelerate launch`` configured.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import deepspeed
 import deepspeed.comm  # noqa: F401  (imports deepspeed.comm.torch, patched below)
 
-from wrpo.cli import main
+from wrpo.cli.main import main
 
 
 def probe(initialize, path: Path):

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import wrpo.attention  # noqa: F401  (registers attn_implementation="wrpo_segments")
+import wrpo.model.attention  # noqa: F401  (registers attn_implementation="wrpo_segments")
 from wrpo import batch_counts, pack_groups, pad_groups, preference_loss
 
 GROUPS, K, VOCAB, WORLD = 4, 3, 40, 2

@@ -1,4 +1,4 @@
-"""wrpo.attention: per-sequence sdpa over packed rows against sdpa with the dense block mask."""
+"""wrpo.model.attention: per-sequence sdpa over packed rows against sdpa with the dense block mask."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wrpo.attention import NAME, segment_attention, segment_bounds
-from wrpo.model_loss import varlen_attention
-from wrpo.models import _attn_implementation
-from wrpo.packing import block_causal_mask
+from wrpo.data.collate import block_causal_mask
+from wrpo.model.attention import NAME, segment_attention, segment_bounds
+from wrpo.model.losses import varlen_attention
+from wrpo.train.load_models import _attn_implementation
 
 
 def packed_positions(rows: list[list[int]]) -> torch.Tensor:
@@ -85,8 +85,8 @@ def test_bad_inputs_are_named():
 
 def test_wrpo_picks_segment_attention_for_packed_rows_without_flash_attn():
     """Loaded with the model's default; the layout plan switches packed rows to wrpo_segments."""
-    from wrpo.capabilities import read_capabilities
-    from wrpo.layout import plan_layout
+    from wrpo.model.capabilities import read_capabilities
+    from wrpo.model.layout import plan_layout
 
     if torch.cuda.is_available():
         pytest.skip("on a GPU with flash-attn installed, flash-attention is picked")
@@ -98,7 +98,7 @@ def test_wrpo_picks_segment_attention_for_packed_rows_without_flash_attn():
 
 def test_bounds_are_found_once_per_forward(monkeypatch):
     """Every layer gets the same position_ids tensor: one host sync per forward, not one per layer."""
-    import wrpo.attention as attention
+    import wrpo.model.attention as attention
 
     calls = []
     real = attention.segment_bounds

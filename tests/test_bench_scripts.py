@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import wrpo.mixers
+import wrpo.model.mixers
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -336,7 +336,7 @@ def test_sweep_predicts_over_cap_and_drops_compile_before_a_configuration():
 @pytest.mark.parametrize("arch", ["llama", "lfm2", "qwen3_5_text"])
 def test_train_step_methods_agree_on_the_first_loss(monkeypatch, arch):
     """benchmarks/bench_train_step.py: every method's loss of the first batch (before its AdamW step)
-    equals padded-fused's in fp32, a hybrid's packed rows prepared by wrpo.layout.prepare_layout; the
+    equals padded-fused's in fp32, a hybrid's packed rows prepared by wrpo.model.layout.prepare_layout; the
     same rows with its conv / recurrent layers run over whole rows differ (the check has teeth)."""
     # short sequences and log-probs far from uniform: a leak between packed sequences shows in the loss
     monkeypatch.setitem(train_step.PROFILES, "tiny", ((4, 12), (4, 12)))
@@ -356,10 +356,12 @@ def test_train_step_methods_agree_on_the_first_loss(monkeypatch, arch):
         assert loss == pytest.approx(losses["padded-fused"], rel=1e-4), (m, losses)
     if arch == "llama":
         return
-    # no sequence mixers for wrpo.mixers to hook: the conv / recurrent layers run over whole packed rows
-    real_caps = wrpo.mixers.read_capabilities
+    # no sequence mixers for wrpo.model.mixers to hook: the conv / recurrent layers run over whole packed rows
+    real_caps = wrpo.model.mixers.read_capabilities
     monkeypatch.setattr(
-        wrpo.mixers, "read_capabilities", lambda lm: dataclasses.replace(real_caps(lm), sequence_mixers=())
+        wrpo.model.mixers,
+        "read_capabilities",
+        lambda lm: dataclasses.replace(real_caps(lm), sequence_mixers=()),
     )
     leaky = train_step.build("packed-fused", args)(batch).item()
     assert leaky != pytest.approx(losses["padded-fused"], rel=1e-3)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from wrpo.cli import main
-from wrpo.tiny import SAMPLE_DATA
+from wrpo.cli.main import main
+from wrpo.train.tiny import SAMPLE_DATA
 
 METRICS = [
     "loss", "rewards/chosen", "rewards/source_chosen", "rewards/target_chosen", "rewards/rejected",
@@ -79,7 +79,7 @@ def test_sft_trains_on_the_first_chosen_response(tmp_path):
 
 
 def test_yaml_config_then_flags_override(tmp_path):
-    from wrpo.config import parse_config
+    from wrpo.train.config import parse_config
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("beta: 0.05\nalpha: 0.2\nloss_type: simpo\nchosen_weights: [0.3, 0.7]\n")
@@ -114,7 +114,7 @@ def test_precomputed_reference_logps_train_like_on_the_fly(tmp_path):
 
 def test_precomputed_reference_logps_are_cached_on_disk(tmp_path, monkeypatch):
     """The second run on the same data and reference model loads the cache instead of running the model."""
-    from wrpo import pipeline
+    from wrpo.train import stage as pipeline
 
     cache = tmp_path / "cache"
     args = ["train", "--max_steps", "1", "--eval_rows", "4", "--precompute_ref_logps", "true",
@@ -150,7 +150,7 @@ def _user_rows(tmp_path, n=20):
 def test_user_dataset_trains_on_all_rows_with_the_documented_defaults(tmp_path, capsys):
     from transformers import TrainingArguments
 
-    from wrpo.cli import stage_config
+    from wrpo.cli.main import stage_config
 
     data, out = _user_rows(tmp_path), tmp_path / "o"
     args = ["--dataset", str(data), "--max_steps", "3", "--output_dir", str(out)]
@@ -174,8 +174,8 @@ def test_user_dataset_trains_on_all_rows_with_the_documented_defaults(tmp_path, 
 
 
 def test_bundled_tiny_default_keeps_its_own_settings(tmp_path):
-    from wrpo.cli import stage_config
-    from wrpo.tiny import TINY_DEFAULTS
+    from wrpo.cli.main import stage_config
+    from wrpo.train.tiny import TINY_DEFAULTS
 
     out = ["--output_dir", str(tmp_path)]
     config = stage_config("train", out)
@@ -189,8 +189,8 @@ def test_bundled_tiny_default_keeps_its_own_settings(tmp_path):
 
 
 def test_effective_config_counts_epoch_steps_like_the_trainer(tmp_path):
-    from wrpo.cli import stage_config
-    from wrpo.effective_config import updates_per_epoch
+    from wrpo.cli.main import stage_config
+    from wrpo.train.effective_config import updates_per_epoch
 
     config = stage_config("train", ["--output_dir", str(tmp_path), "--per_device_train_batch_size", "7",
                                     "--gradient_accumulation_steps", "3"])  # fmt: skip
@@ -200,7 +200,7 @@ def test_effective_config_counts_epoch_steps_like_the_trainer(tmp_path):
 
 
 def test_no_pin_memory_without_a_gpu(tmp_path):
-    from wrpo.config import parse_config
+    from wrpo.train.config import parse_config
 
     config = parse_config(["--output_dir", str(tmp_path)])
     assert config.dataloader_pin_memory is torch.cuda.is_available()
@@ -222,7 +222,7 @@ def _option_blocks(text: str) -> dict[str, str]:
 
 
 def test_help_lists_the_wrpo_options_first_each_with_a_description_and_its_default(capsys):
-    from wrpo.config import WRPOConfig
+    from wrpo.train.config import WRPOConfig
 
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
@@ -260,7 +260,7 @@ def test_chosen_given_as_a_string_says_a_list_was_expected(tmp_path, capsys):
 
 
 def test_summary_of_a_run_that_logged_no_step():
-    from wrpo.report import summary
+    from wrpo.train.report import summary
 
     text = summary([{"step": 1, "train_loss": 0.6931, "train_runtime": 1.0}])
     assert "no step's metrics were logged" in text and "0.6931" in text

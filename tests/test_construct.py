@@ -1,4 +1,4 @@
-"""Data construction (wrpo.construct): build, split, malformed rows, atomic outputs, prompts."""
+"""Data construction (wrpo.data.construct): build, split, malformed rows, atomic outputs, prompts."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import re
 
 import pytest
 
-from wrpo.cli import main
-from wrpo.construct.build import NO_SOURCE, NO_TARGET, ONE_TARGET, TIED_TARGETS, build, few_sources
-from wrpo.construct.jsonl import atomic_outputs, write_jsonl
-from wrpo.construct.split import split, split_indices
-from wrpo.data import load_preference_data
-from wrpo.tiny import SAMPLE_DATA
+from wrpo.cli.main import main
+from wrpo.data.construct.build import NO_SOURCE, NO_TARGET, ONE_TARGET, TIED_TARGETS, build, few_sources
+from wrpo.data.construct.jsonl import atomic_outputs, write_jsonl
+from wrpo.data.construct.split import split, split_indices
+from wrpo.data.preference import load_preference_data
+from wrpo.train.tiny import SAMPLE_DATA
 
 
 def write_jsonl_rows(path, rows):

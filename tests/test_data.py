@@ -1,4 +1,4 @@
-"""Reading, validating and tokenizing preference data (wrpo.data)."""
+"""Reading, validating and tokenizing preference data (wrpo.data.preference)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import re
 import datasets
 import pytest
 
-from wrpo.data import (
+from wrpo.data.preference import (
     DataError,
     PreferenceExample,
     load_preference_data,
     tokenize_example,
 )
-from wrpo.tiny import build_tiny_tokenizer
+from wrpo.train.tiny import build_tiny_tokenizer
 
 USER = {"role": "user", "content": "What is 2 + 3?"}
 WS, WT, WL = "2 + 3 = 5. The answer is 5.", "5", "6"

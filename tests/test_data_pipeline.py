@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from wrpo.cli import main
-from wrpo.data import load_preference_data
-from wrpo.tiny import SAMPLE_DATA
+from wrpo.cli.main import main
+from wrpo.data.preference import load_preference_data
+from wrpo.train.tiny import SAMPLE_DATA
 
 N_PROMPTS, N_SAMPLES = 9, 3
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from ddp_step import build_model, global_batch, step_loss
 
-from wrpo.tiny import SAMPLE_DATA
+from wrpo.train.tiny import SAMPLE_DATA
 
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 

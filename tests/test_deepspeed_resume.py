@@ -22,7 +22,7 @@ from fsdp_step import free_port
 pytest.importorskip("deepspeed")
 from safetensors.torch import load_file  # noqa: E402
 
-from wrpo.checkpoints import MARKER, checkpoint_problem, is_complete, newest_complete_checkpoint  # noqa: E402
+from wrpo.train.checkpoints import MARKER, checkpoint_problem, is_complete, newest_complete_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))

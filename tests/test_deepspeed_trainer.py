@@ -5,7 +5,7 @@ steps 1-2 with gradient accumulation 2.
 Launched as a user launches it, ``accelerate launch --config_file examples/accelerate/zero3.yaml``, in
 fp32 (``--mixed_precision no``: ZeRO-3 refuses fp64, a CPU gains nothing from bf16), with
 ``DS_ACCELERATOR=cpu`` and ``tests/ds_cpu_launch.py`` in place of ``-m wrpo.cli``: it only skips the
-JIT build of an inference op (~1 minute) and records the DeepSpeed engine, then runs ``wrpo.cli.main``.
+JIT build of an inference op (~1 minute) and records the DeepSpeed engine, then runs ``wrpo.cli.main.main``.
 The global batch of each step is the same: 1 process x 2 groups x 2 micro-batches, 2 processes x 1
 group x 2 micro-batches (the distributed sampler deals the one shuffled order out to the processes).
 """

@@ -26,7 +26,7 @@ from log_parity import assert_logs_match, free_port
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
-from wrpo.tiny import save_tiny_model  # noqa: E402
+from wrpo.train.tiny import save_tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests/trl_zero3_script.py"

@@ -10,11 +10,11 @@ import datasets
 import pytest
 import torch
 
-from wrpo.config import parse_config
-from wrpo.models import load_policy, load_reference
-from wrpo.pipeline import build_datasets, load_examples
-from wrpo.tiny import SAMPLE_DATA, save_tiny_model
-from wrpo.trainer import WRPOTrainer
+from wrpo.train.config import parse_config
+from wrpo.train.load_models import load_policy, load_reference
+from wrpo.train.stage import build_datasets, load_examples
+from wrpo.train.tiny import SAMPLE_DATA, save_tiny_model
+from wrpo.train.trainer import WRPOTrainer
 
 # keys of Trainer.evaluate's own (loss, timings), not WRPO metrics
 TRAINER_KEYS = ("loss", "runtime", "samples_per_second", "steps_per_second", "model_preparation_time")

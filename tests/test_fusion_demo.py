@@ -7,11 +7,11 @@ import json
 import math
 
 import pytest
+from fusion_demo import report
+from fusion_demo.__main__ import main
+from fusion_demo.tasks import FAMILIES, all_problems, split_problems
 
-from wrpo.fusion_demo import report
-from wrpo.fusion_demo.__main__ import main
-from wrpo.fusion_demo.tasks import FAMILIES, all_problems, split_problems
-from wrpo.tiny import build_tiny_tokenizer
+from wrpo.train.tiny import build_tiny_tokenizer
 
 
 def test_problems_are_disjoint_deterministic_and_expressible():
@@ -53,7 +53,8 @@ def test_quick_graded_demo_records_reward_data_machine_and_intervals(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     config = results["config"]
     assert (
-        config["reward"] == "graded" and config["reward_fn"] == "wrpo.construct.verifiers:arithmetic_graded"
+        config["reward"] == "graded"
+        and config["reward_fn"] == "wrpo.data.construct.verifiers:arithmetic_graded"
     )
     assert results["seeds"] == config["seeds"] == [0]
     (stats,) = results["preference_stats"]  # one per seed
@@ -118,9 +119,8 @@ def test_report_pairs_wrpo_with_dpo_per_seed_and_lists_every_seed():
 @pytest.mark.parametrize(("parallel", "threads"), [(1, 1), (2, 2)])
 def test_every_job_runs_with_the_configured_threads_whatever_parallel_is(tmp_path, parallel, threads):
     import torch
+    from fusion_demo.jobs import run_wrpo
     from tqdm.auto import tqdm
-
-    from wrpo.fusion_demo.jobs import run_wrpo
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_id": str(i), "prompt": f"q{i}"}) + "\n" for i in range(6)))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wrpo.config import parse_config
-from wrpo.models import load_policy, load_reference
-from wrpo.pipeline import build_datasets, load_examples
-from wrpo.tiny import SAMPLE_DATA
-from wrpo.trainer import WRPOTrainer
+from wrpo.train.config import parse_config
+from wrpo.train.load_models import load_policy, load_reference
+from wrpo.train.stage import build_datasets, load_examples
+from wrpo.train.tiny import SAMPLE_DATA
+from wrpo.train.trainer import WRPOTrainer
 
 
 def _train(tmp_path, stage, batch, accumulation, packing, extra=()):

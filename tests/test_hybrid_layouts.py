@@ -1,6 +1,6 @@
 """Hybrid models (convolution, gated delta net, Mamba layers) in packed and shared-prefix rows.
 
-Their non-attention layers run one sequence at a time (``wrpo/mixers.py``): values and parameter
+Their non-attention layers run one sequence at a time (``wrpo/model/mixers.py``): values and parameter
 gradients equal the model's own forward on each prompt + response alone (fp64), the unhooked packed
 row does not (the control), and ``wrpo train`` logs the same log-probs with its defaults as padded.
 """
@@ -16,8 +16,8 @@ from zoo.conformance import collator, layout_plan
 from zoo.reference import make_groups, own_sequence_logps, relative_error
 
 from wrpo import sequence_logps
-from wrpo.capabilities import read_capabilities
-from wrpo.layout import prepare_layout
+from wrpo.model.capabilities import read_capabilities
+from wrpo.model.layout import prepare_layout
 
 # one model per mixer family: attention, sliding window (+ sinks), conv, gated delta net, Mamba, delta
 # attention, MoE, MLA
@@ -70,7 +70,7 @@ def test_without_per_sequence_mixers_packed_rows_leak(name):
 
 
 def _save(tmp_path, name):
-    from wrpo.tiny import build_tiny_tokenizer
+    from wrpo.train.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     built = build_tiny(name, dtype=torch.float32)
@@ -84,7 +84,7 @@ def _save(tmp_path, name):
 
 
 def _step_one_logps(model_dir, out, extra):
-    from wrpo.cli import main
+    from wrpo.cli.main import main
 
     code = main(["train", "--model", str(model_dir), "--output_dir", str(out), "--max_steps", "1",
                  "--learning_rate", "0", "--logging_steps", "1", "--report_to", "none", "--eval_rows", "0",
@@ -115,7 +115,7 @@ def test_the_sequence_index_is_built_once_per_forward(layout, monkeypatch):
     in one packed row as in one row per group."""
     import transformers
 
-    import wrpo.mixers as mixers
+    import wrpo.model.mixers as mixers
 
     calls = []
     monkeypatch.setattr(

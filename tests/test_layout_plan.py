@@ -8,9 +8,9 @@ import transformers
 from zoo.reference import make_groups, own_sequence_logps, relative_error
 
 from wrpo import PreferenceCollator, sequence_logps
-from wrpo.capabilities import read_capabilities
-from wrpo.layout import plan_layout, prepare_layout
-from wrpo.packing import pack_groups, pack_shared_prefix
+from wrpo.data.collate import pack_groups, pack_shared_prefix
+from wrpo.model.capabilities import read_capabilities
+from wrpo.model.layout import plan_layout, prepare_layout
 
 SMALL = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from wrpo import head_transform, pack_groups, pad_groups, preference_loss, sequence_logps, sft_loss
-from wrpo.model_loss import causal_lm
+from wrpo.model.losses import causal_lm
 from wrpo_kernels import wrpo_loss
 
 VOCAB, K = 48, 3
@@ -258,7 +258,7 @@ def test_other_logit_multipliers_become_a_temperature(fields, expected):
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "wrpo_segments"])
 def test_every_supported_packed_path_gives_the_padded_loss(impl, row_per_group):
     """One row or one row per group; per-sequence attention or the block mask built for sdpa/eager."""
-    import wrpo.attention  # noqa: F401  (registers wrpo_segments)
+    import wrpo.model.attention  # noqa: F401  (registers wrpo_segments)
 
     model, feats = build("llama"), groups(seed=3)
     padded = preference_loss(model, pad_groups(feats, 0), backend="torch", beta=0.3).loss
@@ -284,7 +284,7 @@ def test_packed_sequences_without_position_ids_would_attend_to_each_other():
 
 
 def block_mask(pos):
-    from wrpo.packing import block_causal_mask
+    from wrpo.data.collate import block_causal_mask
 
     return block_causal_mask(pos, torch.float64)
 
@@ -306,7 +306,7 @@ def test_a_packed_batch_without_position_ids_is_refused(entry):
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "wrpo_segments"])
 def test_positions_that_do_not_restart_per_sequence_are_refused(impl):
-    import wrpo.attention  # noqa: F401
+    import wrpo.model.attention  # noqa: F401
 
     model, feats = build("llama"), groups()
     model.set_attn_implementation(impl)

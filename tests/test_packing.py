@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from wrpo import preference_loss
-from wrpo.packing import IGNORE_INDEX, block_causal_mask, pack_groups, pad_groups, sequence_with_labels
+from wrpo.data.collate import IGNORE_INDEX, block_causal_mask, pack_groups, pad_groups, sequence_with_labels
 from wrpo_kernels import fused_linear_wrpo_loss
 
 

@@ -17,13 +17,13 @@ from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
-from wrpo import model_loss as model_loss_module
 from wrpo import pack_groups, pad_groups, preference_loss, sequence_logps
-from wrpo.attention import NAME, segment_layout
-from wrpo.capabilities import read_capabilities
-from wrpo.layout import plan_for, plan_layout, prepare_layout
-from wrpo.model_loss import body_hidden_states
-from wrpo.packing import IGNORE_INDEX, pack_shared_prefix, shared_prefix_mask
+from wrpo.data.collate import IGNORE_INDEX, pack_shared_prefix, shared_prefix_mask
+from wrpo.model import losses as model_loss_module
+from wrpo.model.attention import NAME, segment_layout
+from wrpo.model.capabilities import read_capabilities
+from wrpo.model.layout import plan_for, plan_layout, prepare_layout
+from wrpo.model.losses import body_hidden_states
 
 VOCAB = 45
 SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -284,7 +284,7 @@ def test_report_max_differences():
 def _train_losses(tmp_path, name, extra):
     import json
 
-    from wrpo.cli import main
+    from wrpo.cli.main import main
 
     out = tmp_path / name
     code = main(["train", "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "3",
@@ -298,7 +298,7 @@ def _train_losses(tmp_path, name, extra):
 def test_wrpo_train_with_prefix_sharing_logs_the_same_losses(tmp_path, capsys, caplog):
     """``wrpo train`` (fp32, tiny model: sharing on by default) logs the losses of the unshared run;
     the effective config says whether sharing is on, once (not in the log as well)."""
-    with caplog.at_level("WARNING", logger="wrpo.layout"):
+    with caplog.at_level("WARNING", logger="wrpo.model.layout"):
         plain = _train_losses(tmp_path, "plain", ["--prefix_sharing", "false"])
         printed = capsys.readouterr().out
         assert printed.count("prefix sharing") == 1
@@ -312,7 +312,7 @@ def test_wrpo_train_with_prefix_sharing_logs_the_same_losses(tmp_path, capsys, c
 
 
 def test_prefix_sharing_needs_packing():
-    from wrpo.config import parse_config
+    from wrpo.train.config import parse_config
 
     with pytest.raises(ValueError, match="--prefix_sharing needs --packing"):
         parse_config(["--prefix_sharing", "true", "--packing", "false", "--output_dir", "/tmp/x"])
@@ -346,7 +346,7 @@ def test_the_plan_says_why_sharing_is_off():
 def test_precomputed_reference_logps_equal(impl):
     from types import SimpleNamespace
 
-    from wrpo.pipeline import compute_ref_logps
+    from wrpo.train.stage import compute_ref_logps
 
     model, groups = build("qwen2-gqa", impl), random_groups(5, 3, seed=13, empty_prompt=True)
     config = SimpleNamespace(packing=True, per_device_eval_batch_size=2, kernel_backend="torch")
@@ -360,7 +360,7 @@ def test_flash_attention_models_switch_to_segments(caplog):
     policy, ref = build("llama"), build("llama", "sdpa")
     policy.config._attn_implementation = "flash_attention_2"  # as loaded on a GPU with flash-attn
     plan = plan_layout(read_capabilities(policy), packing=None, prefix_sharing=True)
-    with caplog.at_level("INFO", logger="wrpo.layout"):
+    with caplog.at_level("INFO", logger="wrpo.model.layout"):
         prepare_layout(plan, policy, ref)
     assert policy.config._attn_implementation == ref.config._attn_implementation == NAME
     assert "switched from flash_attention_2 to wrpo_segments" in caplog.text

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from wrpo.checkpoints import (
+from wrpo.cli.main import main
+from wrpo.train.checkpoints import (
     MARKER,
     CompleteCheckpoints,
     checkpoint_problem,
@@ -30,8 +31,7 @@ from wrpo.checkpoints import (
     resolve_resume,
     train_from_checkpoint,
 )
-from wrpo.cli import main
-from wrpo.tiny import SAMPLE_DATA
+from wrpo.train.tiny import SAMPLE_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY, KILL_AT = 12, 3, 6
@@ -417,7 +417,7 @@ def test_save_total_limit_never_leaves_no_complete_checkpoint(tmp_path, monkeypa
 def test_rotation_keeps_the_newest_complete_checkpoint(tmp_path):
     import transformers.trainer
 
-    from wrpo.checkpoints import keeping_the_newest_complete, rotate_checkpoints
+    from wrpo.train.checkpoints import keeping_the_newest_complete, rotate_checkpoints
 
     original = transformers.trainer.rotate_checkpoints
     with keeping_the_newest_complete():  # what WRPOTrainer._save_checkpoint runs under
@@ -442,10 +442,10 @@ def test_rotation_keeps_the_newest_complete_checkpoint(tmp_path):
 def test_resume_says_where_it_resumes_from_and_what_it_skipped(tmp_path, caplog):
     _fake_checkpoint(tmp_path / "checkpoint-2", 2)
     _fake_checkpoint(tmp_path / "checkpoint-4", 4, marked=False)  # cut off by a kill
-    with caplog.at_level("WARNING", logger="wrpo.checkpoints"):
+    with caplog.at_level("WARNING", logger="wrpo.train.checkpoints"):
         assert resolve_resume("true", tmp_path) == str(tmp_path / "checkpoint-2")
     assert f"resuming from {tmp_path / 'checkpoint-2'} (skipped, incomplete: checkpoint-4)" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="wrpo.checkpoints"):
+    with caplog.at_level("WARNING", logger="wrpo.train.checkpoints"):
         assert resolve_resume("true", tmp_path / "empty") is None
     assert "no complete checkpoint in" in caplog.text and "training starts from scratch" in caplog.text

@@ -7,15 +7,15 @@ import sys
 
 import pytest
 
-from wrpo.cli import main
-from wrpo.construct.verifiers import (
+from wrpo.cli.main import main
+from wrpo.data.construct.verifiers import (
     arithmetic_exact_match,
     arithmetic_graded,
     equation_steps,
     final_number,
 )
 
-VERIFIER = "wrpo.construct.verifiers:arithmetic_exact_match"
+VERIFIER = "wrpo.data.construct.verifiers:arithmetic_exact_match"
 ROWS = [
     {"prompt_id": "p1", "prompt": "What is the sum of 12 and 5?", "answer": 17,
      "responses": [{"model": "m", "text": "12 + 5 = 17. The answer is 17.", "score": None},
@@ -49,7 +49,7 @@ def test_final_number_and_a_row_without_answer():
         arithmetic_exact_match([], "5", {"prompt": "p"})
 
 
-GRADED = "wrpo.construct.verifiers:arithmetic_graded"
+GRADED = "wrpo.data.construct.verifiers:arithmetic_graded"
 TWOSTEP = {"prompt": "Add 5 to the product of 3 and 4.", "answer": 17}
 
 
@@ -159,7 +159,7 @@ def test_the_function_gets_messages_text_and_the_row(tmp_path, user_module):
 
 
 def test_sample_and_build_carry_the_reference_answer(tmp_path):
-    from wrpo.tiny import save_tiny_model
+    from wrpo.train.tiny import save_tiny_model
 
     model = save_tiny_model(tmp_path / "m", seed=1)
     prompts = write(tmp_path / "p.jsonl", [{"prompt_id": "p1", "prompt": "What is 2 + 3?", "answer": 5}])

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from wrpo.cli import main
-from wrpo.construct import score as score_module
-from wrpo.construct.score import reward_scores
-from wrpo.tiny import save_tiny_model
+from wrpo.cli.main import main
+from wrpo.data.construct import score as score_module
+from wrpo.data.construct.score import reward_scores
+from wrpo.train.tiny import save_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""``wrpo sft`` data (wrpo.sft_data): TRL's SFT formats and preference rows -> examples -> token ids, and
+"""``wrpo sft`` data (wrpo.data.sft): TRL's SFT formats and preference rows -> examples -> token ids, and
 ``wrpo sft`` end to end on prompt-completion, messages and text files with the bundled tiny model."""
 
 from __future__ import annotations
@@ -10,16 +10,22 @@ import re
 import datasets
 import pytest
 
-from wrpo.cli import main
-from wrpo.data import DataError, PreferenceExample, TokenizedGroup, load_preference_data, tokenize_example
-from wrpo.sft_data import (
+from wrpo.cli.main import main
+from wrpo.data.preference import (
+    DataError,
+    PreferenceExample,
+    TokenizedGroup,
+    load_preference_data,
+    tokenize_example,
+)
+from wrpo.data.sft import (
     SFTExample,
     as_sft_example,
     describe_formats,
     load_sft_data,
     tokenize_sft_example,
 )
-from wrpo.tiny import EOS_ID, build_tiny_tokenizer, make_sample_rows
+from wrpo.train.tiny import EOS_ID, build_tiny_tokenizer, make_sample_rows
 
 SYSTEM = {"role": "system", "content": "You are a careful math tutor."}
 USER = {"role": "user", "content": "What is 2 + 3?"}
@@ -124,14 +130,14 @@ def test_preference_rows_read_as_sft_are_their_first_chosen_response(tmp_path):
 def test_earlier_assistant_turns_are_context_and_said_once_with_their_count(tmp_path, caplog):
     turns = [SYSTEM, USER, assistant("5"), {"role": "user", "content": "And 2 + 4?"}, assistant("6")]
     rows = [{"messages": turns}, FORMS["messages"][0], {"messages": turns}]
-    with caplog.at_level(logging.WARNING, logger="wrpo.sft_data"):
+    with caplog.at_level(logging.WARNING, logger="wrpo.data.sft"):
         examples = load_sft_data(write_jsonl(tmp_path / "d.jsonl", rows))
     assert examples[0] == SFTExample(tuple(turns[:-1]), "6")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "2 of 3 rows (first: line 1)" in warnings[0] and "only the last assistant message" in warnings[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="wrpo.sft_data"):
+    with caplog.at_level(logging.WARNING, logger="wrpo.data.sft"):
         load_sft_data(write_jsonl(tmp_path / "e.jsonl", [FORMS["messages"][0]]))
     assert not caplog.records  # single-turn conversations: nothing to say
 
@@ -324,8 +330,8 @@ def test_wrpo_sft_trains_on_a_trl_sft_file(tmp_path, capsys, name, formats):
 
 
 def test_prompt_completion_rows_train_exactly_as_the_preference_rows_they_come_from(tmp_path, capsys):
-    from wrpo.cli import stage_config
-    from wrpo.pipeline import build_datasets, load_examples
+    from wrpo.cli.main import stage_config
+    from wrpo.train.stage import build_datasets, load_examples
 
     files = _sft_files(tmp_path)
     groups = {}

@@ -1,4 +1,4 @@
-"""The bundled tiny default: tokenizer, model config and sample data (wrpo.tiny)."""
+"""The bundled tiny default: tokenizer, model config and sample data (wrpo.train.tiny)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from wrpo.data import load_preference_data, tokenize_example
-from wrpo.tiny import (
+from wrpo.data.preference import load_preference_data, tokenize_example
+from wrpo.train.tiny import (
     BOS_ID,
     EOS_ID,
     PAD_ID,

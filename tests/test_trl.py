@@ -15,7 +15,7 @@ trl = pytest.importorskip("trl")
 
 from wrpo.integrations.trl import WRPOConfig, WRPOTrainer  # noqa: E402
 from wrpo.integrations.trl_data import detect_layout  # noqa: E402
-from wrpo.tiny import SAMPLE_DATA, save_tiny_model  # noqa: E402
+from wrpo.train.tiny import SAMPLE_DATA, save_tiny_model  # noqa: E402
 
 ROWS = [json.loads(line) for line in SAMPLE_DATA.read_text().splitlines()[:16]]
 COMPARED = ("loss", "rewards/margins", "logps/chosen", "rewards/chosen", "rewards/rejected")
@@ -115,7 +115,7 @@ def test_packed_equals_padded(model_path, tmp_path):
 
 def test_prefix_sharing_logs_the_unshared_losses(model_path, tmp_path, caplog):
     """``prefix_sharing`` (on by default with packing): the losses of the unshared packed run."""
-    with caplog.at_level(logging.WARNING, logger="wrpo.layout"):
+    with caplog.at_level(logging.WARNING, logger="wrpo.model.layout"):
         _, shared = run(WRPOTrainer, WRPOConfig, model_path, released(), tmp_path / "a", packing=True)
     assert "prefix sharing: on" in caplog.text
     _, plain = run(WRPOTrainer, WRPOConfig, model_path, released(), tmp_path / "b", prefix_sharing=False)

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from wrpo import PreferenceCollator
-from wrpo.cli import main
-from wrpo.data import prompt_limit
-from wrpo.tiny import SAMPLE_DATA
+from wrpo.cli.main import main
+from wrpo.data.preference import prompt_limit
+from wrpo.train.tiny import SAMPLE_DATA
 
 
 def _rows(tmp_path, n=8):
@@ -79,7 +79,7 @@ def test_a_missing_local_model_path_is_one_line(tmp_path, capsys, path):
 
 
 def test_wrpo_data_takes_both_spellings_of_its_options():
-    from wrpo.construct.cli import dashed, parser
+    from wrpo.data.construct.command import dashed, parser
 
     argv = [
         "sample",
@@ -101,7 +101,7 @@ def test_wrpo_data_takes_both_spellings_of_its_options():
 def test_a_reward_function_module_in_the_current_directory_imports(tmp_path, monkeypatch):
     import sys
 
-    from wrpo.construct.reward_fn import load_reward_fn
+    from wrpo.data.construct.reward_fn import load_reward_fn
 
     (tmp_path / "my_verifier_mod.py").write_text("def score(prompt, response, row):\n    return 1.0\n")
     monkeypatch.chdir(tmp_path)
@@ -112,8 +112,8 @@ def test_a_reward_function_module_in_the_current_directory_imports(tmp_path, mon
 
 @pytest.mark.parametrize("reader", ["train", "data"])
 def test_a_byte_that_is_not_utf8_is_named_with_its_file_and_line(tmp_path, reader):
-    from wrpo.construct.jsonl import read_rows
-    from wrpo.data import DataError, load_preference_data
+    from wrpo.data.construct.jsonl import read_rows
+    from wrpo.data.preference import DataError, load_preference_data
 
     lines = SAMPLE_DATA.read_text().splitlines()[:3]
     data = tmp_path / "d.jsonl"
@@ -123,7 +123,7 @@ def test_a_byte_that_is_not_utf8_is_named_with_its_file_and_line(tmp_path, reade
 
 
 def test_sft_help_lists_no_preference_only_options(capsys):
-    from wrpo.help import PREFERENCE_ONLY
+    from wrpo.cli.help import PREFERENCE_ONLY
 
     assert main(["sft", "--help"]) == 0
     sft = capsys.readouterr().out

@@ -15,7 +15,7 @@ from zoo.architectures import registry_names
 from zoo.conformance import check_one
 from zoo.render import DOC, render
 
-from wrpo.layout import LAYOUTS, VERIFIED_LAYOUTS
+from wrpo.model.layout import LAYOUTS, VERIFIED_LAYOUTS
 
 TABLE = json.loads(VERIFIED_LAYOUTS.read_text())
 

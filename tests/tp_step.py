@@ -34,10 +34,10 @@ if not torch.cuda.is_available():
 import torch.distributed as dist  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-import wrpo.attention  # noqa: E402, F401  (registers attn_implementation="wrpo_segments")
+import wrpo.model.attention  # noqa: E402, F401  (registers attn_implementation="wrpo_segments")
 import wrpo_kernels as wk  # noqa: E402
 from wrpo import batch_counts, pack_groups, pad_groups, preference_loss, sequence_logps, sft_loss  # noqa: E402
-from wrpo.packing import pack_shared_prefix  # noqa: E402
+from wrpo.data.collate import pack_shared_prefix  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsdp_step  # noqa: E402

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from wrpo.integrations.trl import WRPOConfig, WRPOTrainer
-from wrpo.tiny import SAMPLE_DATA
+from wrpo.train.tiny import SAMPLE_DATA
 
 
 def pairs(n: int = 16) -> datasets.Dataset:

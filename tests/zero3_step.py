@@ -19,7 +19,7 @@ import torch.distributed as dist
 from fsdp_step import build_model, finish_rank, free_port, global_groups, rank_groups, spawn
 
 from wrpo import batch_counts, pack_groups, pad_groups, preference_loss
-from wrpo.packing import pack_shared_prefix
+from wrpo.data.collate import pack_shared_prefix
 
 OPTIONS = {"beta": 0.3, "alpha": 0.2, "backend": "torch", "nll_weight": 0.2}
 # name -> (ZeRO stage, layout, attention, tied embeddings)

@@ -1,10 +1,10 @@
 """wrpo: the WRPO method on top of wrpo_kernels: the model-level loss, data collation, the alpha
-schedule, the trainer (``wrpo.trainer.WRPOTrainer``) and the ``wrpo`` command line."""
+schedule, the trainer (``wrpo.train.trainer.WRPOTrainer``) and the ``wrpo`` command line."""
 
-from .capabilities import head_transform
-from .model_loss import preference_loss, sequence_logps, sft_loss
-from .packing import PreferenceCollator, batch_counts, pack_groups, pad_groups
-from .schedule import ALPHA_SCHEDULES, alpha_at
+from wrpo.data.collate import PreferenceCollator, batch_counts, pack_groups, pad_groups
+from wrpo.model.capabilities import head_transform
+from wrpo.model.losses import preference_loss, sequence_logps, sft_loss
+from wrpo.train.alpha_schedule import ALPHA_SCHEDULES, alpha_at
 
 __all__ = [
     "ALPHA_SCHEDULES",

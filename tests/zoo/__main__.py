@@ -16,7 +16,7 @@ import time
 import torch
 import transformers
 
-from wrpo.layout import LAYOUTS, VERIFIED_LAYOUTS
+from wrpo.model.layout import LAYOUTS, VERIFIED_LAYOUTS
 
 from .architectures import registry_names
 from .conformance import EXACT, check_one

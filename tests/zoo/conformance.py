@@ -1,8 +1,8 @@
 """Each layout of the library against the model's own forward, for one architecture (fp64).
 
-A layout is run as the trainers run it: ``wrpo.layout.prepare_layout`` (packed rows on
+A layout is run as the trainers run it: ``wrpo.model.layout.prepare_layout`` (packed rows on
 ``wrpo_segments`` attention, hybrid models' convolution / recurrent layers per sequence), the
-collator of ``wrpo/packing.py``, then ``wrpo.sequence_logps``. The verified-layouts table is bypassed
+collator of ``wrpo/data/collate.py``, then ``wrpo.sequence_logps``. The verified-layouts table is bypassed
 (it is what this suite writes), the capabilities are not: a layout the model cannot run is recorded
 "off: <why>". Status per layout: ``exact`` (relative error <= ``EXACT``), ``differs: <error>``,
 ``off: <why>`` or ``error: <exception>``.
@@ -16,9 +16,9 @@ from unittest import mock
 import torch
 
 from wrpo import PreferenceCollator, model_loss, sequence_logps
-from wrpo.attention import NAME as SEGMENT_ATTENTION
-from wrpo.capabilities import read_capabilities
-from wrpo.layout import LAYOUTS, LayoutPlan, cannot_pack, prepare_layout
+from wrpo.model.attention import NAME as SEGMENT_ATTENTION
+from wrpo.model.capabilities import read_capabilities
+from wrpo.model.layout import LAYOUTS, LayoutPlan, cannot_pack, prepare_layout
 
 from .architectures import TEXT_VOCAB, build_tiny
 from .reference import make_groups, own_sequence_logps, relative_error

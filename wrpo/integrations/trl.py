@@ -9,7 +9,8 @@ as DPO (K = 2); WRPO data (``chosen: [y_ws, y_wt]``, or ``source_chosen`` / ``ta
 and any K the data gives. Tokenization is TRL's own (``wrpo/integrations/trl_data.py``). The loss goes
 through :func:`wrpo.preference_loss`: the body and the fused head inside the model call, rows packed
 without padding (``packing``), each prompt encoded once for its responses (``prefix_sharing``; both
-decided per model in ``wrpo/layout.py``), exact gradient accumulation, the alpha schedule of ``wrpo train``.
+decided per model in ``wrpo/model/layout.py``), exact gradient accumulation, the alpha schedule of
+``wrpo train``.
 TRL options this backend does not implement are refused when the trainer is built.
 """
 
@@ -29,17 +30,16 @@ from trl.data_utils import extract_prompt
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
+from wrpo.data.collate import PreferenceCollator
+from wrpo.integrations.trl_data import LAYOUTS, detect_layout, expand_to_pairs, layout_message, regroup
+from wrpo.model.layout import PACKING_HELP, PREFIX_SHARING_HELP, LayoutPlan, plan_and_prepare
+from wrpo.model.losses import preference_loss, sequence_logps
+from wrpo.train.accumulation import ExactAccumulation
+from wrpo.train.alpha_schedule import ALPHA_SCHEDULES
+from wrpo.train.config import check_choices, set_cpu_processes
 from wrpo_kernels import BACKENDS
 from wrpo_kernels.metrics import preference_metrics
 from wrpo_kernels.objective import make_spec
-
-from ..accumulation import ExactAccumulation
-from ..config import check_choices, set_cpu_processes
-from ..layout import PACKING_HELP, PREFIX_SHARING_HELP, LayoutPlan, plan_and_prepare
-from ..model_loss import preference_loss, sequence_logps
-from ..packing import PreferenceCollator
-from ..schedule import ALPHA_SCHEDULES
-from .trl_data import LAYOUTS, detect_layout, expand_to_pairs, layout_message, regroup
 
 logger = logging.getLogger(__name__)
 

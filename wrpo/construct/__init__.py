@@ -1,5 +1,0 @@
-"""Data construction (docs/method.md §1): samples -> scores -> WRPO quadruples -> SFT / preference split.
-
-``wrpo data prompts | sample | score | build | split | tiny-model`` (see ``wrpo.construct.cli``); the
-row formats are described in ``wrpo.construct.rows``.
-"""
