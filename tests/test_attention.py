@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wrpo.data.collate import block_causal_mask
-from wrpo.model.attention import NAME, segment_attention, segment_bounds
-from wrpo.model.losses import varlen_attention
+from wrpo.data.batch import segment_bounds
+from wrpo.model.attention import NAME, segment_attention
+from wrpo.model.body import varlen_attention
+from wrpo.model.masks import block_causal_mask
 from wrpo.train.load_models import _attn_implementation
 
 
@@ -98,11 +99,11 @@ def test_wrpo_picks_segment_attention_for_packed_rows_without_flash_attn():
 
 def test_bounds_are_found_once_per_forward(monkeypatch):
     """Every layer gets the same position_ids tensor: one host sync per forward, not one per layer."""
-    import wrpo.model.attention as attention
+    import wrpo.data.batch as batch_layout
 
     calls = []
-    real = attention.segment_bounds
-    monkeypatch.setattr(attention, "segment_bounds", lambda pos: calls.append(1) or real(pos))
+    real = batch_layout.segment_bounds
+    monkeypatch.setattr(batch_layout, "segment_bounds", lambda pos: calls.append(1) or real(pos))
     model = tiny_llama(NAME)  # 2 layers
     pos = packed_positions([[4, 6]])
     ids = torch.randint(0, 97, pos.shape, generator=torch.Generator().manual_seed(3))

@@ -119,7 +119,7 @@ def test_the_sequence_index_is_built_once_per_forward(layout, monkeypatch):
 
     calls = []
     monkeypatch.setattr(
-        mixers, "_index_for", mixers.once_per_forward(lambda p: calls.append(1) or mixers.sequence_index(p))
+        mixers, "_index_for", mixers.PerForward(lambda p: calls.append(1) or mixers.sequence_index(p))
     )
     config = transformers.Lfm2Config(
         vocab_size=TEXT_VOCAB + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=4,

@@ -284,7 +284,7 @@ def test_packed_sequences_without_position_ids_would_attend_to_each_other():
 
 
 def block_mask(pos):
-    from wrpo.data.collate import block_causal_mask
+    from wrpo.model.masks import block_causal_mask
 
     return block_causal_mask(pos, torch.float64)
 
@@ -310,12 +310,15 @@ def test_positions_that_do_not_restart_per_sequence_are_refused(impl):
 
     model, feats = build("llama"), groups()
     model.set_attn_implementation(impl)
+    # hand-built batches (no recorded "layout"): the collator's layout is what the body would trust
     batch = pack_groups(feats, row_per_group=True)
+    del batch["layout"]
     R, L = batch["input_ids"].shape
     batch["position_ids"] = torch.arange(L).expand(R, L)  # one sequence per row, as far as attention sees
     with pytest.raises(ValueError, match=r"do not restart at 0 where sequence 1 starts"):
         preference_loss(model, batch, backend="torch")
     batch = pack_groups(feats)
+    del batch["layout"]
     batch["position_ids"][0, int(batch["cu_seqlens"][4])] = 7  # one start missed (group 1, response 1)
     with pytest.raises(ValueError, match=r"where sequence 4 starts"):
         sequence_logps(model, batch, backend="torch")

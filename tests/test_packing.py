@@ -7,7 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from wrpo import preference_loss
-from wrpo.data.collate import IGNORE_INDEX, block_causal_mask, pack_groups, pad_groups, sequence_with_labels
+from wrpo.data.collate import IGNORE_INDEX, pack_groups, pad_groups, sequence_with_labels
+from wrpo.model.masks import block_causal_mask
 from wrpo_kernels import fused_linear_wrpo_loss
 
 

@@ -18,12 +18,14 @@ from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
 from wrpo import pack_groups, pad_groups, preference_loss, sequence_logps
-from wrpo.data.collate import IGNORE_INDEX, pack_shared_prefix, shared_prefix_mask
-from wrpo.model import losses as model_loss_module
-from wrpo.model.attention import NAME, segment_layout
+from wrpo.data.batch import segment_layout
+from wrpo.data.collate import IGNORE_INDEX, pack_shared_prefix
+from wrpo.model import body as model_body
+from wrpo.model.attention import NAME
+from wrpo.model.body import body_hidden_states
 from wrpo.model.capabilities import read_capabilities
 from wrpo.model.layout import plan_for, plan_layout, prepare_layout
-from wrpo.model.losses import body_hidden_states
+from wrpo.model.masks import shared_prefix_mask
 
 VOCAB = 45
 SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -227,7 +229,7 @@ def test_a_leaky_mask_changes_the_loss(monkeypatch):
         mask = torch.zeros(allowed.shape, dtype=dtype)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
-    monkeypatch.setattr(model_loss_module, "shared_prefix_mask", leaky)
+    monkeypatch.setattr(model_body, "shared_prefix_mask", leaky)
     wrong = loss_logps_grads(model, pack_shared_prefix(groups, row_per_group=True))[0]
     assert (wrong - exact).abs() > 1e-4 * exact.abs()
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from wrpo import pad_groups, preference_loss
-from wrpo.data.collate import block_causal_mask
+from wrpo.model.masks import block_causal_mask
 from wrpo_kernels import wrpo_loss
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "api.md"

@@ -15,8 +15,9 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def as_packed_rows(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens):
     """Bring the inputs to packed form: hidden [N, H], labels [N], cu_seqlens [S+1] (int64, device).
 
-    Accepts packed rows ([N, H] with ``cu_seqlens``; without it, one sequence) or padded
-    sequences ([S, T, H] with ``cu_seqlens=None``, one sequence per row).
+    Accepts packed rows ([N, H] with ``cu_seqlens``, a tensor or a host sequence of ints (then nothing
+    is read back from the device); without it, one sequence) or padded sequences ([S, T, H] with
+    ``cu_seqlens=None``, one sequence per row).
     Returns the three tensors and ``cu_seqlens`` as a host list (the chunk schedule needs it).
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
@@ -28,19 +29,26 @@ def as_packed_rows(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens):
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {shape}")
     if hidden.dim() == 3:
+        S, T = labels.shape
         hidden, labels, cu = padded_to_packed(hidden, labels)
-        return hidden, labels, cu, cu.tolist()
+        return hidden, labels, cu, list(range(0, (S + 1) * T, T))
     N = hidden.shape[0]
     if cu_seqlens is None:
-        cu_seqlens = torch.tensor([0, N], device=hidden.device)
-    if not isinstance(cu_seqlens, torch.Tensor):
-        cu_seqlens = torch.as_tensor(cu_seqlens)
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
-        raise ValueError(
-            f"cu_seqlens must be a 1-D integer tensor [S+1], got shape {tuple(cu_seqlens.shape)} "
-            f"dtype {cu_seqlens.dtype}"
-        )
-    cu_host = cu_seqlens.tolist()
+        cu_seqlens = [0, N]
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
+            raise ValueError(
+                f"cu_seqlens must be a 1-D integer tensor [S+1], got shape {tuple(cu_seqlens.shape)} "
+                f"dtype {cu_seqlens.dtype}"
+            )
+        cu_host = cu_seqlens.tolist()
+    else:  # host bounds: nothing read back from the device
+        cu_host = list(cu_seqlens)
+        if len(cu_host) < 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in cu_host):
+            raise ValueError(
+                f"cu_seqlens must be [S+1] integers (a tensor or a sequence), got {cu_seqlens!r}"
+            )
+        cu_seqlens = torch.tensor(cu_host, dtype=torch.int64)
     if cu_host[0] != 0 or cu_host[-1] != N:
         raise ValueError(
             f"cu_seqlens must start at 0 and end at N={N} (hidden rows), got {cu_host[0]}..{cu_host[-1]}"

@@ -5,13 +5,16 @@ position t predicts token t+1, so ``labels[t] = ids[t+1]`` where t+1 is a respon
 -100. Packed: every sequence of every group back to back in one row [1, L] (or one row per group),
 position ids restarting at 0 per sequence, ``cu_seqlens`` [S+1] marking the bounds. Padded: one
 sequence per row [S, T]. Shared prefix (:func:`pack_shared_prefix`): each prompt once per group,
-its responses after it with positions restarting at the prompt's length.
+its responses after it with positions restarting at the prompt's length. Every batch carries its
+``"layout"`` (:class:`wrpo.data.batch.SequenceLayout`), read on the host here once, so that the model
+entry and the attention never read it back from the device.
 """
 
 from __future__ import annotations
 
 import torch
 
+from wrpo.data.batch import SequenceLayout
 from wrpo_kernels.packing import sequence_ids
 
 IGNORE_INDEX = -100
@@ -63,11 +66,13 @@ def pack_groups(features, *, row_per_group: bool = False, pad_token_id: int = 0)
         lengths[-1] += pad
         for n in lengths:
             cu.append(cu[-1] + n)
+    position_ids = torch.tensor(positions)
     batch = {
         "input_ids": torch.tensor(input_ids),
-        "position_ids": torch.tensor(positions),
+        "position_ids": position_ids,
         "labels": torch.tensor(labels),
         "cu_seqlens": torch.tensor(cu),
+        "layout": SequenceLayout.record("packed", position_ids, cu),
     }
     return _with_ref(batch, features)
 
@@ -91,7 +96,9 @@ def pad_groups(features, pad_token_id: int) -> dict:
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(ids)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
-    return _with_ref({"input_ids": input_ids, "attention_mask": mask, "labels": labels}, features)
+    layout = SequenceLayout("padded", longest=T)
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "layout": layout}
+    return _with_ref(batch, features)
 
 
 def _with_ref(batch, features):
@@ -152,24 +159,13 @@ def batch_counts(batch: dict) -> torch.Tensor:
     return torch.stack([torch.tensor(S // K, device=labels.device), first.sum()])
 
 
-def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[R, L] position ids restarting per sequence -> additive mask [R, 1, L, L]: 0 where token i may
-    attend to j (same sequence, j <= i), the dtype's minimum elsewhere. For sdpa/eager attention,
-    which do not separate packed sequences by position ids alone (docs/method.md §5)."""
-    seq = torch.cumsum((position_ids == 0).to(torch.int64), 1)
-    idx = torch.arange(position_ids.shape[1], device=position_ids.device)
-    allowed = (seq[:, :, None] == seq[:, None, :]) & (idx[None, None, :] <= idx[None, :, None])
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-
 def pack_shared_prefix(features, *, row_per_group: bool = False, pad_token_id: int = 0) -> dict:
     """Groups -> packed rows where each prompt is encoded once for its K responses.
 
     A group lies as prompt + y_1 + ... + y_K in one stretch of a row. The prompt has positions 0..P-1;
     every response's positions restart at P, as if it followed the prompt alone. That restart tells
-    the attention (:mod:`wrpo.model.attention`, or :func:`shared_prefix_mask`) that a response sees the
-    first P tokens of its group and itself, causally, never another response.
+    the attention (``wrpo/model/attention.py``, or the dense mask of ``wrpo/model/masks.py``) that a
+    response sees the first P tokens of its group and itself, causally, never another response.
 
     Returns ``input_ids`` and ``position_ids`` [R, L] (padding as in :func:`pack_groups`) for the
     model body, and for the head ``head_index`` [N] (rows of the flattened [R*L] hidden states),
@@ -215,36 +211,13 @@ def pack_shared_prefix(features, *, row_per_group: bool = False, pad_token_id: i
             head_index += [r * L + t for t, _ in seq]
             labels += [lab for _, lab in seq]
             cu.append(cu[-1] + len(seq))
+    position_ids = torch.tensor(positions)
     batch = {
         "input_ids": torch.tensor(input_ids),
-        "position_ids": torch.tensor(positions),
+        "position_ids": position_ids,
         "labels": torch.tensor(labels),
         "cu_seqlens": torch.tensor(cu),
         "head_index": torch.tensor(head_index),
+        "layout": SequenceLayout.record("shared_prefix", position_ids, cu),
     }
     return _with_ref(batch, features)
-
-
-def shared_prefix_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The dense additive mask [R, 1, L, L] of :func:`pack_shared_prefix`'s rows, for sdpa/eager
-    attention: token i may attend to j <= i of its own stretch (where positions run on by one), and a
-    response to the first ``position_ids[start]`` tokens of its group (the prompt)."""
-    R, L = position_ids.shape
-    dev = position_ids.device
-    idx = torch.arange(L, device=dev)
-    prev = torch.cat([position_ids.new_full((R, 1), -2), position_ids[:, :-1]], 1)
-    stretch_start = (position_ids != prev + 1) | (idx == 0)
-    group_start = (position_ids == 0) | (idx == 0)
-    stretch = torch.cumsum(stretch_start.to(torch.int64), 1)
-    group = torch.cumsum(group_start.to(torch.int64), 1)
-    # where a token's group starts, and how long the prefix its stretch shares is
-    g0 = torch.cummax(torch.where(group_start, idx, 0), 1).values
-    shared = torch.where(stretch_start & ~group_start, position_ids, 0)
-    s0 = torch.cummax(torch.where(stretch_start, idx, 0), 1).values
-    plen = shared.gather(1, s0)
-    causal = idx[None, None, :] <= idx[None, :, None]
-    same_stretch = stretch[:, :, None] == stretch[:, None, :]
-    in_prefix = (group[:, :, None] == group[:, None, :]) & (idx[None, None, :] < (g0 + plen)[:, :, None])
-    allowed = causal & (same_stretch | in_prefix)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]

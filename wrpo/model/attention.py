@@ -24,13 +24,14 @@ as eager attention.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import weakref
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from wrpo.data.batch import segment_layout
 
 NAME = "wrpo_segments"
 # flash-attention implementations: their varlen kernels separate one row's sequences by position ids
@@ -42,73 +43,30 @@ HANDLED = {"sliding_window", "softcap", "s_aux", "use_cache", "output_attentions
            "max_length_k", "head_mask"}  # fmt: skip
 
 
-def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """[R, L] position ids -> per row, the [start, end) of each sequence (a new one wherever position 0)."""
-    if position_ids.dim() != 2:
-        raise ValueError(f"position_ids must be [rows, L], got shape {tuple(position_ids.shape)}")
-    L = position_ids.shape[1]
-    starts = (position_ids == 0).clone()
-    starts[:, 0] = True
-    bounds = []
-    for row in starts.cpu():
-        s = row.nonzero().flatten().tolist()
-        bounds.append(list(zip(s, s[1:] + [L], strict=True)))
-    return bounds
-
-
-def segment_layout(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
-    """[R, L] position ids -> per row, ``(start, end, prefix_start, prefix_len)`` of each stretch.
-
-    A stretch runs while positions go on by one. Within a sequence (from a position 0), a stretch
-    whose positions restart at p > 0 is a response sharing the sequence's first p tokens (its prompt,
-    :func:`wrpo.data.collate.pack_shared_prefix`): it attends to them and causally to itself. Those p
-    tokens must lie in the sequence's first stretch; anything else is refused. Other stretches have
-    ``prefix_len`` 0.
-    """
-    out = []
-    pos_rows = position_ids.cpu()
-    for row, segments in zip(pos_rows, segment_bounds(position_ids), strict=True):
-        breaks = (row[1:] != row[:-1] + 1).nonzero().flatten().add(1).tolist()
-        pieces = []
-        for a, b in segments:
-            cuts = breaks[bisect.bisect_right(breaks, a) : bisect.bisect_left(breaks, b)]
-            starts = [a, *cuts]
-            first_end = starts[1] if len(starts) > 1 else b
-            for s, e in zip(starts, [*cuts, b], strict=True):
-                if s == a:
-                    pieces.append((s, e, a, 0))
-                    continue
-                p = int(row[s])
-                if p > first_end - a or int(row[a]) != 0:
-                    raise ValueError(
-                        f"position_ids restart at {p} at index {s}: a shared-prefix response needs its "
-                        f"group's first {p} tokens before it (positions 0..{p - 1} in one stretch, found "
-                        f"{first_end - a} from index {a})"
-                    )
-                pieces.append((s, e, a, p))
-        out.append(pieces)
-    return out
-
-
-def once_per_forward(fn):
+class PerForward:
     """``fn(position_ids)``, computed once per tensor (and version): every layer of a forward gets the
-    same ``position_ids`` tensor, so the later layers reuse the first one's result (no host sync per
-    layer)."""
-    last = None  # (position_ids, its version, result)
+    same ``position_ids`` tensor, so the later layers reuse the first one's result. :meth:`seed` stores
+    a result known beforehand (the collator's :class:`~wrpo.data.batch.SequenceLayout`), so that not even
+    the first layer reads the positions back from the device."""
 
-    @functools.wraps(fn)
-    def cached(position_ids: torch.Tensor):
-        nonlocal last
+    def __init__(self, fn):
+        self.fn = fn
+        self.last = None  # (weak reference to position_ids, its version, result)
+
+    def __call__(self, position_ids: torch.Tensor):
+        last = self.last
         if last is not None and last[0]() is position_ids and last[1] == position_ids._version:
             return last[2]
-        result = fn(position_ids)
-        last = (weakref.ref(position_ids), position_ids._version, result)
+        return self.seed(position_ids, self.fn(position_ids))
+
+    def seed(self, position_ids: torch.Tensor, result):
+        """Remember ``result`` as ``fn(position_ids)``; returns it."""
+        self.last = (weakref.ref(position_ids), position_ids._version, result)
         return result
 
-    return cached
 
-
-_bounds_for_forward = once_per_forward(segment_layout)
+# the stretches of the running forward's rows, shared by this attention and wrpo.model.mixers
+stretches_of = PerForward(segment_layout)
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -138,9 +96,9 @@ def _explicit_attention(q, k, v, visible, scale, softcap, sinks, dropout_p, gqa)
 
 
 def _stretch_attention(q, k, v, prompt, stretch, pos, *, scale, window, softcap, sinks, p, gqa):
-    """Stretch ``(a, b, g, plen)`` (:func:`segment_layout`): its query/key/value pieces [1, H, b - a, D],
-    ``prompt`` the (query, key, value) pieces of its group's first ``plen`` tokens, ``pos`` the row's
-    positions -> its output [1, Hq, b - a, D]."""
+    """Stretch ``(a, b, g, plen)`` (``wrpo.data.batch.segment_layout``): its query/key/value pieces
+    [1, H, b - a, D], ``prompt`` the (query, key, value) pieces of its group's first ``plen`` tokens,
+    ``pos`` the row's positions -> its output [1, Hq, b - a, D]."""
     a, b, g, plen = stretch
     if plen:  # a response after a shared prompt: keys and values of the prompt, then its own
         k, v = torch.cat([prompt[1], k], dim=2), torch.cat([prompt[2], v], dim=2)
@@ -184,7 +142,7 @@ def segment_attention(
     """query [R, Hq, L, D], key/value [R, Hkv, L, D] -> (output [R, L, Hq, D], None).
 
     Each sequence attends causally to itself only (a shared-prefix response: to its prompt and
-    causally to itself, see :func:`segment_layout`), within the layer's ``sliding_window`` if any,
+    causally to itself, see ``wrpo.data.batch.segment_layout``), within the layer's ``sliding_window`` if any,
     with ``softcap`` applied to the scores if given. ``attention_mask`` must be None: padding inside a
     row is its own sequence (position ids restarting at 0), and its outputs are ignored by the loss.
     """
@@ -219,7 +177,7 @@ def segment_attention(
         "p": dropout if module.training else 0.0,
         "gqa": key.shape[1] != query.shape[1],  # grouped-query attention: each key/value head shared
     }
-    bounds = _bounds_for_forward(position_ids)
+    bounds = stretches_of(position_ids)
     if len(bounds) == 1:  # one row of positions shared by every row of the batch
         bounds = bounds * query.shape[0]
     if len(bounds) != query.shape[0]:

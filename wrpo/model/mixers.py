@@ -22,7 +22,7 @@ import contextvars
 
 import torch
 
-from wrpo.model.attention import once_per_forward, segment_layout
+from wrpo.model.attention import PerForward, stretches_of
 from wrpo.model.capabilities import CACHE_ARGUMENTS, body_of, causal_lm, read_capabilities
 
 _positions: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
@@ -38,7 +38,7 @@ def sequence_index(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     ``scatter[i]`` is the place (s*T + j) of row token i's own output. A shared-prefix stretch
     ``(a, b, g, p)`` reads its group's first p tokens, then its own."""
     R, L = position_ids.shape
-    layout = segment_layout(position_ids)
+    layout = stretches_of(position_ids)
     if all(len(row) == 1 and row[0][3] == 0 for row in layout):
         return None
     sequences, own = [], []  # per sequence: the row tokens it reads, and (first own place, own tokens)
@@ -56,7 +56,7 @@ def sequence_index(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return gather.to(device), scatter.to(device), T
 
 
-_index_for = once_per_forward(sequence_index)
+_index_for = PerForward(sequence_index)
 
 
 def current_position_ids() -> torch.Tensor | None:
