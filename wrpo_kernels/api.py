@@ -14,6 +14,7 @@ from .metrics import mean_logit_metrics, preference_metrics
 from .objective import make_spec, rewards, token_span
 from .output import WRPOOutput
 from .packing import PackedRows, sequence_ids
+from .totals import Totals, resolve_totals
 from .validation import as_packed_rows, check_head, check_labels, check_preference_tensor
 from .vocab_parallel import check_replicated, vocab_shard
 
@@ -57,28 +58,6 @@ def head_inputs(hidden, weight, labels, cu_seqlens, bias, opts: HeadOptions, *, 
         require_tokens=require_tokens, describe=describe,
     )  # fmt: skip
     return HeadInputs(hidden, weight, bias, labels, PackedRows(cu, cu_host, seq, counts, counts_host), opts)
-
-
-def batch_normaliser(name: str, value, dtype, device) -> torch.Tensor | None:
-    """A mean's denominator ``value`` (number or 1-element tensor) as a 0-dim ``dtype`` tensor on
-    ``device``; None stays None (the call's own count)."""
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
-        return value.detach().reshape(()).to(device=device, dtype=dtype)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{name} must be a positive number (or a tensor), got {value!r}")
-    return torch.tensor(float(value), dtype=dtype, device=device)
-
-
-def batch_normalisers(num_groups, num_nll_tokens, dtype, device):
-    """-> (groups, nll tokens) as 0-dim ``dtype`` tensors on ``device`` (None: this call's own count)."""
-    return tuple(
-        batch_normaliser(name, value, dtype, device)
-        for name, value in (("num_groups", num_groups), ("num_nll_tokens", num_nll_tokens))
-    )
 
 
 def _check_head_options(softcap, temperature, chunk_tokens):
@@ -186,30 +165,33 @@ def fused_linear_nll_loss(
     temperature: float = 1.0,
     backend: str = "auto",
     chunk_tokens: int | None = None,
+    totals: Totals | None = None,
     num_tokens=None,
 ):
     """LM head + mean NLL (SFT) in one pass: ``loss = -(1/n) * sum_t log p(labels[t])`` over the labelled
-    rows, n = ``num_tokens`` (number or 0-dim tensor; default: this call's labelled rows).
+    rows, n = ``totals.tokens`` (:class:`Totals`; default: this call's labelled rows).
 
     Inputs as :func:`linear_logprobs` (packed [N, H] with ``cu_seqlens``, or padded [S, T, H]; shifted
     labels). Returns ``(loss, logps)``: the loss, differentiable w.r.t. hidden, weight and bias, and the
     per-sequence log-prob sums [S] (fp32, fp64 for fp64 inputs), detached. The gradients are computed in
     the forward from the logits of each chunk (6NHV, as the preference loss), where ``linear_logprobs``
     and autograd compute the logits twice (8NHV). Under gradient accumulation pass the whole batch's
-    token count as ``num_tokens``: the micro-batch losses then sum to the whole batch's mean.
+    token count as ``totals=Totals(tokens=n)``: the micro-batch losses then sum to the whole batch's mean.
+    ``num_tokens=n`` is an alias of ``totals=Totals(tokens=n)`` (not both).
     """
     _check_head_options(softcap, temperature, chunk_tokens)
+    totals = resolve_totals(totals, num_tokens=num_tokens)
     x = head_inputs(
         hidden, weight, labels, cu_seqlens, bias, HeadOptions(ignore_index, softcap, float(temperature)),
         require_tokens=False, describe=lambda s: f"sequence {s}",
     )  # fmt: skip
-    tokens = batch_normaliser("num_tokens", num_tokens, math_dtype(x.hidden.dtype), x.hidden.device)
-    if tokens is None and sum(x.rows.counts_host) == 0:
+    totals = totals.as_tensors(math_dtype(x.hidden.dtype), x.hidden.device)
+    if totals.tokens is None and sum(x.rows.counts_host) == 0:
         raise ValueError(f"no label != ignore_index={ignore_index} in the batch: its mean NLL is undefined")
     _, impl = resolve_backend(backend, x.hidden.device, x.hidden.dtype)
     return impl.fused_linear_nll_loss(
         x.hidden, x.weight, x.labels, x.rows, bias=x.bias, opts=x.opts, chunk_tokens=chunk_tokens,
-        num_tokens=tokens,
+        totals=totals,
     )  # fmt: skip
 
 
@@ -237,6 +219,7 @@ def fused_linear_wrpo_loss(
     temperature: float = 1.0,
     backend: str = "auto",
     chunk_tokens: int | None = None,
+    totals: Totals | None = None,
     num_groups=None,
     num_nll_tokens=None,
 ) -> WRPOOutput:
@@ -258,10 +241,11 @@ def fused_linear_wrpo_loss(
     and rewards equal those of ``"sum"`` (ipo given averaged ``ref_logps``); only ``out.logps`` and the
     ``logps/*`` metrics change. The NLL term is the same under both: a mean over tokens.
 
-    ``num_groups`` / ``num_nll_tokens`` (number or 0-dim tensor): the denominators of those two means,
-    by default this call's B groups and its first-chosen tokens. To split a batch into micro-batches
-    (gradient accumulation, data parallel ranks) pass the whole batch's counts: the micro-batch losses
-    then sum to the whole batch's loss, and so do their gradients.
+    ``totals`` (:class:`Totals`): the denominators of those two means, by default this call's B groups
+    and its first-chosen tokens. To split a batch into micro-batches (gradient accumulation, data
+    parallel ranks) pass the whole batch's counts: the micro-batch losses then sum to the whole batch's
+    loss, and so do their gradients. ``num_groups`` / ``num_nll_tokens`` are aliases of
+    ``totals=Totals(groups=..., tokens=...)`` (not both).
     Metrics also hold ``logits/chosen`` and ``logits/rejected``: the mean raw logit ``h W^T + b``
     over the vocabulary and the response tokens (as TRL logs them), from ``h . sum_v W_v`` (no logits).
     """
@@ -271,6 +255,7 @@ def fused_linear_wrpo_loss(
         label_smoothing=label_smoothing, logp_reduction=logp_reduction,
     )  # fmt: skip
     _check_head_options(softcap, temperature, chunk_tokens)
+    totals = resolve_totals(totals, num_groups=num_groups, num_nll_tokens=num_nll_tokens)
     K = spec.responses_per_prompt
 
     def describe(s):
@@ -293,10 +278,9 @@ def fused_linear_wrpo_loss(
     ref = None if ref is None else ref.detach().to(md)
     _, impl = resolve_backend(backend, h.device, h.dtype)
     lengths = rows.counts.view(B, K).to(md)
-    norms = batch_normalisers(num_groups, num_nll_tokens, md, h.device)
     loss, logps = impl.fused_linear_wrpo_loss(
         spec, h, x.weight, x.labels, rows, ref, bias=x.bias, opts=x.opts, nll_weight=nll_weight,
-        chunk_tokens=chunk_tokens, norms=norms,
+        chunk_tokens=chunk_tokens, totals=totals.as_tensors(md, h.device),
     )  # fmt: skip
     metrics = preference_metrics(spec, logps, rewards(spec, logps, ref, lengths))
     valid = x.labels != ignore_index

@@ -24,6 +24,7 @@ from . import reference, torch_backend
 from .chunked.options import HeadOptions
 from .objective import make_spec
 from .packing import PackedRows, sequence_ids
+from .totals import OWN_COUNTS
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 _TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
@@ -39,12 +40,13 @@ class Backend(Protocol):
         """Log-probs [S] ("sum", "mean") or [N] ("none"), differentiable w.r.t. hidden, weight, bias."""
 
     def fused_linear_wrpo_loss(
-        self, spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens, norms
+        self, spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens, totals
     ):
-        """(loss, policy log-probs [B, K] detached); ``norms``: the denominators of the two means."""
+        """(loss, policy log-probs [B, K] detached); ``totals``: the denominators of the two means
+        (:class:`~wrpo_kernels.Totals` of 0-dim tensors in the math dtype, None: the call's own)."""
 
-    def fused_linear_nll_loss(self, hidden, weight, labels, rows, *, bias, opts, chunk_tokens, num_tokens):
-        """(mean NLL over the labelled rows, log-probs [S] detached); ``num_tokens``: the denominator."""
+    def fused_linear_nll_loss(self, hidden, weight, labels, rows, *, bias, opts, chunk_tokens, totals):
+        """(mean NLL over the labelled rows, log-probs [S] detached); ``totals.tokens``: the denominator."""
 
     def wrpo_loss(self, spec, logps, ref_logps, lengths):
         """The loss from [B, K] log-probs, in their dtype, differentiable w.r.t. ``logps``."""
@@ -150,7 +152,7 @@ def triton_self_test(device: torch.device, dtype: torch.dtype) -> str | None:
                     rows,
                     ref.to(torch.float32),
                     nll_weight=0.0,
-                    norms=(None, None),
+                    totals=OWN_COUNTS,
                     **head,
                 )
                 loss.backward()

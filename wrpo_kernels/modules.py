@@ -49,21 +49,19 @@ class FusedLinearWRPOLoss(_FusedHead):
 
     Options: those of :func:`~wrpo_kernels.fused_linear_wrpo_loss` (responses_per_prompt, num_chosen,
     alpha, chosen_weights, loss_type, beta, gamma, label_smoothing, logp_reduction, nll_weight,
-    ignore_index, softcap, temperature, backend, chunk_tokens). ``num_groups`` / ``num_nll_tokens``
-    (gradient accumulation) are per call, like ``ref_logps``.
+    ignore_index, softcap, temperature, backend, chunk_tokens). ``totals`` (gradient accumulation; or its
+    aliases ``num_groups`` / ``num_nll_tokens``) is per call, like ``ref_logps``.
     """
 
     _fn = staticmethod(fused_linear_wrpo_loss)
-    _per_call = ("bias", "ref_logps", "num_groups", "num_nll_tokens")
+    _per_call = ("bias", "ref_logps", "totals", "num_groups", "num_nll_tokens")
 
-    def forward(
-        self, hidden, weight, labels, cu_seqlens=None, ref_logps=None, bias=None, *, num_groups=None,
-        num_nll_tokens=None,
-    ) -> WRPOOutput:  # fmt: skip
+    def forward(self, hidden, weight, labels, cu_seqlens=None, ref_logps=None, bias=None, *, totals=None,
+                num_groups=None, num_nll_tokens=None) -> WRPOOutput:  # fmt: skip
+        per_call = {"totals": totals, "num_groups": num_groups, "num_nll_tokens": num_nll_tokens}
         return fused_linear_wrpo_loss(
-            hidden, weight, labels, cu_seqlens, ref_logps=ref_logps, bias=bias, num_groups=num_groups,
-            num_nll_tokens=num_nll_tokens, **self.options(),
-        )  # fmt: skip
+            hidden, weight, labels, cu_seqlens, ref_logps=ref_logps, bias=bias, **per_call, **self.options()
+        )
 
 
 class LinearLogprobs(_FusedHead):

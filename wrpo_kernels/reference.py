@@ -14,6 +14,7 @@ from .metrics import preference_metrics
 from .objective import PreferenceSpec
 from .output import WRPOOutput
 from .packing import segment_sum, sequence_ids
+from .totals import OWN_COUNTS, Totals
 
 
 def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None, temperature=1.0):
@@ -82,24 +83,23 @@ def fused_linear_wrpo_loss(
     *,
     nll_weight=0.0,
     ignore_index=-100,
-    norms=(None, None),
+    totals: Totals = OWN_COUNTS,
     **head,
 ) -> WRPOOutput:
     """WRPO loss of packed groups, the naive way: full logits -> log-probs [B, K] -> loss (+ NLL).
 
     ``spec.logp_reduction="mean"``: the loss sees the sums over the token counts.
-    ``norms``: (groups, first-chosen tokens) denominators of the two means (None: this batch's)."""
+    ``totals``: the denominators of the two means (None: this batch's groups and first-chosen tokens)."""
     K = spec.responses_per_prompt
     sums = linear_logprobs(hidden, weight, labels, cu_seqlens, ignore_index=ignore_index, **head).view(-1, K)
     seq = sequence_ids(cu_seqlens, labels.numel())
     lengths = segment_sum((labels != ignore_index).to(sums.dtype), seq, sums.numel()).view(-1, K)
     logps = sums / lengths if spec.logp_reduction == "mean" else sums
-    num_groups, num_nll_tokens = norms
-    loss, metrics = wrpo_loss(spec, logps, ref_logps, lengths, num_groups)
+    loss, metrics = wrpo_loss(spec, logps, ref_logps, lengths, totals.groups)
     if nll_weight:
         nll_sum = -sums[:, 0].sum()
         nll = nll_sum / lengths[:, 0].sum()
-        loss = loss + nll_weight * (nll if num_nll_tokens is None else nll_sum / num_nll_tokens)
+        loss = loss + nll_weight * (nll if totals.tokens is None else nll_sum / totals.tokens)
         metrics["nll_loss"] = nll.detach()
     return WRPOOutput(loss=loss, metrics=metrics, logps=logps.detach())
 
@@ -136,18 +136,18 @@ class ReferenceBackend:
         opts,
         nll_weight,
         chunk_tokens,
-        norms=(None, None),
+        totals=OWN_COUNTS,
     ):
         out = fused_linear_wrpo_loss(
-            spec, hidden, weight, labels, rows.cu, ref_logps, nll_weight=nll_weight, norms=norms, bias=bias,
+            spec, hidden, weight, labels, rows.cu, ref_logps, nll_weight=nll_weight, totals=totals, bias=bias,
             **_head(opts),
         )  # fmt: skip
         return out.loss, out.logps
 
     @staticmethod
-    def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, num_tokens):
+    def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, totals):
         logps = linear_logprobs(hidden, weight, labels, rows.cu, bias=bias, **_head(opts))
-        tokens = sum(rows.counts_host) if num_tokens is None else num_tokens
+        tokens = sum(rows.counts_host) if totals.tokens is None else totals.tokens
         return -logps.sum() / tokens, logps.detach()
 
     @staticmethod

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from ..packing import PackedRows, keep_labelled_rows, scatter_rows
+from ..totals import OWN_COUNTS, Totals
 from ..vocab_parallel import replicated_input, vocab_parallel
 from .fused_loss import FusedLinearWRPOFunction, FusedPlan
 from .fused_nll import FusedLinearNLLFunction, NLLPlan
@@ -77,21 +78,21 @@ def run_fused(
     opts,
     nll_weight,
     chunk_tokens,
-    norms=(None, None),
+    totals: Totals = OWN_COUNTS,
 ):
     """(loss, logps [B, K]) in one pass over chunks of whole groups, ``ops`` doing the row work.
 
-    ``norms``: (groups, first-chosen tokens) denominators of the batch means, None for this batch's own."""
+    ``totals``: the denominators of the batch means (0-dim tensors), None for this batch's own."""
     x = _single_pass_inputs(ops, hidden, weight, labels, rows, bias, opts, chunk_tokens)
     chunks = tuple(plan_group_chunks(x.rows.cu_host, spec.responses_per_prompt, x.chunk))
-    plan = FusedPlan(spec, x.targets, opts, chunks, x.chunk, float(nll_weight), x.ops, *norms)
+    plan = FusedPlan(spec, x.targets, opts, chunks, x.chunk, float(nll_weight), x.ops, totals)
     return FusedLinearWRPOFunction.apply(x.hidden, weight, bias, ref_logps, plan, x.needs)
 
 
-def run_nll(ops: RowOps, hidden, weight, labels, rows, bias, opts, chunk_tokens, num_tokens=None):
+def run_nll(ops: RowOps, hidden, weight, labels, rows, bias, opts, chunk_tokens, totals: Totals = OWN_COUNTS):
     """(mean NLL, per-sequence log-probs [S]) in one pass over row tiles, ``ops`` doing the row work.
 
-    ``num_tokens``: the mean's denominator (0-dim tensor), None for this call's labelled rows."""
+    ``totals.tokens``: the mean's denominator (0-dim tensor), None for this call's labelled rows."""
     x = _single_pass_inputs(ops, hidden, weight, labels, rows, bias, opts, chunk_tokens)
-    plan = NLLPlan(x.targets, opts, x.chunk, x.ops, num_tokens)
+    plan = NLLPlan(x.targets, opts, x.chunk, x.ops, totals)
     return FusedLinearNLLFunction.apply(x.hidden, weight, bias, plan, x.needs)

@@ -16,6 +16,7 @@ import torch
 
 from ..objective import PreferenceSpec, token_span
 from ..once_differentiable import once_differentiable
+from ..totals import Totals
 from .grads import HeadGrads, save_grads, saved_grads
 from .logprobs import recompute_head_grads_
 from .options import HeadOptions, math_dtype
@@ -33,8 +34,7 @@ class FusedPlan:
     chunk_tokens: int
     nll_weight: float
     ops: RowOps
-    num_groups: torch.Tensor | None = None  # denominator of the mean group loss (default: B)
-    num_nll_tokens: torch.Tensor | None = None  # of the mean NLL (default: this batch's first-chosen tokens)
+    totals: Totals = Totals()  # 0-dim tensors; None: B groups, this batch's first-chosen tokens
 
 
 def token_weights(spec: PreferenceSpec, t: Targets) -> torch.Tensor:
@@ -58,10 +58,10 @@ def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
     want_grad = any(needs)
     lengths = t.counts.view(B, K).to(md)
     weights = token_weights(spec, t)
-    groups = B if plan.num_groups is None else plan.num_groups
+    groups = B if plan.totals.groups is None else plan.totals.groups
     # the NLL term, -nll_weight / (tokens of all first-chosen responses) * their summed log-probs:
     # dL/ds_0 = -nll_coef * span (a mean s stands for span = n tokens), whatever logp_reduction is.
-    nll_tokens = lengths[:, 0].sum() if plan.num_nll_tokens is None else plan.num_nll_tokens
+    nll_tokens = lengths[:, 0].sum() if plan.totals.tokens is None else plan.totals.tokens
     nll_coef = plan.nll_weight / nll_tokens
     span = token_span(spec, lengths)[:, 0]
 
@@ -96,7 +96,7 @@ def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
                 ops, ws, grads, hidden, weight, bias, t.safe, opts, lse, scale, c.tiles, c.t0
             )
 
-    loss = group_losses.mean() if plan.num_groups is None else group_losses.sum() / groups
+    loss = group_losses.mean() if plan.totals.groups is None else group_losses.sum() / groups
     if plan.nll_weight:
         loss = loss - nll_coef * (logps.view(B, K)[:, 0] * span).sum()
     return loss, logps.view(B, K), grads

@@ -1,6 +1,6 @@
 """Single-pass fused LM head + mean NLL over row tiles (SFT), any row ops.
 
-loss = -(1 / n) * sum_t log p_t over the labelled rows, n = ``num_tokens`` (default: their count).
+loss = -(1 / n) * sum_t log p_t over the labelled rows, n = ``totals.tokens`` (default: their count).
 dL/d(log p_t) = -1/n does not depend on the log-probs, so each tile's logits are turned into
 dL/dlogits right after its lse and target: logits once, gradients in the forward (6NHV), where
 ``linear_logprobs`` + autograd recomputes them in the backward (8NHV). Any tile size works: the
@@ -15,6 +15,7 @@ import torch
 
 from ..once_differentiable import once_differentiable
 from ..packing import segment_sum
+from ..totals import Totals
 from .grads import HeadGrads, save_grads, saved_grads
 from .options import HeadOptions, math_dtype
 from .row_ops import RowOps
@@ -28,7 +29,7 @@ class NLLPlan:
     opts: HeadOptions
     chunk_tokens: int
     ops: RowOps
-    num_tokens: torch.Tensor | None = None  # the mean's denominator (default: this call's labelled rows)
+    totals: Totals = Totals()  # tokens: the mean's denominator, 0-dim (None: this call's labelled rows)
 
 
 def fused_nll_forward(hidden, weight, bias, plan: NLLPlan, needs):
@@ -37,7 +38,7 @@ def fused_nll_forward(hidden, weight, bias, plan: NLLPlan, needs):
     N, V = hidden.shape[0], weight.shape[0]
     md = math_dtype(hidden.dtype)
     want_grad = any(needs)
-    tokens = t.valid.sum() if plan.num_tokens is None else plan.num_tokens
+    tokens = t.valid.sum() if plan.totals.tokens is None else plan.totals.tokens
     scale = t.valid * (-1.0 / tokens)  # dL/d(log p_t)
     tok = torch.zeros(N, dtype=md, device=hidden.device)
     grads = HeadGrads(hidden, weight, needs)

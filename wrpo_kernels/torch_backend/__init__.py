@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .. import native
 from ..chunked import PreferenceLossFunction, run_fused, run_logprobs, run_nll
+from ..totals import OWN_COUNTS
 from .native_rows import NATIVE_ROW_OPS
 from .rows import TORCH_ROW_OPS
 
@@ -24,19 +25,19 @@ def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chun
 
 
 def fused_linear_wrpo_loss(
-    spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens, norms=(None, None)
+    spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens, totals=OWN_COUNTS
 ):
     """(loss, logps [B, K]) of packed groups in one pass over chunks of whole groups."""
     ops = row_ops(hidden.device)
     return run_fused(
-        ops, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens, norms
+        ops, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens, totals
     )
 
 
-def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, num_tokens):
+def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, totals):
     """(mean NLL, log-probs [S]) of packed rows in one pass over row tiles."""
     ops = row_ops(hidden.device)
-    return run_nll(ops, hidden, weight, labels, rows, bias, opts, chunk_tokens, num_tokens)
+    return run_nll(ops, hidden, weight, labels, rows, bias, opts, chunk_tokens, totals)
 
 
 def wrpo_loss(spec, logps, ref_logps, lengths):

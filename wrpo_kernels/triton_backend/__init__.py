@@ -19,6 +19,7 @@ from ..chunked import (
     run_logprobs,
     run_nll,
 )
+from ..totals import OWN_COUNTS
 from .forward_kernel import forward_token_logprobs
 from .loss_kernel import group_loss_from_logps
 from .ops import TRITON_ROW_OPS
@@ -52,20 +53,20 @@ def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chun
 
 
 def fused_linear_wrpo_loss(
-    spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens, norms=(None, None)
+    spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens, totals=OWN_COUNTS
 ):
     """(loss, logps [B, K]) in one pass over chunks of whole groups, row work in Triton kernels."""
     _check_dtype(hidden.dtype)
     return run_fused(
         TRITON_ROW_OPS, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens,
-        norms,
+        totals,
     )  # fmt: skip
 
 
-def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, num_tokens):
+def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, totals):
     """(mean NLL, log-probs [S]) in one pass over row tiles, row work in Triton kernels."""
     _check_dtype(hidden.dtype)
-    return run_nll(TRITON_ROW_OPS, hidden, weight, labels, rows, bias, opts, chunk_tokens, num_tokens)
+    return run_nll(TRITON_ROW_OPS, hidden, weight, labels, rows, bias, opts, chunk_tokens, totals)
 
 
 def wrpo_loss(spec, logps, ref_logps, lengths):
