@@ -222,13 +222,14 @@ def _option_blocks(text: str) -> dict[str, str]:
 
 
 def test_help_lists_the_wrpo_options_first_each_with_a_description_and_its_default(capsys):
-    from wrpo.train.config import WRPOConfig
+    from wrpo.train.config import WRPOConfig, WRPOOptions
 
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
     assert len(text.splitlines()) < 120 and "--help-all" in text
     blocks = _option_blocks(text.split("WRPO options:")[1])
-    assert list(blocks) == [f"--{name}" for name in WRPOConfig.__annotations__]
+    own = [*WRPOConfig.__annotations__, *WRPOOptions.__annotations__]  # wrpo train's, then the shared ones
+    assert list(blocks) == [f"--{name}" for name in own]
     for block in blocks.values():
         described = block.split(None, 1)[1].split("(default:")[0]
         assert len(described.strip()) > 10 and block.count("(default:") == 1, block

@@ -104,8 +104,8 @@ def test_nothing_is_left_stored_after_an_evaluation_or_a_prediction(core):
     trainer, a, _, _ = core
     trainer.evaluate(a, metric_key_prefix="test")
     trainer.predict(a)
-    assert not trainer._metrics["train"]
-    assert not trainer._metrics["eval"]
+    assert not trainer._stored["train"]
+    assert not trainer._stored["eval"]
 
 
 def test_an_evaluation_during_training_sees_only_its_own_data(tmp_path):

@@ -351,7 +351,9 @@ def test_precomputed_reference_logps_equal(impl):
     from wrpo.train.stage import compute_ref_logps
 
     model, groups = build("qwen2-gqa", impl), random_groups(5, 3, seed=13, empty_prompt=True)
-    config = SimpleNamespace(packing=True, per_device_eval_batch_size=2, kernel_backend="torch")
+    config = SimpleNamespace(
+        packing=True, per_device_eval_batch_size=2, kernel_backend="torch", chunk_tokens=None
+    )
     plain = compute_ref_logps(model, groups, SimpleNamespace(**vars(config), prefix_sharing=False), 0, "cpu")
     shared = compute_ref_logps(model, groups, SimpleNamespace(**vars(config), prefix_sharing=True), 0, "cpu")
     assert shared.shape == (5, 3)

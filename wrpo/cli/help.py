@@ -12,7 +12,7 @@ import typing
 
 from transformers import HfArgumentParser
 
-from wrpo.train.config import WRPOConfig
+from wrpo.train.config import WRPOConfig, WRPOOptions
 from wrpo.train.tiny import tiny_defaults_note
 
 WRPO_GROUP = "WRPO options"
@@ -25,9 +25,10 @@ PREFERENCE_ONLY = ("ref_model", "loss_type", "beta", "alpha", "alpha_schedule", 
 
 
 def own_fields(stage: str = "train") -> list[str]:
-    """The fields declared in wrpo/train/config.py (WRPOConfig's own, in declaration order) that ``stage``
-    reads (sft: not the preference-only ones)."""
-    return [n for n in WRPOConfig.__annotations__ if stage != "sft" or n not in PREFERENCE_ONLY]
+    """The fields declared in wrpo/train/config.py (WRPOConfig's own, then the WRPOOptions it shares with
+    the TRL adapter, in declaration order) that ``stage`` reads (sft: not the preference-only ones)."""
+    names = [*WRPOConfig.__annotations__, *WRPOOptions.__annotations__]
+    return [n for n in names if stage != "sft" or n not in PREFERENCE_ONLY]
 
 
 def _options(names: list[str], group: str) -> type:

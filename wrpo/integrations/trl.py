@@ -30,15 +30,10 @@ from trl.data_utils import extract_prompt
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
-from wrpo.data.collate import PreferenceCollator
 from wrpo.integrations.trl_data import LAYOUTS, detect_layout, expand_to_pairs, layout_message, regroup
-from wrpo.model.layout import PACKING_HELP, PREFIX_SHARING_HELP, LayoutPlan, plan_and_prepare
-from wrpo.model.losses import preference_loss, sequence_logps
-from wrpo.train.accumulation import ExactAccumulation
-from wrpo.train.alpha_schedule import ALPHA_SCHEDULES
-from wrpo.train.config import check_choices, set_cpu_processes
-from wrpo_kernels import BACKENDS
-from wrpo_kernels.metrics import preference_metrics
+from wrpo.train.config import WRPOOptions, set_cpu_processes
+from wrpo.train.core import LossOptions, TrainerCore, reference_logps
+from wrpo_kernels.metrics import dpo_reward_metrics
 from wrpo_kernels.objective import make_spec
 
 logger = logging.getLogger(__name__)
@@ -48,23 +43,10 @@ LOSS_TYPES = {"sigmoid": "dpo", "ipo": "ipo", "simpo": "simpo"}
 
 
 @dataclass
-class WRPOConfig(DPOConfig):
-    """TRL's ``DPOConfig`` plus the WRPO options (``loss_type`` takes ``"sigmoid"``, ``"ipo"``,
-    ``"simpo"``, or ``["sigmoid", "sft"]`` for DPO + NLL on the chosen response)."""
+class WRPODPOConfig(WRPOOptions, DPOConfig):
+    """TRL's ``DPOConfig`` plus the WRPO options (``wrpo.train.config.WRPOOptions``); ``loss_type`` takes
+    ``"sigmoid"``, ``"ipo"``, ``"simpo"``, or ``["sigmoid", "sft"]`` for DPO + NLL on the chosen response."""
 
-    alpha: float = field(default=0.1, metadata={"help": "fusion coefficient: weight of the source responses"})
-    alpha_schedule: str = field(
-        default="linear", metadata={"help": f"one of {ALPHA_SCHEDULES} (linear: alpha * step / steps)"}
-    )
-    chosen_weights: list[float] | None = field(
-        default=None,
-        metadata={"help": "explicit weights of the chosen responses (default [alpha, 1 - alpha])"},
-    )
-    gamma: float = field(default=0.0, metadata={"help": "SimPO's target margin"})
-    kernel_backend: str = field(default="auto", metadata={"help": f"fused-loss backend, one of {BACKENDS}"})
-    chunk_tokens: int | None = field(default=None, metadata={"help": "rows of logits held at once"})
-    packing: bool | None = field(default=None, metadata={"help": PACKING_HELP})
-    prefix_sharing: bool | None = field(default=None, metadata={"help": PREFIX_SHARING_HELP})
     chosen_layout: str = field(
         default="auto",
         metadata={
@@ -75,12 +57,10 @@ class WRPOConfig(DPOConfig):
     def __post_init__(self):
         set_cpu_processes(self)
         super().__post_init__()
-        check_choices(
-            self, {"alpha_schedule": ALPHA_SCHEDULES, "kernel_backend": BACKENDS, "chosen_layout": LAYOUTS}
-        )
+        self.check_options(chosen_layout=LAYOUTS)
 
 
-def loss_options(args: WRPOConfig) -> tuple[str, float]:
+def loss_options(args: WRPODPOConfig) -> tuple[str, float]:
     """(our loss_type, nll_weight) for TRL's ``loss_type`` / ``loss_weights``; refuses what we lack."""
     types, weights = list(args.loss_type), args.loss_weights or [1.0] * len(args.loss_type)
     nll = 0.0
@@ -99,7 +79,7 @@ def loss_options(args: WRPOConfig) -> tuple[str, float]:
     return LOSS_TYPES[types[0]], nll
 
 
-def refuse_unsupported(args: WRPOConfig) -> None:
+def refuse_unsupported(args: WRPODPOConfig) -> None:
     """Errors naming each TRL option this backend does not implement (rather than ignoring it)."""
     loss_type, _ = loss_options(args)
     refused = {
@@ -118,11 +98,13 @@ def refuse_unsupported(args: WRPOConfig) -> None:
         )
 
 
-class WRPOTrainer(ExactAccumulation, DPOTrainer):
+class WRPODPOTrainer(TrainerCore, DPOTrainer):
     """``trl.DPOTrainer`` with the fused WRPO/DPO loss of ``wrpo_kernels`` (see the module docstring)."""
 
-    def __init__(self, model, ref_model=None, args: WRPOConfig | None = None, train_dataset=None, **kwargs):
-        if not isinstance(args, WRPOConfig):
+    def __init__(
+        self, model, ref_model=None, args: WRPODPOConfig | None = None, train_dataset=None, **kwargs
+    ):
+        if not isinstance(args, WRPODPOConfig):
             raise TypeError(
                 f"WRPOTrainer needs a wrpo.integrations.trl.WRPOConfig, got {type(args).__name__}"
             )
@@ -133,14 +115,15 @@ class WRPOTrainer(ExactAccumulation, DPOTrainer):
                 raise ValueError("WRPOTrainer: vision datasets are not supported by the wrpo backend")
         if args.padding_free:  # TRL has it switched off; packing does it
             args.padding_free, args.packing = False, True
-        self._loss_type, self._nll_weight = loss_options(args)
+        loss_type, nll_weight = loss_options(args)
+        self._loss_options = LossOptions.of(args, loss_type=loss_type, nll_weight=nll_weight)
         if (
             ref_model is None
             and isinstance(model, PreTrainedModel)
             and not is_peft_model(model)
             and kwargs.get("peft_config") is None
             and not args.precompute_ref_log_probs
-            and self._loss_type != "simpo"
+            and loss_type != "simpo"
         ):
             ref_model = copy.deepcopy(model)  # the starting policy, as wrpo train does (TRL would reload it)
         super().__init__(model, ref_model=ref_model, args=args, train_dataset=train_dataset, **kwargs)
@@ -148,20 +131,10 @@ class WRPOTrainer(ExactAccumulation, DPOTrainer):
             raise ValueError(
                 "WRPOTrainer: the MoE router auxiliary loss is not supported by the wrpo backend"
             )
-        self.data_collator = self._collator()
+        self.data_collator = self.collator(self._tokenizer.pad_token_id)
         self.model_accepts_loss_kwargs = True  # transformers versions without ``loss_is_scaled_for_ga``
 
     # ---- data ---------------------------------------------------------------------------------------
-
-    @property
-    def layout(self) -> LayoutPlan:
-        """Planned, applied and logged once, at the first collator: TRL may precompute in ``__init__``."""
-        if getattr(self, "_layout", None) is None:
-            self._layout = plan_and_prepare(self.args, self.model, getattr(self, "ref_model", None))
-        return self._layout
-
-    def _collator(self) -> PreferenceCollator:
-        return self.layout.collator(self._tokenizer.pad_token_id)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Groups {prompt_ids, responses [K], num_chosen} tokenized by TRL's own preparation."""
@@ -186,33 +159,32 @@ class WRPOTrainer(ExactAccumulation, DPOTrainer):
     @torch.no_grad()
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         """Adds ``ref_logps`` [K] per group, from the reference model (or the starting policy)."""
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self._collator())
+        loader = DataLoader(
+            dataset, batch_size=batch_size, collate_fn=self.collator(self._tokenizer.pad_token_id)
+        )
         loader = self.accelerator.prepare(loader)
         out = []
         for batch in loader:
-            logps = self._reference_logps(batch, force=True)
+            logps = self.reference_model_logps(batch, precomputing=True)
             out.append(self.accelerator.gather_for_metrics(logps).float().cpu())
         logps = torch.cat(out)[: len(dataset)]
         return dataset.add_column("ref_logps", logps.tolist())
 
     # ---- loss ---------------------------------------------------------------------------------------
 
+    def loss_options(self) -> LossOptions:
+        return self._loss_options
+
     @torch.no_grad()
-    def _reference_logps(self, inputs, force: bool = False):
-        """[B, K] reference log-probs: precomputed, or from the reference model, or from the policy with
-        its PEFT adapter disabled; ``force``: computed even if precomputed or unused (simpo), and from the
-        policy itself when there is neither (precomputing before training)."""
-        if not force:
-            if "ref_logps" in inputs:
-                return inputs["ref_logps"]
-            if self._loss_type == "simpo":
-                return None
+    def reference_model_logps(self, inputs, precomputing: bool = False):
+        """[B, K] reference log-probs from the reference model, or from the policy with its PEFT adapter
+        disabled; ``precomputing`` (before training): from the policy itself when there is neither."""
         model, adapter = self.ref_model, contextlib.nullcontext()
         if model is None:
-            if not (force or is_peft_model(self.model)):
+            if not (precomputing or is_peft_model(self.model)):
                 raise ValueError("WRPOTrainer: no reference model and no precomputed ref_logps")
             model = self.model
-            if force and self.is_deepspeed_enabled:  # precomputing before DeepSpeed prepared the policy
+            if precomputing and self.is_deepspeed_enabled:  # before DeepSpeed prepared the policy
                 # (ZeRO-3: partitioned): TRL's inference engine over it gathers the parameters, as in TRL
                 if getattr(self, "_precompute_engine", None) is None:
                     self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
@@ -223,67 +195,37 @@ class WRPOTrainer(ExactAccumulation, DPOTrainer):
                     unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None
                 )
         with adapter, self.accelerator.autocast():
-            logps = sequence_logps(
-                model, inputs, backend=self.args.kernel_backend, chunk_tokens=self.args.chunk_tokens
-            )
-        return logps.view(-1, inputs["responses_per_prompt"])
+            return reference_logps(model, inputs, **self.loss_options().head)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        a = self.args
-        ref = self._reference_logps(inputs)
-        with self.accelerator.autocast():  # the body in the run's mixed precision (the head stays exact)
-            out = preference_loss(
-                model, inputs, ref_logps=ref, loss_type=self._loss_type, beta=a.beta, gamma=a.gamma,
-                label_smoothing=a.label_smoothing, nll_weight=self._nll_weight, alpha=self.current_alpha(),
-                chosen_weights=a.chosen_weights, backend=a.kernel_backend, chunk_tokens=a.chunk_tokens,
-                **self.loss_normalisers(num_items_in_batch),
-            )  # fmt: skip
-        self._record(out, inputs, ref)
-        return (out.loss, out) if return_outputs else out.loss
-
-    def _record(self, out, inputs, ref):
-        """Metrics under TRL's names (rewards/*, logps/*, logits/*) plus WRPO's, averaged over processes.
-        TRL's reward metrics are beta * (logps - ref_logps) for every loss type; so are ours here."""
+    def step_metrics(self, out, inputs, ref) -> dict:
+        """Metrics under TRL's names (rewards/*, logps/*, logits/*) plus WRPO's. TRL's reward metrics are
+        beta * (logps - ref_logps) for every loss type; so are ours here (ipo's own rewards differ)."""
         metrics = dict(out.metrics)
-        if self._loss_type == "ipo":
+        options = self._loss_options
+        if options.loss_type == "ipo":
             spec = make_spec(
-                responses_per_prompt=inputs["responses_per_prompt"], num_chosen=inputs["num_chosen"],
-                alpha=self.current_alpha(), chosen_weights=self.args.chosen_weights, loss_type="dpo",
-                beta=self.args.beta, gamma=0.0, label_smoothing=0.0,
-            )  # fmt: skip
-            rewards = self.args.beta * (out.logps - ref.to(out.logps.dtype))
-            metrics.update(preference_metrics(spec, out.logps, rewards))
-        names = sorted(metrics)
-        values = torch.stack([metrics[n].detach().float() for n in names])
-        if self.accelerator.num_processes > 1:
-            values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="mean")
-        mode = "train" if self.model.training else "eval"
-        for n, v in zip(names, values.tolist(), strict=True):
-            self._metrics[mode][n].append(v)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ):
-        """The means of this loop's metrics only, under its ``metric_key_prefix`` (``eval_``, ``test_``,
-        ``eval_<name>_``), in the returned metrics: ``DPOTrainer.log`` would name them ``eval_*`` whatever
-        the prefix, and ``predict`` (which does not log) would leave them to the next evaluation."""
-        self._metrics["eval"].clear()  # nothing stored before (an interrupted loop, a manual call) counts
-        output = super().evaluation_loop(
-            dataloader, description, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys,
-            metric_key_prefix=metric_key_prefix,
-        )  # fmt: skip
-        stored = self._metrics["eval"]  # already averaged over the processes in ``_record``
-        output.metrics.update(
-            {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in sorted(stored.items())}
-        )
-        stored.clear()  # so DPOTrainer.log adds nothing under eval_
-        return output
+                responses_per_prompt=inputs["responses_per_prompt"],
+                num_chosen=inputs["num_chosen"],
+                alpha=self.current_alpha(),
+                chosen_weights=options.chosen_weights,
+                loss_type="dpo",
+                beta=options.beta,
+                gamma=0.0,
+                label_smoothing=0.0,
+            )
+            metrics.update(dpo_reward_metrics(spec, out.logps, ref))
+        return metrics
 
 
-__all__ = ["WRPOConfig", "WRPOTrainer", "loss_options", "refuse_unsupported"]
+# the names users import (``from wrpo.integrations.trl import WRPOConfig, WRPOTrainer``)
+WRPOConfig = WRPODPOConfig
+WRPOTrainer = WRPODPOTrainer
+
+__all__ = [
+    "WRPOConfig",
+    "WRPODPOConfig",
+    "WRPODPOTrainer",
+    "WRPOTrainer",
+    "loss_options",
+    "refuse_unsupported",
+]

@@ -102,6 +102,15 @@ def refuse_unsupported(caps: Capabilities) -> None:
         )
 
 
+def check_layout_request(*, packing: bool | None, prefix_sharing: bool | None) -> None:
+    """Refuse prefix sharing asked for with packing turned off (it packs a group's responses after its
+    prompt): checked by the configs when parsed and by :func:`plan_layout`."""
+    if prefix_sharing and packing is False:
+        raise ValueError(
+            "--prefix_sharing needs --packing (it packs each group's responses after its prompt)"
+        )
+
+
 def cannot_pack(caps: Capabilities) -> str | None:
     """Why ``caps``' model cannot run packed rows exactly, or None if it can."""
     if caps.packing_blocker is not None:
@@ -118,10 +127,7 @@ def plan_layout(caps: Capabilities, *, packing: bool | None, prefix_sharing: boo
     """The layout for a model with capabilities ``caps``; ``packing`` / ``prefix_sharing``: True, False,
     or None (automatic). Raises ValueError where an explicit True cannot run (naming why)."""
     refuse_unsupported(caps)
-    if prefix_sharing and packing is False:
-        raise ValueError(
-            "--prefix_sharing needs --packing (it packs each group's responses after its prompt)"
-        )
+    check_layout_request(packing=packing, prefix_sharing=prefix_sharing)
     if packing is False:
         return LayoutPlan(False, "turned off (--packing false)", False, "needs --packing")
     why = cannot_pack(caps)

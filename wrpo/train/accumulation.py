@@ -1,5 +1,4 @@
-"""Exact gradient accumulation and the alpha schedule, shared by the trainers (``wrpo.train.trainer`` and
-``wrpo.integrations.trl``).
+"""Exact gradient accumulation and the alpha schedule of the trainers' shared core (``wrpo/train/core.py``).
 
 The batch loss is a mean over groups (and, with ``nll_weight``, over first-chosen tokens). With N
 micro-batches per optimizer step on W processes, each micro-batch returns its summed group losses
@@ -14,11 +13,12 @@ import torch
 
 from wrpo.data.collate import batch_counts
 from wrpo.train.alpha_schedule import alpha_at
+from wrpo_kernels import Totals
 
 
 class ExactAccumulation:
-    """Mixin for a transformers ``Trainer`` whose ``compute_loss`` passes
-    :meth:`loss_normalisers` to :func:`wrpo.preference_loss`."""
+    """Mixin for a transformers ``Trainer`` whose ``compute_loss`` passes :meth:`step_totals` to
+    :func:`wrpo.preference_loss` (``wrpo/train/core.py``)."""
 
     # compute_loss divides by the whole optimizer step's counts: the Trainer must not divide again
     loss_is_scaled_for_ga = True
@@ -40,13 +40,13 @@ class ExactAccumulation:
             counts = self.accelerator.reduce(counts, reduction="sum")
         return batch_samples, counts
 
-    def loss_normalisers(self, num_items_in_batch) -> dict:
-        """``num_groups`` / ``num_nll_tokens`` for the fused loss: the step's counts over the number of
-        processes; {} (the micro-batch's own means) without counts, e.g. in evaluation."""
+    def step_totals(self, num_items_in_batch) -> Totals:
+        """The fused loss's denominators: the step's counts over the number of processes (which average
+        the gradients); this micro-batch's own counts (``Totals()``) without them, e.g. in evaluation."""
         if num_items_in_batch is None:
-            return {}
+            return Totals()
         world = self.accelerator.num_processes
-        return {"num_groups": num_items_in_batch[0] / world, "num_nll_tokens": num_items_in_batch[1] / world}
+        return Totals(groups=num_items_in_batch[0] / world, tokens=num_items_in_batch[1] / world)
 
     def current_alpha(self) -> float:
         """alpha at this optimizer step (global step g of N; an evaluation after the last sees g = N), by

@@ -11,13 +11,46 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from wrpo.data.preference import prompt_limit
-from wrpo.model.layout import PACKING_HELP, PREFIX_SHARING_HELP
+from wrpo.model.layout import PACKING_HELP, PREFIX_SHARING_HELP, check_layout_request
 from wrpo.train.alpha_schedule import ALPHA_SCHEDULES
 from wrpo_kernels import BACKENDS, LOSS_TYPES
 
 
 @dataclass
-class WRPOConfig(TrainingArguments):
+class WRPOOptions:
+    """The method's options, shared by ``wrpo train``'s :class:`WRPOConfig` and the TRL adapter's config
+    (``wrpo/integrations/trl.py``); :meth:`check_options` validates them."""
+
+    alpha: float = field(default=0.1, metadata={"help": "fusion coefficient: weight of the source responses"})
+    alpha_schedule: str = field(
+        default="linear",
+        metadata={"help": f"alpha over the steps, one of {ALPHA_SCHEDULES} (linear: alpha * step / steps)"},
+    )
+    chosen_weights: list[float] | None = field(
+        default=None, metadata={"help": "explicit weights of the chosen responses (sum 1); None: from alpha"}
+    )
+    gamma: float = field(
+        default=0.0, metadata={"help": "target reward margin of every group (SimPO's gamma)"}
+    )
+    kernel_backend: str = field(
+        default="auto",
+        metadata={"help": f"fused-loss backend, one of {BACKENDS}; auto: triton on a GPU, else torch"},
+    )
+    chunk_tokens: int | None = field(
+        default=None, metadata={"help": "rows of logits the fused loss holds at once; None: automatic"}
+    )
+    packing: bool | None = field(default=None, metadata={"help": PACKING_HELP})
+    prefix_sharing: bool | None = field(default=None, metadata={"help": PREFIX_SHARING_HELP})
+
+    def check_options(self, **choices) -> None:
+        """ValueError naming the first option out of its choices (``choices``: more fields -> allowed),
+        or a layout request that cannot hold (prefix sharing without packing)."""
+        check_choices(self, {"alpha_schedule": ALPHA_SCHEDULES, "kernel_backend": BACKENDS, **choices})
+        check_layout_request(packing=self.packing, prefix_sharing=self.prefix_sharing)
+
+
+@dataclass
+class WRPOConfig(WRPOOptions, TrainingArguments):
     """Options of ``wrpo train`` / ``wrpo sft``; every TrainingArguments field works too."""
 
     model: str = field(default="tiny", metadata={"help": "model path, or 'tiny' for the bundled default"})
@@ -33,16 +66,6 @@ class WRPOConfig(TrainingArguments):
     )
     loss_type: str = field(default="dpo", metadata={"help": f"implicit reward, one of {LOSS_TYPES}"})
     beta: float = field(default=0.01, metadata={"help": "reward scale (ipo: target margin 1 / (2 beta))"})
-    alpha: float = field(default=0.1, metadata={"help": "fusion coefficient: weight of the source responses"})
-    alpha_schedule: str = field(
-        default="linear", metadata={"help": f"alpha over the steps, one of {ALPHA_SCHEDULES}"}
-    )
-    chosen_weights: list[float] | None = field(
-        default=None, metadata={"help": "explicit weights of the chosen responses (sum 1); None: from alpha"}
-    )
-    gamma: float = field(
-        default=0.0, metadata={"help": "target reward margin of every group (SimPO's gamma)"}
-    )
     label_smoothing: float = field(
         default=0.0, metadata={"help": "probability that a preference label is flipped (dpo, simpo)"}
     )
@@ -63,15 +86,6 @@ class WRPOConfig(TrainingArguments):
         metadata={"help": "cache directory of precomputed reference log-probs; None: "
                   "$XDG_CACHE_HOME/wrpo/ref_logps (~/.cache/wrpo/ref_logps); 'off' disables it"},
     )  # fmt: skip
-    kernel_backend: str = field(
-        default="auto",
-        metadata={"help": f"fused-loss backend, one of {BACKENDS}; auto: triton on a GPU, else torch"},
-    )
-    packing: bool | None = field(default=None, metadata={"help": PACKING_HELP})
-    prefix_sharing: bool | None = field(default=None, metadata={"help": PREFIX_SHARING_HELP})
-    chunk_tokens: int | None = field(
-        default=None, metadata={"help": "rows of logits the fused loss holds at once; None: automatic"}
-    )
     seed_model: int = field(default=0, metadata={"help": "seed of the tiny model's random initialisation"})
     output_dir: str = field(
         default="outputs/wrpo",
@@ -86,14 +100,8 @@ class WRPOConfig(TrainingArguments):
         if self.use_cpu or not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for; DataLoader would warn on every run
         super().__post_init__()
-        check_choices(
-            self, {"loss_type": LOSS_TYPES, "alpha_schedule": ALPHA_SCHEDULES, "kernel_backend": BACKENDS}
-        )
+        self.check_options(loss_type=LOSS_TYPES)
         self.max_prompt_length = prompt_limit(self.max_length, self.max_prompt_length)
-        if self.prefix_sharing and self.packing is False:
-            raise ValueError(
-                "--prefix_sharing needs --packing (it packs each group's responses after its prompt)"
-            )
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must stay False: the collator reads the token columns")
 

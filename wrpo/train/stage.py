@@ -12,11 +12,12 @@ from wrpo.data.sft import describe_formats, load_sft_data, tokenize_sft_example
 from wrpo.model.layout import LayoutPlan, plan_and_prepare
 from wrpo.train import ref_cache
 from wrpo.train.checkpoints import resolve_resume, train_from_checkpoint
+from wrpo.train.core import reference_logps
 from wrpo.train.effective_config import print_effective_config
 from wrpo.train.load_models import load_policy, load_reference
 from wrpo.train.report import plot_curves, summary
 from wrpo.train.tiny import SAMPLE_DATA
-from wrpo.train.trainer import WRPOTrainer, reference_logps
+from wrpo.train.trainer import WRPOTrainer
 
 
 def load_examples(config, stage: str = "train"):
@@ -72,8 +73,10 @@ def compute_ref_logps(
     for start in range(0, len(dataset), step):
         batch = collate([dataset[i] for i in range(start, min(start + step, len(dataset)))])
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        logps = reference_logps(ref_model, batch, config.kernel_backend)
-        out.append(logps.view(-1, batch["responses_per_prompt"]).float().cpu())
+        logps = reference_logps(
+            ref_model, batch, backend=config.kernel_backend, chunk_tokens=config.chunk_tokens
+        )
+        out.append(logps.float().cpu())
     return torch.cat(out)
 
 
