@@ -112,7 +112,7 @@ def test_the_accumulation_block_gives_the_whole_batch_gradient():
     exec(compile(block_after("<!-- recipe -->"), "docs/api.md recipe", "exec"), ns)
     before = copy.deepcopy(ns["model"])
     exec(compile(block_after("<!-- recipe: accumulation -->"), "docs/api.md accumulation", "exec"), ns)
-    assert (int(ns["num_groups"]), int(ns["num_nll_tokens"])) == (2, 6)
+    assert (int(ns["groups_in_step"]), int(ns["tokens_in_step"])) == (2, 6)
     whole = preference_loss(before, ns["batch"], ref_logps=ns["ref_logps"], alpha=0.1, beta=0.01)
     whole.loss.backward()
     for (name, p), q in zip(ns["model"].named_parameters(), before.parameters(), strict=True):
