@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from measure import MMAP_ENV, bar_plot, machine, peak_rss_rise_mb, write_json
+from harness import MMAP_ENV, peak_rss_rise_mb
+from plots import bar_plot
+from records import machine, write_json
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import wrpo_kernels as wk

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import bar_plot, machine, peak_rss_rise_mb, write_json  # noqa: E402
+from harness import free_port, peak_rss_rise_mb  # noqa: E402
+from plots import bar_plot  # noqa: E402
+from records import machine, write_json  # noqa: E402
 
 # name -> (processes, threads per process)
 METHODS = {"1 process x 2 threads": (1, 2), "1 process x 1 thread": (1, 1), "TP 2 x 1 thread": (2, 1)}
@@ -129,12 +130,6 @@ def rank_main(rank: int, world: int, threads: int, port: int, argv: list, out_di
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_method(method: str, argv: list) -> dict:

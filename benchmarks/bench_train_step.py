@@ -48,7 +48,9 @@ import time
 from pathlib import Path
 
 import torch
-from measure import MMAP_ENV, bar_plot, machine, peak_rss_rise_mb, write_json
+from harness import MMAP_ENV, peak_rss_rise_mb
+from plots import bar_plot
+from records import machine, write_json
 from transformers import AutoModelForCausalLM, JambaConfig, Lfm2Config, LlamaConfig, Qwen3_5TextConfig
 
 import wrpo_kernels as wk

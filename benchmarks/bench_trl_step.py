@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-from measure import MMAP_ENV, bar_plot, machine, rss_mb, write_json
+from harness import MMAP_ENV, rss_mb
+from plots import bar_plot
+from records import machine, write_json
 
 METHODS = ("trl-dpo", "wrpo-trl")
 PAD_ID = 0

@@ -521,7 +521,7 @@ def main(argv=None) -> int:
 
     if args.device == "cuda" and torch.cuda.is_available():
         sys.path.insert(0, str(HERE))
-        from bench_head_loss import device_tag
+        from records import device_tag
 
         cfg.tag = device_tag("cuda")
     elif args.device != "cuda":
