@@ -146,9 +146,13 @@ def tests_child(paths: list[str], out: Path) -> int:
 
     sel = GpuSelection()
     rc = int(pytest.main(["-q", "-rfEs", "-p", "no:cacheprovider", *paths], plugins=[sel]))
-    record = {"exit_code": rc, "marked_gpu": sel.marked, "named_test_gpu": sel.named,
-              "counts": {k: len(v) for k, v in sel.stats.items()}, "failed": sel.stats.get("failed", []) +
-              sel.stats.get("error", [])}  # fmt: skip
+    record = {
+        "exit_code": rc,
+        "marked_gpu": sel.marked,
+        "named_test_gpu": sel.named,
+        "counts": {k: len(v) for k, v in sel.stats.items()},
+        "failed": sel.stats.get("failed", []) + sel.stats.get("error", []),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     print(f"selected {sel.marked} test(s) marked gpu and {sel.named} unmarked test(s) named test_gpu*")
@@ -169,10 +173,8 @@ def run_child(cmd, timeout, log, env):
     """Run ``cmd`` in its own process group, streaming its output; -> (exit code or None if timed out)."""
     log.write(f"$ {' '.join(map(str, cmd))}\n")
     log.flush()
-    proc = subprocess.Popen(
-        [str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, bufsize=1, start_new_session=True,
-    )  # fmt: skip
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, "bufsize": 1}
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, start_new_session=True, **pipes)
 
     def pump():
         for line in proc.stdout:
@@ -195,6 +197,11 @@ def run_child(cmd, timeout, log, env):
         rc = None
     reader.join(timeout=5)
     return rc
+
+
+def flags(options: dict) -> list:
+    """Command-line words of ``options``: {"device": "cuda", "B": 4} -> ["--device", "cuda", "--B", 4]."""
+    return [word for name, value in options.items() for word in (f"--{name}", value)]
 
 
 def read_json(path: Path):
@@ -242,8 +249,8 @@ def env_step(step, cfg):
 def auto_step(step, cfg, log, env, timeout):
     out = cfg.path("autoselect_{device}.json")
     dtypes = "fp32" if cfg.device == "cpu" else "bf16,fp16,fp32"
-    rc = run_child([sys.executable, __file__, "--child", "auto", "--device", cfg.device, "--dtypes", dtypes,
-                    "--json", out], timeout, log, env)  # fmt: skip
+    child = flags({"child": "auto", "device": cfg.device, "dtypes": dtypes, "json": out})
+    rc = run_child([sys.executable, __file__, *child], timeout, log, env)
     rec = read_json(out) if rc is not None else None
     if rec:
         step.record = rec
@@ -299,9 +306,14 @@ def fmt_x(x):
 def bench_step(step, cfg, log, env, timeout):
     shape = TINY if cfg.tiny else LLAMA3_8B
     out = cfg.path("head_loss_llama3_8b_{device}.json" if not cfg.tiny else "head_loss_tiny_{device}.json")
-    cmd = [sys.executable, HERE / "bench_head_loss.py", "--device", cfg.device, "--B", shape["B"],
-           "--T", shape["T"], "--H", shape["H"], "--V", shape["V"], "--dtype", shape["dtype"],
-           "--reps", 2 if cfg.tiny else 10, "--time-budget", int(timeout), "--out", out]  # fmt: skip
+    options = {
+        "device": cfg.device,
+        **{k: shape[k] for k in ("B", "T", "H", "V", "dtype")},
+        "reps": 2 if cfg.tiny else 10,
+        "time-budget": int(timeout),
+        "out": out,
+    }
+    cmd = [sys.executable, HERE / "bench_head_loss.py", *flags(options)]
     if cfg.tiny:
         cmd += ["--compile-backend", "aot_eager", "--memory-inproc"]
     if cfg.peak_tflops:
@@ -334,17 +346,30 @@ def bench_step(step, cfg, log, env, timeout):
         return ("met" if met else "BELOW target") + dry
 
     pct = r.get("pct_peak_6nhv")
+    vs_naive, vs_liger, extra = r.get("speedup_vs_naive"), k2.get("speedup_vs_liger"), r["extra_mem_mb"]
     step.rows += [
-        ("% of bf16 peak (6NHV)", f"{pct:.0f}%" if pct else "n/a (peak unknown)",
-         f">= {TARGETS['pct_peak']:.0f}%: {target(pct, TARGETS['pct_peak'])}"),
-        ("speed-up vs naive-eager", fmt_x(r.get("speedup_vs_naive")),
-         f">= {TARGETS['vs_naive']}x: {target(r.get('speedup_vs_naive'), TARGETS['vs_naive'])}"),
+        (
+            "% of bf16 peak (6NHV)",
+            f"{pct:.0f}%" if pct else "n/a (peak unknown)",
+            f">= {TARGETS['pct_peak']:.0f}%: {target(pct, TARGETS['pct_peak'])}",
+        ),
+        (
+            "speed-up vs naive-eager",
+            fmt_x(vs_naive),
+            f">= {TARGETS['vs_naive']}x: {target(vs_naive, TARGETS['vs_naive'])}",
+        ),
         ("speed-up vs naive-compile", fmt_x(r.get("speedup_vs_compile")), ""),
-        (f"speed-up vs Liger ({head}/k2, K=2)", fmt_x(k2.get("speedup_vs_liger")),
-         f">= {TARGETS['vs_liger']}x: {target(k2.get('speedup_vs_liger'), TARGETS['vs_liger'])}"),
-        ("memory above the gradients", f"{round(r['extra_mem_mb']) + 0} MiB",
-         f"<= {TARGETS['extra_mib']:.0f} MiB: {target(r['extra_mem_mb'], TARGETS['extra_mib'], False)}"),
-    ]  # fmt: skip
+        (
+            f"speed-up vs Liger ({head}/k2, K=2)",
+            fmt_x(vs_liger),
+            f">= {TARGETS['vs_liger']}x: {target(vs_liger, TARGETS['vs_liger'])}",
+        ),
+        (
+            "memory above the gradients",
+            f"{round(extra) + 0} MiB",
+            f"<= {TARGETS['extra_mib']:.0f} MiB: {target(extra, TARGETS['extra_mib'], False)}",
+        ),
+    ]
     for m, other in by.items():
         if m != head:
             pct = f"{other['pct_peak_6nhv']:.0f}% of peak, " if other.get("pct_peak_6nhv") else ""
@@ -353,8 +378,8 @@ def bench_step(step, cfg, log, env, timeout):
             step.rows.append((m, f"{other['median_ms']:.1f} ms", vs))
     checked = [x for x in rec["results"] if x.get("check")]
     bad = [x["method"] for x in checked if not x["check"]["ok"]]
-    step.rows.append(("check vs reference", f"{len(checked) - len(bad)} of {len(checked)} ok",
-                      "FAILED: " + ", ".join(bad) if bad else ""))  # fmt: skip
+    verdict = "FAILED: " + ", ".join(bad) if bad else ""
+    step.rows.append(("check vs reference", f"{len(checked) - len(bad)} of {len(checked)} ok", verdict))
     for m, why in rec.get("skipped", {}).items():
         step.rows.append((f"{m}", "skipped", why))
     for m, what in rec.get("errors", {}).items():
@@ -364,14 +389,14 @@ def bench_step(step, cfg, log, env, timeout):
 def sweep_step(step, cfg, log, env, timeout):
     out = cfg.path("sweep_{device}.json" if not cfg.tiny else "sweep_tiny_{device}.json")
     if cfg.tiny:
-        grid = ["--grid", "tiny", "--layouts", "K2,K3", "--vocabs", "96,160", "--tokens", "24",
-                "--methods", "naive-eager,wrpo-torch"]  # fmt: skip
+        grid = {"grid": "tiny", "layouts": "K2,K3", "vocabs": "96,160", "tokens": "24"}
+        grid = flags({**grid, "methods": "naive-eager,wrpo-torch"})
         bench_args = "--memory-inproc"
     else:
         methods = "naive-eager,wrpo-torch,wrpo-triton,cce-logps,trl-chunked,gemm-only"
-        grid = ["--grid", "gpu", "--layouts", "K3", "--vocabs", "32000,128256,262144",
-                "--tokens", "4096,16384", "--hidden", "4096", "--reps", "3", "--no-check",
-                "--methods", methods]  # fmt: skip
+        grid = {"grid": "gpu", "layouts": "K3", "vocabs": "32000,128256,262144", "tokens": "4096,16384"}
+        grid = flags({**grid, "hidden": "4096", "reps": "3"})
+        grid += ["--no-check", *flags({"methods": methods})]
         bench_args = ""  # the bench step checks the loss and gradients; here time goes to configs
     if cfg.peak_tflops:
         bench_args += f" --peak-tflops {cfg.peak_tflops}"
@@ -410,14 +435,14 @@ def sweep_step(step, cfg, log, env, timeout):
         mine = [r for r in rows if r["method"] == m]
         pct = [r["pct_peak_6nhv"] for r in mine if r.get("pct_peak_6nhv")]
         su = [r["speedup_vs_naive"] for r in mine if r.get("speedup_vs_naive")]
-        step.rows.append((m, f"{len(mine)} configs",
-                          (f"{min(pct):.0f}-{max(pct):.0f}% of peak; " if pct else "")
-                          + (f"{min(su):.2f}-{max(su):.2f}x naive" if su else "")))  # fmt: skip
+        pct_text = f"{min(pct):.0f}-{max(pct):.0f}% of peak; " if pct else ""
+        su_text = f"{min(su):.2f}-{max(su):.2f}x naive" if su else ""
+        step.rows.append((m, f"{len(mine)} configs", pct_text + su_text))
     gemm = [r["gemm_ratio"] for r in rows if r["method"].startswith("wrpo-") and r.get("gemm_ratio")]
     if gemm:
         step.rows.append(("ours / GEMMs alone", f"{len(gemm)} configs", f"{min(gemm):.2f}-{max(gemm):.2f}x"))
-    ooms = [f"{r['method']} V={r['V']} N={r['tokens']} H={r['H']}" for r in rec["rows"]
-            if r.get("status") in ("oom", "over cap")]  # fmt: skip
+    short = [r for r in rec["rows"] if r.get("status") in ("oom", "over cap")]
+    ooms = [f"{r['method']} V={r['V']} N={r['tokens']} H={r['H']}" for r in short]
     if ooms:
         step.rows.append(("out of memory", f"{len(ooms)}", "; ".join(ooms)[:160]))
 
@@ -435,6 +460,12 @@ class Config:
 
     def path(self, pattern):
         return self.out_dir / pattern.format(device=self.tag)
+
+
+def step_record(s: Step) -> dict:
+    """A step as the summary JSON records it."""
+    fields = {"name": s.name, "status": s.status, "seconds": s.seconds, "limit_s": s.limit}
+    return {**fields, "figures": s.figures, "rows": s.rows, "record": s.record}
 
 
 def print_summary(cfg, steps, total):
@@ -509,8 +540,8 @@ def main(argv=None) -> int:
     wanted = args.steps.split(",")
     t0 = time.perf_counter()
     deadline = t0 + cfg.total_budget
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **offline}
     if args.device == "cpu":
         env["TRITON_INTERPRET"] = "1"  # the Triton kernels run on CPU tensors through the interpreter
         if args.tiny:  # tiny tensors: more threads only add contention
@@ -559,11 +590,14 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t0
     print_summary(cfg, steps, total)
     summary = {
-        "device_tag": cfg.tag, "dry_run": bool(args.tiny), "total_s": total, "budget_s": cfg.total_budget,
-        "date": time.strftime("%Y-%m-%d %H:%M"), "targets": TARGETS,
-        "steps": [{"name": s.name, "status": s.status, "seconds": s.seconds, "limit_s": s.limit,
-                   "figures": s.figures, "rows": s.rows, "record": s.record} for s in steps],
-    }  # fmt: skip
+        "device_tag": cfg.tag,
+        "dry_run": bool(args.tiny),
+        "total_s": total,
+        "budget_s": cfg.total_budget,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "targets": TARGETS,
+        "steps": [step_record(s) for s in steps],
+    }
     summary_path = cfg.path("gpu_check_{device}.json")
     summary_path.write_text(json.dumps(summary, indent=2, default=str))
     print(f"wrote {summary_path} and {log_path}")
