@@ -28,6 +28,7 @@ import bench_sft  # noqa: E402
 import bench_tp  # noqa: E402
 import bench_train_step as train_step  # noqa: E402
 import gpu_check  # noqa: E402
+import gpu_steps  # noqa: E402
 import methods as registry  # noqa: E402
 import predictor  # noqa: E402
 import records  # noqa: E402
@@ -168,7 +169,7 @@ def test_a_step_past_its_limit_is_killed_with_its_children(tmp_path):
     )
     with open(tmp_path / "log", "w") as log:
         t = time.perf_counter()
-        rc = gpu_check.run_child([sys.executable, "-c", script], 3, log, dict(os.environ))
+        rc = gpu_steps.run_child([sys.executable, "-c", script], 3, log, dict(os.environ))
     assert rc is None and time.perf_counter() - t < 20
     assert "started" in (tmp_path / "log").read_text()
     pid = int(marker.read_text())
