@@ -10,11 +10,11 @@ against the fp64 reference on the fp64 inputs, as max |x - ref| / max |ref| over
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from records import write_json
 
 import wrpo_kernels as wk
 
@@ -72,9 +72,14 @@ def main():
             for chunk in (None, max(1, smallest_group // 2)):  # one pass, and the two-pass fallback
                 ours = map(rel, run("torch", dt, inputs, opts, chunk), oracle)
                 naive = map(rel, run("reference", dt, inputs, opts, None), oracle)
-                rows.append({"case": f"B={B} K={K} C={C} H={H} V={V} {loss_type} {extra}", "dtype": dname,
-                             "chunk_tokens": chunk or "default", "ours": dict(zip(names, ours, strict=True)),
-                             "naive": dict(zip(names, naive, strict=True))})  # fmt: skip
+                row = {
+                    "case": f"B={B} K={K} C={C} H={H} V={V} {loss_type} {extra}",
+                    "dtype": dname,
+                    "chunk_tokens": chunk or "default",
+                    "ours": dict(zip(names, ours, strict=True)),
+                    "naive": dict(zip(names, naive, strict=True)),
+                }
+                rows.append(row)
     for r in rows:
         worst_ours, worst_naive = max(r["ours"].values()), max(r["naive"].values())
         chunk = str(r["chunk_tokens"])
@@ -84,11 +89,8 @@ def main():
     fp64 = max(max(r["ours"].values()) for r in rows if r["dtype"] == "fp64")
     print(f"worst fp64 relative error of the torch backend: {fp64:.2e}")
     if args.out:
-        Path(args.out).write_text(
-            json.dumps(
-                {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows}, indent=1
-            )
-        )
+        record = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows}
+        write_json(Path(args.out), record, indent=1)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,15 @@ dX and dW against the naive path in fp64 on the same inputs.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from measure import MMAP_ENV, bar_plot, machine, peak_rss_rise_mb, write_json
+from harness import Rounds, interleaved, memory_in_child, paired_ratios, peak_rss_rise_mb
+from plots import bar_plot
+from records import machine, write_json
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import wrpo_kernels as wk
@@ -80,22 +79,30 @@ def head_method(method, args):
 
 def step_method(method, args):
     torch.manual_seed(0)
+    heads = args.model_H // 64
     config = LlamaConfig(
-        vocab_size=args.V, hidden_size=args.model_H, intermediate_size=args.model_H * 8 // 3,
-        num_hidden_layers=args.layers, num_attention_heads=args.model_H // 64,
-        num_key_value_heads=args.model_H // 64, tie_word_embeddings=False, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=args.V,
+        hidden_size=args.model_H,
+        intermediate_size=args.model_H * 8 // 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config)
     prepare_layout(plan_layout(read_capabilities(model), packing=True, prefix_sharing=False), model)
     assert model.config._attn_implementation == SEGMENT_ATTENTION
     optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(1)
+
+    def tokens(n):
+        return torch.randint(1, args.V, (n,), generator=g).tolist()
+
     groups = [
-        {"prompt_ids": torch.randint(1, args.V, (args.prompt,), generator=g).tolist(),
-         "responses": [torch.randint(1, args.V, (args.T - args.prompt,), generator=g).tolist()],
-         "num_chosen": 1}
+        {"prompt_ids": tokens(args.prompt), "responses": [tokens(args.T - args.prompt)], "num_chosen": 1}
         for _ in range(args.S)
-    ]  # fmt: skip
+    ]
     batch = pack_groups(groups)
     n = int((batch["labels"] != -100).sum())
 
@@ -133,34 +140,29 @@ def check_head(args) -> dict:
     return out
 
 
-def time_methods(args) -> dict:
+def time_methods(args) -> Rounds:
+    """A warm-up call per method, then ``args.reps`` rounds, interleaved (harness.py)."""
     calls = {m: build(m, args) for m in args.methods}
     for m in args.methods:
-        calls[m]()  # warm-up
-    times = {m: [] for m in args.methods}
-    for r in range(args.reps):
-        k = r % len(args.methods)
-        for m in args.methods[k:] + args.methods[:k]:
-            t = time.perf_counter()
-            calls[m]()
-            times[m].append(time.perf_counter() - t)
-    return times
+        calls[m]()
+    rounds = interleaved(calls, args.reps)
+    if rounds.errors:
+        raise RuntimeError(f"a method failed: {rounds.errors}")
+    return rounds
 
 
-def peak_memory_mb(method, args) -> float:
+def call_memory_mb(method, args) -> float:
+    """Peak RSS rise of one call, after a warm-up call (optimizer state, workspaces)."""
     call = build(method, args)
-    call()  # warm-up: optimizer state, workspaces
+    call()
     return peak_rss_rise_mb(call)
 
 
-def memory_in_child(method, args) -> float:
+def memory_mb(method, args) -> float:
+    """:func:`call_memory_mb` in a fresh process (in this one with --memory-inproc)."""
     if args.memory_inproc:
-        return peak_memory_mb(method, args)
-    cmd = [sys.executable, __file__, "--memory-child", method, *args.shape_argv]
-    out = subprocess.run(cmd, env={**os.environ, **MMAP_ENV}, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory child for {method} failed:\n{out.stderr[-2000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+        return call_memory_mb(method, args)
+    return memory_in_child([sys.executable, __file__, "--memory-child", method, *args.shape_argv], method)
 
 
 def parse_args(argv=None):
@@ -182,25 +184,29 @@ def parse_args(argv=None):
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    args.shape_argv = [f"--{k}={getattr(args, k.replace('-', '_'))}"
-                       for k in ("S", "T", "prompt", "H", "V", "model-H", "layers")]  # fmt: skip
+    shape = ("S", "T", "prompt", "H", "V", "model-H", "layers")
+    args.shape_argv = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in shape]
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_child:
-        print(peak_memory_mb(args.memory_child, args))
+        print(call_memory_mb(args.memory_child, args))
         return
     check = check_head(args)
-    times = time_methods(args)
+    times = time_methods(args).wall
     results = []
     for m in args.methods:
         pair = "two-pass" if m in HEAD else "step-two-pass"
-        r = {"method": m, "times_s": times[m], "median_s": statistics.median(times[m]),
-             "peak_mem_mb": memory_in_child(m, args)}  # fmt: skip
+        r = {
+            "method": m,
+            "times_s": times[m],
+            "median_s": statistics.median(times[m]),
+            "peak_mem_mb": memory_mb(m, args),
+        }
         if pair in times:
-            r["round_ratios_vs_two_pass"] = [a / b for a, b in zip(times[pair], times[m], strict=True)]
+            r["round_ratios_vs_two_pass"] = paired_ratios(times[pair], times[m])
             r["median_speedup_vs_two_pass"] = statistics.median(r["round_ratios_vs_two_pass"])
         if m in check:
             r["rel_err_vs_fp64"] = check[m]
@@ -212,16 +218,16 @@ def main(argv=None):
     )
     for r in results:
         speed = r.get("median_speedup_vs_two_pass")
-        print(f"{r['method']:>17}: {r['median_s'] * 1e3:8.1f} ms  peak {r['peak_mem_mb']:7.1f} MiB"
-              + (f"  {speed:.2f}x vs two-pass" if speed else ""))  # fmt: skip
+        vs = f"  {speed:.2f}x vs two-pass" if speed else ""
+        print(f"{r['method']:>17}: {r['median_s'] * 1e3:8.1f} ms  peak {r['peak_mem_mb']:7.1f} MiB{vs}")
     if args.out:
         path = Path(args.out)
         write_json(path, {"shape": shape, "machine": machine("cpu"), "reps": args.reps, "results": results})
         for r in results:
             r["median_ms"] = r["median_s"] * 1e3
-        bar_plot(results, path.with_suffix(".png"), f"SFT loss, CPU ({shape})",
-                 [("median_ms", "median time per call (ms)"), ("peak_mem_mb", "peak RSS rise (MiB)")],
-                 lambda name: "single-pass" in name)  # fmt: skip
+        panels = [("median_ms", "median time per call (ms)"), ("peak_mem_mb", "peak RSS rise (MiB)")]
+        title = f"SFT loss, CPU ({shape})"
+        bar_plot(results, path.with_suffix(".png"), title, panels, lambda name: "single-pass" in name)
         print(f"wrote {path} and {path.with_suffix('.png')}")
 
 

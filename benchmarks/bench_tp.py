@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,10 +31,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import bar_plot, machine, peak_rss_rise_mb, write_json  # noqa: E402
+from harness import free_port, peak_rss_rise_mb  # noqa: E402
+from plots import bar_plot  # noqa: E402
+from records import machine, write_json  # noqa: E402
 
 # name -> (processes, threads per process)
 METHODS = {"1 process x 2 threads": (1, 2), "1 process x 1 thread": (1, 1), "TP 2 x 1 thread": (2, 1)}
+PAIRS = {"responses_per_prompt": 2, "num_chosen": 1}  # K = 2: one chosen, one rejected
 
 
 def inputs(args):
@@ -84,8 +86,10 @@ def rank_main(rank: int, world: int, threads: int, port: int, argv: list, out_di
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=600))  # fmt: skip
+        address = f"tcp://127.0.0.1:{port}"
+        dist.init_process_group(
+            "gloo", init_method=address, rank=rank, world_size=world, timeout=timedelta(seconds=600)
+        )
         mesh = init_device_mesh("cpu", (world,))
         weight = distribute_tensor(weight, mesh, [Shard(0)])
         timer = CollectiveTimer()
@@ -94,8 +98,7 @@ def rank_main(rank: int, world: int, threads: int, port: int, argv: list, out_di
 
     def call():
         hidden.grad = weight.grad = None
-        out = wk.fused_linear_wrpo_loss(hidden, weight, labels, cu, ref_logps=ref, responses_per_prompt=2,
-                                        num_chosen=1, backend="torch")  # fmt: skip
+        out = wk.fused_linear_wrpo_loss(hidden, weight, labels, cu, ref_logps=ref, backend="torch", **PAIRS)
         out.loss.backward()
         return out.loss.detach()
 
@@ -119,8 +122,8 @@ def rank_main(rank: int, world: int, threads: int, port: int, argv: list, out_di
         dW = weight.grad.full_tensor() if world > 1 else weight.grad
         if rank == 0:
             torch.save({"loss": loss, "dX": hidden.grad, "dW": dW}, Path(out_dir) / "grads.pt")
-        record = {"times_s": times, "collectives_s": collective, "peak_mem_mb": mem,
-                  "local_rows": (weight.to_local() if world > 1 else weight).shape[0]}  # fmt: skip
+        local_rows = (weight.to_local() if world > 1 else weight).shape[0]
+        record = {"times_s": times, "collectives_s": collective, "peak_mem_mb": mem, "local_rows": local_rows}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
     finally:
         if world > 1:
@@ -129,12 +132,6 @@ def rank_main(rank: int, world: int, threads: int, port: int, argv: list, out_di
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_method(method: str, argv: list) -> dict:
@@ -186,11 +183,17 @@ def main(argv=None) -> dict:
             first = grads
         r["rel_err_vs_first"] = {k: rel_err(grads[k], first[k]) for k in ("loss", "dX", "dW")}
         results.append(r)
-        print(f"{m:>22}: {r['median_ms']:8.1f} ms  (collectives {r['collectives_ms']:6.1f} ms)  peak "
-              + " / ".join(f"{x:.0f}" for x in r["peak_mem_mb_per_process"]) + " MiB")  # fmt: skip
+        peaks = " / ".join(f"{x:.0f}" for x in r["peak_mem_mb_per_process"])
+        collectives = f"(collectives {r['collectives_ms']:6.1f} ms)"
+        print(f"{m:>22}: {r['median_ms']:8.1f} ms  {collectives}  peak {peaks} MiB")
     shape = f"N = {args.N}, H = {args.H}, V = {args.V}, fp32, fwd + bwd"
-    record = {"shape": shape, "machine": machine("cpu"), "cpu_count": os.cpu_count(), "reps": args.reps,
-              "results": results}  # fmt: skip
+    record = {
+        "shape": shape,
+        "machine": machine("cpu"),
+        "cpu_count": os.cpu_count(),
+        "reps": args.reps,
+        "results": results,
+    }
     if args.out:
         path = Path(args.out)
         write_json(path, record)

@@ -42,13 +42,14 @@ import argparse
 import dataclasses
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from measure import MMAP_ENV, bar_plot, machine, peak_rss_rise_mb, write_json
+from harness import Rounds, interleaved, memory_in_child, paired_ratios, peak_memory_mb
+from plots import bar_plot
+from records import machine, write_json
 from transformers import AutoModelForCausalLM, JambaConfig, Lfm2Config, LlamaConfig, Qwen3_5TextConfig
 
 import wrpo_kernels as wk
@@ -68,8 +69,11 @@ METHODS = (
     "packed-shared-fused",
 )
 # (prompt range, response range or None for the lognormal of median 250 clipped to [50, 700])
-PROFILES = {"ultrafeedback": ((100, 400), None), "prompt-heavy": ((800, 1200), (50, 200)),
-            "response-heavy": ((20, 60), (400, 800))}  # fmt: skip
+PROFILES = {
+    "ultrafeedback": ((100, 400), None),
+    "prompt-heavy": ((800, 1200), (50, 200)),
+    "response-heavy": ((20, 60), (400, 800)),
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 K, NUM_CHOSEN, PAD_ID = 3, 2, 0
 HYBRIDS = {"lfm2": "conv", "qwen3_5_text": "linear_attention", "jamba": "mamba"}  # arch -> its sequence mixer
@@ -98,8 +102,9 @@ def make_batches(args) -> list[list[dict]]:
             prompt = tokens(int(torch.randint(p_lo, p_hi + 1, (1,), generator=g)))
             responses = [tokens(response_length()) for _ in range(K)]
             ref = [-len(r) * 10.4 + torch.randn(1, generator=g).item() for r in responses]
-            groups.append({"prompt_ids": prompt, "responses": responses, "num_chosen": NUM_CHOSEN,
-                           "ref_logps": ref})  # fmt: skip
+            groups.append(
+                {"prompt_ids": prompt, "responses": responses, "num_chosen": NUM_CHOSEN, "ref_logps": ref}
+            )
         batches.append(groups)
     return batches
 
@@ -112,22 +117,33 @@ def model_config(args):
     """The config of ``args.arch``: hidden H, heads of 64, a SwiGLU of 8H/3; a hybrid's layers alternate
     between its sequence mixer (first) and full attention, its linear-attention heads sized like those."""
     H, heads, n = args.H, args.H // 64, args.layers
-    common = dict(
-        vocab_size=args.V, hidden_size=H, intermediate_size=H * 8 // 3, num_hidden_layers=n,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
-        tie_word_embeddings=False, pad_token_id=PAD_ID,
-    )  # fmt: skip
+    common = {
+        "vocab_size": args.V,
+        "hidden_size": H,
+        "intermediate_size": H * 8 // 3,
+        "num_hidden_layers": n,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "pad_token_id": PAD_ID,
+    }
     layer_types = [HYBRIDS.get(args.arch) if i % 2 == 0 else "full_attention" for i in range(n)]
     if args.arch == "lfm2":
         return Lfm2Config(**common, layer_types=layer_types, block_auto_adjust_ff_dim=False)
     if args.arch == "qwen3_5_text":
         return Qwen3_5TextConfig(
-            **common, head_dim=64, layer_types=layer_types, linear_num_key_heads=heads,
-            linear_num_value_heads=heads, linear_key_head_dim=64, linear_value_head_dim=64,
-        )  # fmt: skip
+            **common,
+            head_dim=64,
+            layer_types=layer_types,
+            linear_num_key_heads=heads,
+            linear_num_value_heads=heads,
+            linear_key_head_dim=64,
+            linear_value_head_dim=64,
+        )
     if args.arch == "jamba":  # Mamba on even layers, attention on odd ones, one expert: a dense MLP
-        return JambaConfig(**common, attn_layer_period=2, attn_layer_offset=1, num_experts=1,
-                           mamba_dt_rank=max(1, H // 16))  # fmt: skip
+        mamba = {"num_experts": 1, "mamba_dt_rank": max(1, H // 16)}
+        return JambaConfig(**common, attn_layer_period=2, attn_layer_offset=1, **mamba)
     return LlamaConfig(**common)
 
 
@@ -167,12 +183,10 @@ def naive_loss(model, batch):
     labels = batch["labels"]
     if "cu_seqlens" in batch:
         mask = None if varlen_attention(model) else block_causal_mask(batch["position_ids"], model.dtype)
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
-                       use_cache=False).logits  # fmt: skip
+        inputs = {"position_ids": batch["position_ids"], "attention_mask": mask}
     else:
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
+        inputs = {"attention_mask": batch["attention_mask"]}
+    logits = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
     valid = labels != IGNORE_INDEX
     tok = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * valid
     if "cu_seqlens" in batch:
@@ -183,9 +197,8 @@ def naive_loss(model, batch):
     else:
         logps, lengths = tok.sum(-1), valid.sum(-1).float()
     B = logps.numel() // K
-    loss, _ = wk.wrpo_loss(logps.view(B, K), batch["ref_logps"], lengths.view(B, K), num_chosen=NUM_CHOSEN,
-                           alpha=0.1, beta=0.1)  # fmt: skip
-    return loss
+    weights = {"num_chosen": NUM_CHOSEN, "alpha": 0.1, "beta": 0.1}
+    return wk.wrpo_loss(logps.view(B, K), batch["ref_logps"], lengths.view(B, K), **weights)[0]
 
 
 def build(method, args):
@@ -222,65 +235,58 @@ def build(method, args):
     return step
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_methods(args, batches) -> tuple[dict, dict]:
+def time_methods(args, batches) -> Rounds:
+    """A warm-up step per method (allocator, optimizer state, lazy init), then ``args.rounds`` rounds
+    over all batches, interleaved (harness.py)."""
     steps = {m: build(m, args) for m in args.methods}
-    for m in args.methods:  # warm-up: allocator, optimizer state, lazy init
+    for m in args.methods:
         steps[m](batches[0])
-    times, cpu_times = {m: [] for m in args.methods}, {m: [] for m in args.methods}
-    for r in range(args.rounds):  # interleaved, the order rotated by one method every round
-        for m in args.methods[r % len(args.methods) :] + args.methods[: r % len(args.methods)]:
-            sync(args.device)
-            t, c = time.perf_counter(), time.process_time()
-            for groups in batches:
-                steps[m](groups)
-            sync(args.device)
-            times[m].append(time.perf_counter() - t)
-            cpu_times[m].append(time.process_time() - c)
-    return times, cpu_times
+
+    def one_round(step):
+        return lambda: [step(groups) for groups in batches]
+
+    rounds = interleaved({m: one_round(steps[m]) for m in args.methods}, args.rounds, args.device)
+    if rounds.errors:
+        raise RuntimeError(f"a method failed: {rounds.errors}")
+    return rounds
 
 
-def peak_memory_mb(method, args, batches) -> float:
+def step_memory_mb(method, args, batches) -> float:
+    """Peak memory of one step on the longest batch, after a warm-up step allocated the optimizer state."""
     step = build(method, args)
     step(batches[0])
     longest = max(batches, key=real_tokens)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step(longest)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return peak_rss_rise_mb(lambda: step(longest))
+    return peak_memory_mb(lambda: step(longest), args.device)
 
 
-def memory_in_child(method, args) -> float:
+def memory_mb(method, args) -> float:
+    """:func:`step_memory_mb` in a fresh process on the CPU (in this one on CUDA)."""
     if args.device == "cuda":
-        return peak_memory_mb(method, args, make_batches(args))
-    cmd = [sys.executable, __file__, "--memory-child", method, *args.shape_argv]
-    out = subprocess.run(cmd, env={**os.environ, **MMAP_ENV}, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory child for {method} failed:\n{out.stderr[-2000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+        return step_memory_mb(method, args, make_batches(args))
+    return memory_in_child([sys.executable, __file__, "--memory-child", method, *args.shape_argv], method)
 
 
 def run(args) -> list[dict]:
     batches = make_batches(args)
     tokens = sum(real_tokens(b) for b in batches)
-    padded = sum(K * len(b) * max(len(g["prompt_ids"]) + len(r) for g in b for r in g["responses"])
-                 for b in batches)  # fmt: skip
-    times, cpu_times = time_methods(args, batches)
+    padded = sum(
+        K * len(b) * max(len(g["prompt_ids"]) + len(r) for g in b for r in g["responses"]) for b in batches
+    )
+    rounds = time_methods(args, batches)
     results = []
     for m in args.methods:
-        med = statistics.median(times[m])
+        med = statistics.median(rounds.wall[m])
         # process CPU seconds too: on a shared machine other jobs stretch the wall time, less the CPU time
-        results.append({"method": m, "round_times_s": times[m], "median_round_s": med,
-                        "round_cpu_s": cpu_times[m], "median_round_cpu_s": statistics.median(cpu_times[m]),
-                        "tokens_per_s": tokens / med, "peak_mem_mb": memory_in_child(m, args)})  # fmt: skip
+        row = {
+            "method": m,
+            "round_times_s": rounds.wall[m],
+            "median_round_s": med,
+            "round_cpu_s": rounds.cpu[m],
+            "median_round_cpu_s": statistics.median(rounds.cpu[m]),
+            "tokens_per_s": tokens / med,
+            "peak_mem_mb": memory_mb(m, args),
+        }
+        results.append(row)
     base = next((r for r in results if r["method"] == "padded-naive"), None)
     unshared = next((r for r in results if r["method"] == "packed-fused"), None)
     for r in results:
@@ -289,9 +295,7 @@ def run(args) -> list[dict]:
         r["speedup_vs_packed_fused"] = r["tokens_per_s"] / unshared["tokens_per_s"] if unshared else None
         # per round: the same batches, side by side
         if unshared:
-            r["round_ratios_vs_packed_fused"] = [
-                u / t for u, t in zip(unshared["round_times_s"], r["round_times_s"], strict=True)
-            ]
+            r["round_ratios_vs_packed_fused"] = paired_ratios(unshared["round_times_s"], r["round_times_s"])
             r["cpu_speedup_vs_packed_fused"] = unshared["median_round_cpu_s"] / r["median_round_cpu_s"]
     args.tokens, args.padding_fraction = tokens, 1 - tokens / padded
     return results
@@ -299,23 +303,30 @@ def run(args) -> list[dict]:
 
 def print_table(results, args):
     print(f"device: {machine(args.device)['device']}; model {describe(args)}; {args.dtype}")
-    print(f"{args.batches} batches x {args.B} prompts x {K} responses, {args.tokens} real tokens per round "
-          f"(padded: +{100 * args.padding_fraction:.0f}%); median of {args.rounds} rounds")  # fmt: skip
-    print(f"{'method':<20}{'tokens/s':>10}{'round s':>9}{'peak MiB':>10}{'speed-up':>10}{'mem ratio':>11}"
-          f"{'vs packed-fused':>17}{'(CPU time)':>12}")  # fmt: skip
+    batch = f"{args.batches} batches x {args.B} prompts x {K} responses"
+    padding = f"padded: +{100 * args.padding_fraction:.0f}%"
+    print(f"{batch}, {args.tokens} real tokens per round ({padding}); median of {args.rounds} rounds")
+    print(
+        f"{'method':<20}{'tokens/s':>10}{'round s':>9}{'peak MiB':>10}{'speed-up':>10}{'mem ratio':>11}"
+        f"{'vs packed-fused':>17}{'(CPU time)':>12}"
+    )
     for r in results:
         su = f"{r['speedup_vs_padded_naive']:.2f}x" if r["speedup_vs_padded_naive"] else "-"
         mr = f"{r['mem_vs_padded_naive']:.2f}" if r["mem_vs_padded_naive"] else "-"
         vs = f"{r['speedup_vs_packed_fused']:.2f}x" if r["speedup_vs_packed_fused"] else "-"
         cpu = f"{r['cpu_speedup_vs_packed_fused']:.2f}x" if r.get("cpu_speedup_vs_packed_fused") else "-"
-        print(f"{r['method']:<20}{r['tokens_per_s']:>10.0f}{r['median_round_s']:>9.2f}{r['peak_mem_mb']:>10.0f}"
-              f"{su:>10}{mr:>11}{vs:>17}{cpu:>12}")  # fmt: skip
+        print(
+            f"{r['method']:<20}{r['tokens_per_s']:>10.0f}{r['median_round_s']:>9.2f}{r['peak_mem_mb']:>10.0f}"
+            f"{su:>10}{mr:>11}{vs:>17}{cpu:>12}"
+        )
 
 
 def profile_text(profile: str) -> str:
     (p_lo, p_hi), response_range = PROFILES[profile]
-    responses = ("lognormal(median 250, sigma 0.6) clipped [50, 700]" if response_range is None
-                 else f"U[{response_range[0]}, {response_range[1]}]")  # fmt: skip
+    if response_range is None:
+        responses = "lognormal(median 250, sigma 0.6) clipped [50, 700]"
+    else:
+        responses = f"U[{response_range[0]}, {response_range[1]}]"
     return f"prompts U[{p_lo}, {p_hi}]; responses {responses}"
 
 
@@ -326,9 +337,11 @@ def describe(args) -> str:
 
 
 def plot(results, path, title):
-    bar_plot(results, path, title, [("tokens_per_s", "train-step tokens/s (higher is better)"),
-                                    ("peak_mem_mb", "peak memory of a step (MiB)")],
-             highlight=lambda m: m in ("packed-fused", "packed-shared-fused"))  # fmt: skip
+    panels = [
+        ("tokens_per_s", "train-step tokens/s (higher is better)"),
+        ("peak_mem_mb", "peak memory of a step (MiB)"),
+    ]
+    bar_plot(results, path, title, panels, highlight=lambda m: m in ("packed-fused", "packed-shared-fused"))
 
 
 def parse_args(argv=None):
@@ -345,9 +358,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", choices=PROFILES, default="ultrafeedback", help="prompt/response lengths")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {METHODS}")
-    p.add_argument("--out", default=None, help="JSON path, {device} and {arch} filled in, or a directory "
-                   "(train_step_{device}.json; a hybrid: train_step_{arch}_{device}.json); a .png beside "
-                   "it")  # fmt: skip
+    out_help = (
+        "JSON path, {device} and {arch} filled in, or a directory (train_step_{device}.json; a hybrid: "
+        "train_step_{arch}_{device}.json); a .png beside it"
+    )
+    p.add_argument("--out", default=None, help=out_help)
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -369,21 +384,27 @@ def out_path(args) -> Path:
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_child:
-        print(peak_memory_mb(args.memory_child, args, make_batches(args)))
+        print(step_memory_mb(args.memory_child, args, make_batches(args)))
         return
     results = run(args)
     print_table(results, args)
     if args.out:
         out = out_path(args)
         record = {
-            "machine": machine(args.device), "model": describe(args),
-            **({} if args.arch == "llama" else {"arch": args.arch}), "dtype": args.dtype,
+            "machine": machine(args.device),
+            "model": describe(args),
+            **({} if args.arch == "llama" else {"arch": args.arch}),
+            "dtype": args.dtype,
             "batch": {"prompts": args.B, "responses_per_prompt": K, "batches_per_round": args.batches},
-            "profile": args.profile, "lengths": profile_text(args.profile),
-            "real_tokens_per_round": args.tokens, "padding_fraction": args.padding_fraction,
-            "rounds": args.rounds, "ref_logps": "precomputed", "date": time.strftime("%Y-%m-%d"),
+            "profile": args.profile,
+            "lengths": profile_text(args.profile),
+            "real_tokens_per_round": args.tokens,
+            "padding_fraction": args.padding_fraction,
+            "rounds": args.rounds,
+            "ref_logps": "precomputed",
+            "date": time.strftime("%Y-%m-%d"),
             "results": results,
-        }  # fmt: skip
+        }
         write_json(out, record)
         plot(
             results, out.with_suffix(".png"), f"{record['machine']['device']} | {describe(args)} {args.dtype}"

@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-from measure import MMAP_ENV, bar_plot, machine, rss_mb, write_json
+from harness import MMAP_ENV, peak_rss_rise_mb, rotated
+from plots import bar_plot
+from records import machine, write_json
 
 METHODS = ("trl-dpo", "wrpo-trl")
 PAD_ID = 0
@@ -49,12 +51,8 @@ def make_data(path: Path, rows: int, seed: int) -> None:
     with path.open("w") as f:
         for _ in range(rows):
             prompt = text(int(torch.randint(100, 401, (1,), generator=g)))
-            f.write(
-                json.dumps(
-                    {"prompt": prompt, "chosen": text(response_len()), "rejected": text(response_len())}
-                )
-            )
-            f.write("\n")
+            pair = {"prompt": prompt, "chosen": text(response_len()), "rejected": text(response_len())}
+            f.write(json.dumps(pair) + "\n")
 
 
 def make_model(path: Path, args) -> None:
@@ -63,10 +61,17 @@ def make_model(path: Path, args) -> None:
     from wrpo.train.tiny import build_tiny_tokenizer
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=args.V, hidden_size=args.H, intermediate_size=4 * args.H,
-                         num_hidden_layers=args.layers, num_attention_heads=args.H // 64,
-                         num_key_value_heads=args.H // 64, max_position_embeddings=2048,
-                         pad_token_id=PAD_ID, attn_implementation="sdpa")  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=args.V,
+        hidden_size=args.H,
+        intermediate_size=4 * args.H,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.H // 64,
+        num_key_value_heads=args.H // 64,
+        max_position_embeddings=2048,
+        pad_token_id=PAD_ID,
+        attn_implementation="sdpa",
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     build_tiny_tokenizer().save_pretrained(path)
 
@@ -101,18 +106,29 @@ def child(method: str, args) -> dict:
     work = Path(args.work)
     data = datasets.load_dataset("json", data_files=str(work / "pairs.jsonl"), split="train")
     config = config_cls(
-        output_dir=str(work / method), per_device_train_batch_size=args.B, max_steps=args.steps,
-        learning_rate=1e-6, report_to="none", seed=args.seed, save_strategy="no", logging_steps=args.steps,
-        disable_tqdm=True, use_cpu=args.device == "cpu", bf16=False, gradient_checkpointing=False,
+        output_dir=str(work / method),
+        per_device_train_batch_size=args.B,
+        max_steps=args.steps,
+        learning_rate=1e-6,
+        report_to="none",
+        seed=args.seed,
+        save_strategy="no",
+        logging_steps=args.steps,
+        disable_tqdm=True,
+        use_cpu=args.device == "cpu",
+        bf16=False,
+        gradient_checkpointing=False,
         max_length=None,
-    )  # fmt: skip
+    )
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
-    trainer = Counted(str(work / "model"), args=config, train_dataset=data, processing_class=tokenizer,
-                      callbacks=[StepTimer()])  # fmt: skip
-    base = rss_mb()
-    Path("/proc/self/clear_refs").write_text("5")
-    trainer.train()
-    peak = rss_mb("VmHWM") - base
+    trainer = Counted(
+        str(work / "model"),
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
+    peak = peak_rss_rise_mb(trainer.train)  # above the RSS once the trainer is built
     per_step = len(tokens) // len(times)
     step_tokens = [sum(tokens[i * per_step : (i + 1) * per_step]) for i in range(len(times))]
     return {"times": times, "tokens": step_tokens, "peak_mb": peak}
@@ -141,10 +157,10 @@ def main(argv=None):
         make_model(Path(work) / "model", args)
         runs = {m: [] for m in METHODS}
         for r in range(args.rounds):
-            for m in METHODS[r % 2 :] + METHODS[: r % 2]:  # alternate which goes first
+            for m in rotated(METHODS, r):  # alternate which goes first
                 shape = ("device", "H", "layers", "V", "B", "steps", "seed")
-                cmd = [sys.executable, __file__, "--child", m, "--work", work,
-                       *(f"--{k}={getattr(args, k)}" for k in shape)]  # fmt: skip
+                cmd = [sys.executable, __file__, "--child", m, "--work", work]
+                cmd += [f"--{k}={getattr(args, k)}" for k in shape]
                 env = {**os.environ, **MMAP_ENV, "TQDM_DISABLE": "1"}
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
                 runs[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -152,24 +168,31 @@ def main(argv=None):
     results = []
     for m in METHODS:
         tps = [sum(x["tokens"][1:]) / sum(x["times"][1:]) for x in runs[m]]
-        results.append({"method": m, "tokens_per_s": statistics.median(tps), "tokens_per_s_rounds": tps,
-                        "peak_mb": statistics.median(x["peak_mb"] for x in runs[m]),
-                        "tokens_per_step": runs[m][0]["tokens"]})  # fmt: skip
+        row = {
+            "method": m,
+            "tokens_per_s": statistics.median(tps),
+            "tokens_per_s_rounds": tps,
+            "peak_mb": statistics.median(x["peak_mb"] for x in runs[m]),
+            "tokens_per_step": runs[m][0]["tokens"],
+        }
+        results.append(row)
     trl_row = results[0]
     for r in results:
         r["speedup"] = r["tokens_per_s"] / trl_row["tokens_per_s"]
         r["memory_ratio"] = r["peak_mb"] / trl_row["peak_mb"]
     print(f"{'method':10} {'tokens/s':>9} {'speed-up':>9} {'peak MiB':>9} {'mem ratio':>9}")
     for r in results:
-        print(f"{r['method']:10} {r['tokens_per_s']:9.0f} {r['speedup']:8.2f}x {r['peak_mb']:9.0f} "
-              f"{r['memory_ratio']:9.2f}")  # fmt: skip
+        print(
+            f"{r['method']:10} {r['tokens_per_s']:9.0f} {r['speedup']:8.2f}x {r['peak_mb']:9.0f} "
+            f"{r['memory_ratio']:9.2f}"
+        )
     if args.out:
         out = Path(args.out.format(device=args.device))
         config = {k: getattr(args, k) for k in ("H", "layers", "V", "B", "steps", "rounds", "seed")}
         write_json(out, {"machine": machine(args.device), "config": config, "K": 2, "results": results})
-        bar_plot(results, out.with_suffix(".png"), f"DPO step in TRL, {machine(args.device)['device']}",
-                 [("tokens_per_s", "tokens/s"), ("peak_mb", "peak RSS rise (MiB)")],
-                 highlight=lambda n: n == "wrpo-trl")  # fmt: skip
+        panels = [("tokens_per_s", "tokens/s"), ("peak_mb", "peak RSS rise (MiB)")]
+        title = f"DPO step in TRL, {machine(args.device)['device']}"
+        bar_plot(results, out.with_suffix(".png"), title, panels, highlight=lambda n: n == "wrpo-trl")
         print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
-from measure import machine, write_json
+from records import machine, write_json
 
 VARIANTS = ("boundary", "traced")
 ROWS = ("native", "torch")

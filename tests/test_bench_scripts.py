@@ -28,7 +28,13 @@ import bench_sft  # noqa: E402
 import bench_tp  # noqa: E402
 import bench_train_step as train_step  # noqa: E402
 import gpu_check  # noqa: E402
+import gpu_steps  # noqa: E402
+import methods as registry  # noqa: E402
+import predictor  # noqa: E402
+import records  # noqa: E402
 import sweep  # noqa: E402
+import sweep_grid  # noqa: E402
+import sweep_report  # noqa: E402
 
 TINY = ["--device", "cpu", "--B", "1", "--T", "8", "--H", "16", "--V", "96", "--reps", "1", "--memory-inproc"]
 slow = pytest.mark.skipif(
@@ -54,7 +60,7 @@ def hidden_packages_dir(tmp_path) -> Path:
 def test_trl_chunked_and_the_peers_agree_with_the_reference():
     pytest.importorskip("trl.kernels.chunked_logprob")
     methods = "naive-eager,wrpo-torch,trl-chunked,naive-eager/k2,wrpo-torch/k2"
-    if bench.unavailable("liger-dpo/k2", bench.parse_args(TINY)) is None:
+    if registry.unavailable("liger-dpo/k2", bench.parse_args(TINY)) is None:
         methods += ",liger-dpo/k2"
     args = bench.parse_args([*TINY, "--methods", methods])
     report = bench.run(args, log=lambda _: None)
@@ -73,11 +79,11 @@ def test_trl_chunked_and_the_peers_agree_with_the_reference():
 
 def test_trl_chunked_reads_the_chunk_size_trl_passes():
     utils = pytest.importorskip("trl.trainer.utils")
-    assert getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", bench.TRL_CHUNK_SIZE) == bench.TRL_CHUNK_SIZE
+    assert getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", registry.TRL_CHUNK_SIZE) == registry.TRL_CHUNK_SIZE
 
 
 def test_missing_peers_are_skipped_with_a_line(monkeypatch):
-    hide_packages(monkeypatch, *(module for module, _ in bench.PEERS.values()))
+    hide_packages(monkeypatch, *(module for module, _ in registry.PEERS.values()))
     args = bench.parse_args(TINY)  # the default methods: all that run here
     assert set(args.skipped) == {"cce-logps", "trl-chunked", "liger-dpo/k2"}
     assert "trl is not importable" in args.skipped["trl-chunked"]
@@ -93,7 +99,7 @@ def test_missing_peers_are_skipped_with_a_line(monkeypatch):
 
 
 def test_a_failing_method_is_recorded_and_only_ours_fail_the_run(monkeypatch, tmp_path):
-    real_build = bench.build
+    real_build = registry.build
     broken = {"naive-eager/k2", "wrpo-torch/k2"}
 
     def build(method, args, inputs=None):
@@ -101,7 +107,7 @@ def test_a_failing_method_is_recorded_and_only_ours_fail_the_run(monkeypatch, tm
             raise RuntimeError(f"{method} is broken for this test")
         return real_build(method, args, inputs)
 
-    monkeypatch.setattr(bench, "build", build)
+    monkeypatch.setattr(registry, "build", build)
     args = bench.parse_args([*TINY, "--methods", "naive-eager,wrpo-torch,naive-eager/k2,wrpo-torch/k2"])
     report = bench.run(args, log=lambda _: None)
     assert set(report["errors"]) == broken
@@ -116,7 +122,7 @@ def test_a_failing_method_is_recorded_and_only_ours_fail_the_run(monkeypatch, tm
 
 
 def test_a_check_that_fails_is_reported(monkeypatch):
-    real_build = bench.build
+    real_build = registry.build
 
     def build(method, args, inputs=None):
         b = real_build(method, args, inputs)
@@ -124,7 +130,7 @@ def test_a_check_that_fails_is_reported(monkeypatch):
             return b
         return b._replace(grads=lambda: (b.grads()[0], 1.5 * b.grads()[1]))  # a wrong dL/dweight
 
-    monkeypatch.setattr(bench, "build", build)
+    monkeypatch.setattr(registry, "build", build)
     args = bench.parse_args([*TINY, "--methods", "naive-eager,wrpo-torch"])
     report = bench.run(args, log=lambda _: None)
     naive, ours = report["results"]
@@ -147,9 +153,9 @@ def test_a_check_that_fails_is_reported(monkeypatch):
 )
 def test_device_tag_and_bf16_peak(monkeypatch, name, tag, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
-    assert bench.device_tag("cuda") == tag
-    assert bench.peak_bf16_tflops("cuda") == peak
-    assert bench.device_tag("cpu") == "cpu" and bench.peak_bf16_tflops("cpu") is None
+    assert records.device_tag("cuda") == tag
+    assert records.peak_bf16_tflops("cuda") == peak
+    assert records.device_tag("cpu") == "cpu" and records.peak_bf16_tflops("cpu") is None
 
 
 def test_a_step_past_its_limit_is_killed_with_its_children(tmp_path):
@@ -163,7 +169,7 @@ def test_a_step_past_its_limit_is_killed_with_its_children(tmp_path):
     )
     with open(tmp_path / "log", "w") as log:
         t = time.perf_counter()
-        rc = gpu_check.run_child([sys.executable, "-c", script], 3, log, dict(os.environ))
+        rc = gpu_steps.run_child([sys.executable, "-c", script], 3, log, dict(os.environ))
     assert rc is None and time.perf_counter() - t < 20
     assert "started" in (tmp_path / "log").read_text()
     pid = int(marker.read_text())
@@ -281,13 +287,13 @@ def test_sweep_tiny_every_configuration_and_method_has_a_status(tmp_path):
     assert code == 0
     record = json.loads((tmp_path / "sweep_cpu.json").read_text())
     assert (tmp_path / "sweep_cpu.png").exists() and record["machine"]["device"].startswith("CPU")
-    want = {(lay, 96, n) for lay in sweep.LAYOUTS for n in (24, 48)} | {("K3", 160, 24), ("K3", 160, 48)}
+    want = {(lay, 96, n) for lay in sweep_grid.LAYOUTS for n in (24, 48)} | {("K3", 160, 24), ("K3", 160, 48)}
     got = {(c["layout"], c["V"], c["tokens"]) for c in record["configs"]}
     assert got == want and all(c["status"] == "done" for c in record["configs"])
     assert {(c["K"], c["num_chosen"]) for c in record["configs"]} == {(2, 1), (3, 2), (4, 2), (4, 3)}
     rows = {(r["config"], r["method"]): r for r in record["rows"]}
     assert len(rows) == len(record["rows"]) == len(want) * len(SWEEP_METHODS)
-    liger = bench.unavailable("liger-dpo/k2", bench.parse_args(TINY)) is None
+    liger = registry.unavailable("liger-dpo/k2", bench.parse_args(TINY)) is None
     for c in record["configs"]:
         for m in SWEEP_METHODS:
             r = rows[(c["id"], m)]
@@ -301,7 +307,7 @@ def test_sweep_tiny_every_configuration_and_method_has_a_status(tmp_path):
                 assert r["check"]["ok"], r
     assert rows[("K4-3c1r/V96/N48/H16", "wrpo-torch")]["num_chosen"] == 3
     assert any(g["method"] == "wrpo-torch" and g["time_exponent"] is not None for g in record["growth"])
-    assert sweep.markdown(record).count("\n") == len(want) + 1  # header, rule, a row per configuration
+    assert sweep_report.markdown(record).count("\n") == len(want) + 1  # header, rule, a row per configuration
 
 
 def test_sweep_predicts_over_cap_and_drops_compile_before_a_configuration():
@@ -310,9 +316,9 @@ def test_sweep_predicts_over_cap_and_drops_compile_before_a_configuration():
                    "tokens": n, "id": f"K3/N{n}"} for n in (3072, 12288))  # fmt: skip
     measured = {"naive-eager": (1.2, 1147.0), "naive-compile": (0.9, 750.0), "wrpo-torch": (0.6, 213.0),
                 "trl-chunked": (1.5, 1500.0), "gemm-only": (0.5, None)}  # fmt: skip
-    record = {"rows": [{**sweep.row_base(small), "method": m, "status": "ok", "median_ms": 1e3 * t,
+    record = {"rows": [{**sweep_grid.row_base(small), "method": m, "status": "ok", "median_ms": 1e3 * t,
                         "peak_mem_mb": mem} for m, (t, mem) in measured.items()]}  # fmt: skip
-    run_now, not_run = sweep.plan(record, big, cli.methods, cli)
+    run_now, not_run = predictor.plan(record, big, cli.methods, cli)
     assert set(not_run) == {"naive-eager", "trl-chunked", "liger-dpo/k2"}  # 4.5 GiB, 5.9 GiB > 4; pairs only
     assert (
         not_run["naive-eager"][0] == "over cap"
@@ -320,17 +326,17 @@ def test_sweep_predicts_over_cap_and_drops_compile_before_a_configuration():
     )
     assert run_now == ["naive-compile", "wrpo-torch", "gemm-only"]  # 2.9 GiB: under the cap
     # ours grows with the gradients, (N + V) H, also to another vocabulary
-    assert sweep.predict_mem_mb(record, "wrpo-torch", big, cli) == pytest.approx(213.0 * 45056 / 35840)
+    assert predictor.predict_mem_mb(record, "wrpo-torch", big, cli) == pytest.approx(213.0 * 45056 / 35840)
     wide = {**small, "V": 131072, "id": "K3/V131072"}
-    assert sweep.predict_mem_mb(record, "wrpo-torch", wide, cli) == pytest.approx(213.0 * 134144 / 35840)
-    assert sweep.predict_mem_mb(record, "naive-eager", wide, cli) == pytest.approx(4 * 1147.0)
+    assert predictor.predict_mem_mb(record, "wrpo-torch", wide, cli) == pytest.approx(213.0 * 134144 / 35840)
+    assert predictor.predict_mem_mb(record, "naive-eager", wide, cli) == pytest.approx(4 * 1147.0)
     # (compile 3.6 s x 5 steps, ours 2.4 s x 5, GEMMs 2 s x 4) x 1.15 + 2 x 30 s + 2 x 4 s + check 2.4 s
-    kept, dropped, skip = sweep.budget_cut(record, big, run_now, [], cli, elapsed=0.0)
+    kept, dropped, skip = predictor.budget_cut(record, big, run_now, [], cli, elapsed=0.0)
     assert kept == ["wrpo-torch", "gemm-only"] and skip is None
     assert dropped["naive-compile"].startswith("time budget: predicted")
-    kept, dropped, skip = sweep.budget_cut(record, big, run_now, [], cli, elapsed=90.0)
+    kept, dropped, skip = predictor.budget_cut(record, big, run_now, [], cli, elapsed=90.0)
     assert kept == [] and skip.startswith("time budget")
-    assert sweep.budget_cut(record, big, run_now, [], cli, elapsed=-1000.0)[0] == run_now
+    assert predictor.budget_cut(record, big, run_now, [], cli, elapsed=-1000.0)[0] == run_now
 
 
 @pytest.mark.parametrize("arch", ["llama", "lfm2", "qwen3_5_text"])
