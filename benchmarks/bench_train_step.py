@@ -54,11 +54,12 @@ from transformers import AutoModelForCausalLM, JambaConfig, Lfm2Config, LlamaCon
 
 import wrpo_kernels as wk
 from wrpo import preference_loss
-from wrpo.data.collate import IGNORE_INDEX, block_causal_mask, pack_groups, pack_shared_prefix, pad_groups
+from wrpo.data.collate import IGNORE_INDEX, pack_groups, pack_shared_prefix, pad_groups
 from wrpo.model.attention import NAME as SEGMENT_ATTENTION
+from wrpo.model.body import varlen_attention
 from wrpo.model.capabilities import read_capabilities
 from wrpo.model.layout import plan_layout, prepare_layout
-from wrpo.model.losses import varlen_attention
+from wrpo.model.masks import block_causal_mask
 
 METHODS = (
     "padded-naive",
