@@ -20,8 +20,19 @@ TRAINING_GROUP = "transformers TrainingArguments options"
 
 
 # options that only the preference stage reads (``wrpo sft`` trains the NLL of the completion)
-PREFERENCE_ONLY = ("ref_model", "loss_type", "beta", "alpha", "alpha_schedule", "chosen_weights", "gamma",
-                   "label_smoothing", "nll_weight", "precompute_ref_logps", "ref_logps_cache")  # fmt: skip
+PREFERENCE_ONLY = (
+    "ref_model",
+    "loss_type",
+    "beta",
+    "alpha",
+    "alpha_schedule",
+    "chosen_weights",
+    "gamma",
+    "label_smoothing",
+    "nll_weight",
+    "precompute_ref_logps",
+    "ref_logps_cache",
+)
 
 
 def own_fields(stage: str = "train") -> list[str]:

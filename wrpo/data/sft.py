@@ -107,8 +107,11 @@ def load_sft_data(path: str | Path) -> list[SFTExample]:
             "wrpo sft trains only the last assistant message of each, the earlier ones are context "
             "(TRL's SFTTrainer trains every token by default); to train every turn, give one row per "
             "assistant turn",
-            path, len(context_turns), len(examples), context_turns[0],
-        )  # fmt: skip
+            path,
+            len(context_turns),
+            len(examples),
+            context_turns[0],
+        )
     return examples
 
 

@@ -38,9 +38,22 @@ NAME = "wrpo_segments"
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 # keyword arguments of transformers' attention interface that this attention applies or that do not
 # change its result; any other one (attention sinks, ALiBi slopes, ...) is refused when set
-HANDLED = {"sliding_window", "softcap", "s_aux", "use_cache", "output_attentions", "cache_position",
-           "is_causal", "layer_idx", "position_embeddings", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-           "max_length_k", "head_mask"}  # fmt: skip
+HANDLED = {
+    "sliding_window",
+    "softcap",
+    "s_aux",
+    "use_cache",
+    "output_attentions",
+    "cache_position",
+    "is_causal",
+    "layer_idx",
+    "position_embeddings",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+    "head_mask",
+}
 
 
 class PerForward:

@@ -66,9 +66,11 @@ class LayoutPlan:
     def collator(self, pad_token_id: int) -> PreferenceCollator:
         """The collator that lays batches out as planned."""
         return PreferenceCollator(
-            pad_token_id, packing=self.packing, row_per_group=self.row_per_group,
+            pad_token_id,
+            packing=self.packing,
+            row_per_group=self.row_per_group,
             prefix_sharing=self.prefix_sharing,
-        )  # fmt: skip
+        )
 
 
 @functools.cache

@@ -261,8 +261,14 @@ def _foreign_problem(path: Path) -> str | None:
     Needs ``trainer_state.json``, model weights, ``optimizer.pt`` and ``scheduler.pt``; every JSON
     file must parse and every weight or state file must be whole (:func:`_whole`)."""
     names = {f.name for f in path.iterdir() if f.is_file()}
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")  # fmt: skip
+    weights = (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "adapter_model.safetensors",
+        "adapter_model.bin",
+    )
     if not names & set(weights):
         return "no model weights"
     for needed in ("trainer_state.json", "optimizer.pt", "scheduler.pt"):
@@ -326,8 +332,9 @@ def resolve_resume(value, output_dir: str | os.PathLike) -> str | None:
         if found is None:
             logger.warning(
                 "--resume_from_checkpoint: no complete checkpoint in %s%s; training starts from scratch",
-                output_dir, skipped,
-            )  # fmt: skip
+                output_dir,
+                skipped,
+            )
         else:
             logger.warning("--resume_from_checkpoint: resuming from %s%s", found, skipped)
         return found
@@ -365,8 +372,12 @@ def train_from_checkpoint(trainer, checkpoint: str | None):
         state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
         done = state.global_step >= trainer.args.max_steps
         if done and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
-            logger.warning("%s is at step %d of %d: nothing left to train", checkpoint, state.global_step,
-                           trainer.args.max_steps)  # fmt: skip
+            logger.warning(
+                "%s is at step %d of %d: nothing left to train",
+                checkpoint,
+                state.global_step,
+                trainer.args.max_steps,
+            )
             trainer._load_from_checkpoint(checkpoint)
             trainer.state = state
             return None

@@ -75,17 +75,21 @@ class WRPOConfig(WRPOOptions, TrainingArguments):
     max_length: int = field(default=2048, metadata={"help": "max tokens of prompt + response"})
     max_prompt_length: int | None = field(
         default=None,
-        metadata={"help": "prompt tokens kept (its end) when prompt + response is too long; None: "
-                  "1800/2048 of max_length (1800 at the default 2048)"},
-    )  # fmt: skip
+        metadata={
+            "help": "prompt tokens kept (its end) when prompt + response is too long; None: "
+            "1800/2048 of max_length (1800 at the default 2048)"
+        },
+    )
     precompute_ref_logps: bool = field(
         default=False, metadata={"help": "run the reference model once over the data first, then drop it"}
     )
     ref_logps_cache: str | None = field(
         default=None,
-        metadata={"help": "cache directory of precomputed reference log-probs; None: "
-                  "$XDG_CACHE_HOME/wrpo/ref_logps (~/.cache/wrpo/ref_logps); 'off' disables it"},
-    )  # fmt: skip
+        metadata={
+            "help": "cache directory of precomputed reference log-probs; None: "
+            "$XDG_CACHE_HOME/wrpo/ref_logps (~/.cache/wrpo/ref_logps); 'off' disables it"
+        },
+    )
     seed_model: int = field(default=0, metadata={"help": "seed of the tiny model's random initialisation"})
     output_dir: str = field(
         default="outputs/wrpo",

@@ -42,9 +42,15 @@ class LossOptions:
         ``label_smoothing``); ``loss_type`` and ``nll_weight`` as the config's trainer reads them."""
         weights = args.chosen_weights
         return cls(
-            loss_type, args.beta, args.gamma, args.label_smoothing, float(nll_weight),
-            None if weights is None else tuple(weights), args.kernel_backend, args.chunk_tokens,
-        )  # fmt: skip
+            loss_type,
+            args.beta,
+            args.gamma,
+            args.label_smoothing,
+            float(nll_weight),
+            None if weights is None else tuple(weights),
+            args.kernel_backend,
+            args.chunk_tokens,
+        )
 
     @property
     def head(self) -> dict:
@@ -173,9 +179,12 @@ class TrainerCore(ExactAccumulation):
         in the returned metrics (which ``evaluate`` logs)."""
         self._stored["eval"].clear()  # nothing stored before (an interrupted loop, a manual call) counts
         output = super().evaluation_loop(
-            dataloader, description, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys,
+            dataloader,
+            description,
+            prediction_loss_only=prediction_loss_only,
+            ignore_keys=ignore_keys,
             metric_key_prefix=metric_key_prefix,
-        )  # fmt: skip
+        )
         output.metrics.update(self.stored_means("eval", f"{metric_key_prefix}_"))
         return output
 

@@ -42,9 +42,17 @@ def plot_curves(history: list[dict], path: Path) -> None:
 def summary(history: list[dict]) -> str:
     """First and last logged value of the main metrics, training and evaluation."""
     keys = [
-        "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "cur_alpha",
-        "nll_loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
-    ]  # fmt: skip
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "rewards/chosen",
+        "rewards/rejected",
+        "cur_alpha",
+        "nll_loss",
+        "eval_loss",
+        "eval_rewards/accuracies",
+        "eval_rewards/margins",
+    ]
     rows = [(k, y) for k in keys if (y := _series(history, k)[1])]
     if not rows:
         return _nothing_logged(history)

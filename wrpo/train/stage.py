@@ -52,8 +52,13 @@ def build_datasets(examples, tokenizer, config, stage: str):
             )
             continue
         g = tokenize_example(ex, tokenizer, **limits)
-        rows.append({"prompt_ids": list(g.prompt_ids), "responses": [list(r) for r in g.responses],
-                     "num_chosen": len(ex.chosen)})  # fmt: skip
+        rows.append(
+            {
+                "prompt_ids": list(g.prompt_ids),
+                "responses": [list(r) for r in g.responses],
+                "num_chosen": len(ex.chosen),
+            }
+        )
     n_eval = min(config.eval_rows, len(rows) - 1)
     train = datasets.Dataset.from_list(rows[: len(rows) - n_eval])
     evaluation = datasets.Dataset.from_list(rows[len(rows) - n_eval :]) if n_eval > 0 else None
@@ -108,9 +113,16 @@ def run_stage(stage: str, config, examples) -> dict:
             evaluation = precompute_ref_logps(ref_model, evaluation, config, pad, config.device, layout)
         ref_model = None  # not kept in memory
     trainer = WRPOTrainer(
-        model, config, ref_model=ref_model, stage=stage, pad_token_id=tokenizer.pad_token_id, layout=layout,
-        train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-    )  # fmt: skip
+        model,
+        config,
+        ref_model=ref_model,
+        stage=stage,
+        pad_token_id=tokenizer.pad_token_id,
+        layout=layout,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+    )
     train_from_checkpoint(trainer, resolve_resume(config.resume_from_checkpoint, config.output_dir))
     final = trainer.evaluate() if evaluation is not None else {}
     trainer.save_model(config.output_dir)

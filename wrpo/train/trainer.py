@@ -28,9 +28,16 @@ class WRPOTrainer(TrainerCore, Trainer):
     """
 
     def __init__(
-        self, model, args, *, ref_model=None, stage: str = "train", pad_token_id: int = 0,
-        layout: LayoutPlan | None = None, **kwargs,
-    ):  # fmt: skip
+        self,
+        model,
+        args,
+        *,
+        ref_model=None,
+        stage: str = "train",
+        pad_token_id: int = 0,
+        layout: LayoutPlan | None = None,
+        **kwargs,
+    ):
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} is not one of {STAGES}")
         self.stage = stage

@@ -16,8 +16,9 @@ DESCRIPTION = """From prompts to WRPO training data (arXiv 2412.03187):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wrpo data", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="wrpo data", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, summary: str) -> argparse.ArgumentParser:
@@ -46,10 +47,11 @@ def parser() -> argparse.ArgumentParser:
     how = s.add_mutually_exclusive_group(required=True)
     how.add_argument("--reward-model", help="sequence-classification model dir, num_labels=1")
     how.add_argument(
-        "--reward-fn", metavar="MODULE:FUNCTION",
+        "--reward-fn",
+        metavar="MODULE:FUNCTION",
         help="FUNCTION(prompt, response, row) -> float per response: prompt = the chat messages, response "
         "= its text, row = the sample row dict (e.g. wrpo.data.construct.verifiers:arithmetic_exact_match)",
-    )  # fmt: skip
+    )
     s.add_argument("--output", help="default: rewrite the input in place")
     s.add_argument("--batch-size", type=int, default=8, help="responses per forward pass (--reward-model)")
     s.add_argument("--max-length", type=int, default=4096, help="tokens kept (--reward-model)")
@@ -63,9 +65,10 @@ def parser() -> argparse.ArgumentParser:
         "--num-source-chosen", type=int, default=1, help="k source picks from k distinct models (default 1)"
     )
     s.add_argument(
-        "--keep-tied", action="store_true",
+        "--keep-tied",
+        action="store_true",
         help="keep prompts whose target samples all score the same (SFT rows: wrpo sft uses y_ws only)",
-    )  # fmt: skip
+    )
 
     s = add("split", "disjoint sft.jsonl / pref.jsonl, deterministic for a seed")
     s.add_argument("--input", required=True)
@@ -90,8 +93,15 @@ def run(args: argparse.Namespace) -> None:
         from wrpo.data.construct.sample import sample
 
         options = {k: getattr(args, k) for k in ("n", "temperature", "top_p", "max_new_tokens", "batch_size")}
-        output, n = sample(args.model, args.input, args.output, model_name=args.model_name, seed=args.seed,
-                           device=args.device, **options)  # fmt: skip
+        output, n = sample(
+            args.model,
+            args.input,
+            args.output,
+            model_name=args.model_name,
+            seed=args.seed,
+            device=args.device,
+            **options,
+        )
         print(f"{n} prompts x {args.n} samples -> {output}")
     elif args.command == "score" and args.reward_fn:
         from wrpo.data.construct.reward_fn import score_with_function
@@ -101,14 +111,27 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "score":
         from wrpo.data.construct.score import score
 
-        n = score(args.input, args.reward_model, args.output, batch_size=args.batch_size,
-                  max_length=args.max_length, device=args.device)  # fmt: skip
+        n = score(
+            args.input,
+            args.reward_model,
+            args.output,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            device=args.device,
+        )
         print(f"{n} responses scored -> {args.output or args.input}")
     elif args.command == "build":
         from wrpo.data.construct.build import build
 
-        print(build(args.sources, args.targets, args.output, num_source_chosen=args.num_source_chosen,
-                    keep_tied=args.keep_tied))  # fmt: skip
+        print(
+            build(
+                args.sources,
+                args.targets,
+                args.output,
+                num_source_chosen=args.num_source_chosen,
+                keep_tied=args.keep_tied,
+            )
+        )
         print(f"-> {args.output}")
     elif args.command == "split":
         from wrpo.data.construct.split import split

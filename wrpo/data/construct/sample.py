@@ -29,9 +29,17 @@ from wrpo.data.construct.rows import SampleRow, read_sample_rows
 
 # keys of sample rows and built data that describe responses, never copied from an input row
 LAYOUT_KEYS = frozenset(
-    ("responses", "chosen", "rejected", "source_chosen", "target_chosen", "source_models", "chosen_scores",
-     "rejected_scores")
-)  # fmt: skip
+    (
+        "responses",
+        "chosen",
+        "rejected",
+        "source_chosen",
+        "target_chosen",
+        "source_models",
+        "chosen_scores",
+        "rejected_scores",
+    )
+)
 
 
 def sample(
@@ -67,9 +75,14 @@ def sample(
     lm = lm.to(pick_device(device)).eval()
     set_seed(seed)
     options = {
-        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0,
-        "max_new_tokens": max_new_tokens, "num_return_sequences": n, "pad_token_id": tokenizer.pad_token_id,
-    }  # fmt: skip
+        "do_sample": True,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": 0,
+        "max_new_tokens": max_new_tokens,
+        "num_return_sequences": n,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     return output, write_jsonl(output, _sampled_rows(lm, tokenizer, rows, name, batch_size, options))
 
 

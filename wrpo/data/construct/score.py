@@ -68,9 +68,13 @@ def reward_scores(
         for batch in batches(conversations, batch_size):
             texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in batch]
             enc = tokenizer(
-                texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_length,
+                texts,
+                add_special_tokens=False,
+                padding=True,
+                truncation=True,
+                max_length=max_length,
                 return_tensors="pt",
-            ).to(model.device)  # fmt: skip
+            ).to(model.device)
             out += model(**enc).logits[:, 0].float().tolist()
             bar.update(len(batch))
     return out
