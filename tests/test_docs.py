@@ -153,6 +153,13 @@ def test_every_docs_page_is_linked_from_the_readme():
     assert [p.name for p in PAGES[1:] if p.resolve() not in linked] == []
 
 
+def test_the_architecture_page_names_files_that_exist():
+    """docs/architecture.md draws the code's layers and data path: every file or folder it names exists."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`((?:wrpo|wrpo_kernels|tests|benchmarks|examples|csrc)/[\w/.]*)`", text))
+    assert len(named) > 30 and [p for p in sorted(named) if not (ROOT / p).exists()] == []
+
+
 def test_the_pages_stand_alone():
     """No pointers outside the repository: sibling checkouts, design notes, issue numbers."""
     for page in PAGES:
