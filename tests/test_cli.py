@@ -261,7 +261,7 @@ def test_chosen_given_as_a_string_says_a_list_was_expected(tmp_path, capsys):
 
 
 def test_summary_of_a_run_that_logged_no_step():
-    from wrpo.train.report import summary
+    from wrpo.train.curves import summary
 
     text = summary([{"step": 1, "train_loss": 0.6931, "train_runtime": 1.0}])
     assert "no step's metrics were logged" in text and "0.6931" in text

@@ -13,9 +13,9 @@ from wrpo.model.layout import LayoutPlan, plan_and_prepare
 from wrpo.train import ref_cache
 from wrpo.train.checkpoints import resolve_resume, train_from_checkpoint
 from wrpo.train.core import reference_logps
+from wrpo.train.curves import plot_curves, summary
 from wrpo.train.effective_config import print_effective_config
 from wrpo.train.load_models import load_policy, load_reference
-from wrpo.train.report import plot_curves, summary
 from wrpo.train.tiny import SAMPLE_DATA
 from wrpo.train.trainer import WRPOTrainer
 
