@@ -66,15 +66,21 @@ def pack_groups(features, *, row_per_group: bool = False, pad_token_id: int = 0)
         lengths[-1] += pad
         for n in lengths:
             cu.append(cu[-1] + n)
+    return _with_ref(packed_batch("packed", input_ids, positions, labels, cu), features)
+
+
+def packed_batch(kind: str, input_ids, positions, labels, cu, **head) -> dict:
+    """The tensors of packed rows (``head``: more head-side tensors, as ``head_index``) and their
+    recorded :class:`~wrpo.data.batch.SequenceLayout`."""
     position_ids = torch.tensor(positions)
-    batch = {
+    return {
         "input_ids": torch.tensor(input_ids),
         "position_ids": position_ids,
         "labels": torch.tensor(labels),
         "cu_seqlens": torch.tensor(cu),
-        "layout": SequenceLayout.record("packed", position_ids, cu),
+        **{name: torch.tensor(values) for name, values in head.items()},
+        "layout": SequenceLayout.record(kind, position_ids, cu),
     }
-    return _with_ref(batch, features)
 
 
 def padding_positions(pad: int, longest: int) -> list[int]:
@@ -211,13 +217,5 @@ def pack_shared_prefix(features, *, row_per_group: bool = False, pad_token_id: i
             head_index += [r * L + t for t, _ in seq]
             labels += [lab for _, lab in seq]
             cu.append(cu[-1] + len(seq))
-    position_ids = torch.tensor(positions)
-    batch = {
-        "input_ids": torch.tensor(input_ids),
-        "position_ids": position_ids,
-        "labels": torch.tensor(labels),
-        "cu_seqlens": torch.tensor(cu),
-        "head_index": torch.tensor(head_index),
-        "layout": SequenceLayout.record("shared_prefix", position_ids, cu),
-    }
+    batch = packed_batch("shared_prefix", input_ids, positions, labels, cu, head_index=head_index)
     return _with_ref(batch, features)
