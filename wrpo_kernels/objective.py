@@ -76,15 +76,16 @@ def make_spec(
     *,
     responses_per_prompt: int,
     num_chosen: int,
-    alpha: float,
-    chosen_weights,
-    loss_type: str,
-    beta: float,
-    gamma: float,
-    label_smoothing: float,
+    alpha: float = 0.1,
+    chosen_weights=None,
+    loss_type: str = "dpo",
+    beta: float = 0.01,
+    gamma: float = 0.0,
+    label_smoothing: float = 0.0,
     logp_reduction: str = "sum",
 ) -> PreferenceSpec:
-    """Validate the options of the loss and return a :class:`PreferenceSpec`."""
+    """Validate the options of the loss and return a :class:`PreferenceSpec` (defaults: those of
+    :func:`~wrpo_kernels.fused_linear_wrpo_loss`)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
     if logp_reduction not in LOGP_REDUCTIONS:

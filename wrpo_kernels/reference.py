@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .head_inputs import HeadInputs
 from .metrics import preference_metrics
 from .objective import PreferenceSpec
 from .output import WRPOOutput
@@ -104,13 +105,20 @@ def fused_linear_wrpo_loss(
     return WRPOOutput(loss=loss, metrics=metrics, logps=logps.detach())
 
 
-def _head(opts) -> dict:
+def _head(x: HeadInputs) -> dict:
+    """The keywords of the naive functions above for ``x``'s head (bias and logit options)."""
+    opts = x.opts
     if opts.shard is not None:
         raise ValueError(
             "backend='reference' computes the whole head's logits: it takes a whole weight, not one sharded "
             "over the vocabulary (use backend='torch' or 'triton', or pass weight.full_tensor())"
         )
-    return {"ignore_index": opts.ignore_index, "softcap": opts.softcap, "temperature": opts.temperature}
+    return {
+        "bias": x.bias,
+        "ignore_index": opts.ignore_index,
+        "softcap": opts.softcap,
+        "temperature": opts.temperature,
+    }
 
 
 class ReferenceBackend:
@@ -120,34 +128,28 @@ class ReferenceBackend:
     name = "reference"
 
     @staticmethod
-    def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chunk_tokens):
-        return linear_logprobs(hidden, weight, labels, rows.cu, reduction=reduction, bias=bias, **_head(opts))
+    def linear_logprobs(x: HeadInputs, *, reduction, chunk_tokens):
+        return linear_logprobs(x.hidden, x.weight, x.labels, x.rows.cu, reduction=reduction, **_head(x))
 
     @staticmethod
-    def fused_linear_wrpo_loss(
-        spec,
-        hidden,
-        weight,
-        labels,
-        rows,
-        ref_logps,
-        *,
-        bias,
-        opts,
-        nll_weight,
-        chunk_tokens,
-        totals=OWN_COUNTS,
-    ):
+    def fused_linear_wrpo_loss(x: HeadInputs, *, spec, ref_logps, nll_weight, totals, chunk_tokens):
         out = fused_linear_wrpo_loss(
-            spec, hidden, weight, labels, rows.cu, ref_logps, nll_weight=nll_weight, totals=totals, bias=bias,
-            **_head(opts),
-        )  # fmt: skip
+            spec,
+            x.hidden,
+            x.weight,
+            x.labels,
+            x.rows.cu,
+            ref_logps,
+            nll_weight=nll_weight,
+            totals=totals,
+            **_head(x),
+        )
         return out.loss, out.logps
 
     @staticmethod
-    def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, totals):
-        logps = linear_logprobs(hidden, weight, labels, rows.cu, bias=bias, **_head(opts))
-        tokens = sum(rows.counts_host) if totals.tokens is None else totals.tokens
+    def fused_linear_nll_loss(x: HeadInputs, *, totals, chunk_tokens):
+        logps = linear_logprobs(x.hidden, x.weight, x.labels, x.rows.cu, **_head(x))
+        tokens = sum(x.rows.counts_host) if totals.tokens is None else totals.tokens
         return -logps.sum() / tokens, logps.detach()
 
     @staticmethod
