@@ -8,10 +8,10 @@ import functools
 import torch
 
 from .autoselect import BACKENDS, resolve_backend, triton_unavailable_reason
-from .chunked.options import HeadOptions, math_dtype
+from .chunked.options import HeadOptions
 from .head_inputs import HeadInputs
 from .metrics import mean_logit_metrics, preference_metrics
-from .objective import make_spec, rewards, token_span
+from .objective import make_spec, math_dtype, rewards, token_span
 from .output import WRPOOutput
 from .packing import PackedRows, sequence_ids
 from .totals import Totals, resolve_totals

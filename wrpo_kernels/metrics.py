@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .objective import PreferenceSpec
+from .objective import PreferenceSpec, math_dtype
 from .vocab_parallel import all_reduce
 
 
@@ -63,7 +63,7 @@ def mean_logit_metrics(
     ``shard``: the head's vocabulary shard (``vocab_parallel.VocabShard``), whose sums are added over
     its group (one all-reduce of H + 1 numbers).
     """
-    md = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    md = math_dtype(hidden.dtype)
     w_sum = weight.detach().sum(0, dtype=md)
     b_sum = bias.detach().sum(dtype=md) if bias is not None else w_sum.new_zeros(())
     V = weight.shape[0]

@@ -117,8 +117,9 @@ def make_spec(
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the loss arithmetic: fp64 for fp64 log-probs, else fp32."""
-    return torch.promote_types(dtype, torch.float32)
+    """The dtype every sum and loss is computed in, for inputs of ``dtype``: fp64 stays fp64, anything
+    else (fp32, bf16, fp16) accumulates in fp32, so that bf16 never rounds a sum or a token count."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def reward_coefficients(spec: PreferenceSpec, lengths: torch.Tensor | None, like: torch.Tensor):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .head_inputs import HeadInputs
 from .metrics import preference_metrics
-from .objective import PreferenceSpec
+from .objective import PreferenceSpec, math_dtype
 from .output import WRPOOutput
 from .packing import segment_sum, sequence_ids
 from .totals import OWN_COUNTS, Totals
@@ -52,8 +52,7 @@ def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths, num_groups=None):
 
     loss = sum of group losses / ``num_groups`` (default B: the mean)."""
     C, beta = spec.num_chosen, spec.beta
-    # the arithmetic in fp32 (fp64 for fp64): bf16 log-probs upcast, token counts never rounded to bf16
-    md = torch.promote_types(logps.dtype, torch.float32)
+    md = math_dtype(logps.dtype)  # bf16 log-probs upcast, token counts never rounded to bf16
     s, s_ref = logps.to(md), None if ref_logps is None else ref_logps.to(md)
     per_token = spec.logp_reduction == "mean" or spec.loss_type == "dpo"  # simpo, ipo: no / n on means
     n = 1.0 if per_token else lengths.to(md)

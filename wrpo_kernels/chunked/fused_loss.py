@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..objective import PreferenceSpec, token_span
+from ..objective import PreferenceSpec, math_dtype, token_span
 from ..once_differentiable import once_differentiable
 from ..totals import Totals
 from .grads import HeadGrads, save_grads, saved_grads
 from .logprobs import recompute_head_grads_
-from .options import HeadOptions, math_dtype
+from .options import HeadOptions
 from .row_ops import RowOps
 from .schedule import GroupChunk
 from .targets import Targets
