@@ -57,9 +57,15 @@ class PreferenceSpec:
         return self.loss_type in ("simpo", "ipo")
 
     @property
+    def logps_are_means(self) -> bool:
+        """Whether s is a response's mean log-prob (``logp_reduction="mean"``) rather than its sum: the
+        one place that reads ``logp_reduction``; the rules below, and the backends, ask this."""
+        return self.logp_reduction == "mean"
+
+    @property
     def divides_by_length(self) -> bool:
         """Whether c holds 1/n: a length-normalised loss on summed log-probs (means already are per token)."""
-        return self.length_normalised and self.logp_reduction == "sum"
+        return self.length_normalised and not self.logps_are_means
 
 
 def default_chosen_weights(num_chosen: int, alpha: float) -> tuple[float, ...]:
@@ -137,7 +143,7 @@ def reward_coefficients(spec: PreferenceSpec, lengths: torch.Tensor | None, like
 
 def token_span(spec: PreferenceSpec, lengths: torch.Tensor) -> torch.Tensor:
     """Tokens per unit of s [B, K]: n for means (``sum = s * n``), 1 for sums. The NLL term needs the sums."""
-    return lengths if spec.logp_reduction == "mean" else torch.ones_like(lengths)
+    return lengths if spec.logps_are_means else torch.ones_like(lengths)
 
 
 def margin_coefficients(spec: PreferenceSpec, like: torch.Tensor) -> torch.Tensor:

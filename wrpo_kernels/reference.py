@@ -54,8 +54,7 @@ def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths, num_groups=None):
     C, beta = spec.num_chosen, spec.beta
     md = math_dtype(logps.dtype)  # bf16 log-probs upcast, token counts never rounded to bf16
     s, s_ref = logps.to(md), None if ref_logps is None else ref_logps.to(md)
-    per_token = spec.logp_reduction == "mean" or spec.loss_type == "dpo"  # simpo, ipo: no / n on means
-    n = 1.0 if per_token else lengths.to(md)
+    n = lengths.to(md) if spec.divides_by_length else 1.0  # simpo, ipo on sums
     if spec.loss_type == "dpo":
         r = beta * (s - s_ref)
     elif spec.loss_type == "simpo":
@@ -94,7 +93,7 @@ def fused_linear_wrpo_loss(
     sums = linear_logprobs(hidden, weight, labels, cu_seqlens, ignore_index=ignore_index, **head).view(-1, K)
     seq = sequence_ids(cu_seqlens, labels.numel())
     lengths = segment_sum((labels != ignore_index).to(sums.dtype), seq, sums.numel()).view(-1, K)
-    logps = sums / lengths if spec.logp_reduction == "mean" else sums
+    logps = sums / lengths if spec.logps_are_means else sums
     loss, metrics = wrpo_loss(spec, logps, ref_logps, lengths, totals.groups)
     if nll_weight:
         nll_sum = -sums[:, 0].sum()

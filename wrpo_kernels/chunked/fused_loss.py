@@ -42,7 +42,7 @@ def token_weights(spec: PreferenceSpec, t: Targets) -> torch.Tensor:
 
     s_k = sum_t weight_t log p_t over sequence k's tokens, and dL/d(log p_t) = dL/ds_k * weight_t.
     """
-    if spec.logp_reduction == "sum":
+    if not spec.logps_are_means:
         return t.valid
     return t.valid / t.counts.to(t.valid.dtype)[t.seq]
 
