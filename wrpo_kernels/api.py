@@ -10,8 +10,8 @@ import torch
 from .autoselect import BACKENDS, resolve_backend, triton_unavailable_reason
 from .chunked.options import HeadOptions
 from .head_inputs import HeadInputs
-from .metrics import mean_logit_metrics, preference_metrics
-from .objective import make_spec, math_dtype, rewards, token_span
+from .metrics import fused_loss_metrics, reward_metrics
+from .objective import make_spec, math_dtype
 from .output import WRPOOutput
 from .packing import PackedRows, sequence_ids
 from .totals import Totals, resolve_totals
@@ -266,17 +266,12 @@ def fused_linear_wrpo_loss(
     ref = check_preference_tensor("ref_logps", ref_logps, B, K, h.device) if spec.needs_reference else None
     ref = None if ref is None else ref.detach().to(md)
     _, impl = resolve_backend(backend, h.device, h.dtype)
-    lengths = rows.counts.view(B, K).to(md)
     totals = totals.as_tensors(md, h.device)
-    loss, logps = impl.fused_linear_wrpo_loss(
+    out = impl.fused_linear_wrpo_loss(
         x, spec=spec, ref_logps=ref, nll_weight=nll_weight, totals=totals, chunk_tokens=chunk_tokens
     )
-    metrics = preference_metrics(spec, logps, rewards(spec, logps, ref, lengths))
-    valid = x.labels != ignore_index
-    metrics.update(mean_logit_metrics(spec, h, x.weight, x.bias, rows, valid=valid, shard=x.opts.shard))
-    if nll_weight:
-        metrics["nll_loss"] = -(logps[:, 0] * token_span(spec, lengths)[:, 0]).sum() / lengths[:, 0].sum()
-    return WRPOOutput(loss=loss, metrics=metrics, logps=logps)
+    metrics = fused_loss_metrics(spec, x, out, ref, nll_weight)
+    return WRPOOutput(loss=out.loss, metrics=metrics, logps=out.logps)
 
 
 @compile_boundary
@@ -345,4 +340,4 @@ def wrpo_loss(
         lengths = lengths.to(md)
     _, impl = resolve_backend(backend, dev, dt)
     loss = impl.wrpo_loss(spec, policy_logps, ref, lengths)
-    return loss, preference_metrics(spec, policy_logps, rewards(spec, policy_logps.detach(), ref, lengths))
+    return loss, reward_metrics(spec, policy_logps, ref, lengths)

@@ -24,6 +24,7 @@ from . import reference, torch_backend
 from .chunked.options import HeadOptions
 from .head_inputs import HeadInputs
 from .objective import PreferenceSpec, make_spec
+from .output import FusedLoss
 from .packing import PackedRows, sequence_ids
 from .totals import OWN_COUNTS, Totals
 
@@ -50,11 +51,14 @@ class Backend(Protocol):
         nll_weight: float,
         totals: Totals,
         chunk_tokens: int | None,
-    ):
-        """(loss, policy log-probs [B, K] detached); ``totals``: the denominators of the two means
-        (0-dim tensors in the math dtype; None: the call's own)."""
+    ) -> FusedLoss:
+        """:class:`FusedLoss` (loss; policy log-probs [B, K] and this call's mean NLL, detached);
+        ``totals``: the denominators of the two means (0-dim tensors in the math dtype; None: the call's
+        own)."""
 
-    def fused_linear_nll_loss(self, x: HeadInputs, *, totals: Totals, chunk_tokens: int | None):
+    def fused_linear_nll_loss(
+        self, x: HeadInputs, *, totals: Totals, chunk_tokens: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean NLL over the labelled rows, log-probs [S] detached); ``totals.tokens``: the denominator."""
 
     def wrpo_loss(self, spec: PreferenceSpec, logps, ref_logps, lengths):
@@ -151,9 +155,8 @@ def triton_self_test(device: torch.device, dtype: torch.dtype) -> str | None:
             # the caller may be under no_grad / inference_mode / autocast: the test needs plain autograd
             with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
                 h, w = x.hidden.clone().requires_grad_(), x.weight.clone().requires_grad_()
-                loss, _ = impl.fused_linear_wrpo_loss(
-                    x._replace(hidden=h, weight=w), chunk_tokens=None, **loss_terms
-                )
+                leaves = x._replace(hidden=h, weight=w)
+                loss = impl.fused_linear_wrpo_loss(leaves, chunk_tokens=None, **loss_terms).loss
                 loss.backward()
                 with torch.no_grad():
                     logps = impl.linear_logprobs(x, reduction="sum", chunk_tokens=None)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .head_inputs import HeadInputs
 from .metrics import preference_metrics
 from .objective import PreferenceSpec, math_dtype
-from .output import WRPOOutput
+from .output import FusedLoss, WRPOOutput
 from .packing import segment_sum, sequence_ids
 from .totals import OWN_COUNTS, Totals
 
@@ -88,18 +88,19 @@ def fused_linear_wrpo_loss(
     """WRPO loss of packed groups, the naive way: full logits -> log-probs [B, K] -> loss (+ NLL).
 
     ``spec.logp_reduction="mean"``: the loss sees the sums over the token counts.
-    ``totals``: the denominators of the two means (None: this batch's groups and first-chosen tokens)."""
+    ``totals``: the denominators of the two means (None: this batch's groups and first-chosen tokens).
+    ``metrics["nll_loss"]``: the mean NLL over the first-chosen tokens, whatever ``nll_weight`` is."""
     K = spec.responses_per_prompt
     sums = linear_logprobs(hidden, weight, labels, cu_seqlens, ignore_index=ignore_index, **head).view(-1, K)
     seq = sequence_ids(cu_seqlens, labels.numel())
     lengths = segment_sum((labels != ignore_index).to(sums.dtype), seq, sums.numel()).view(-1, K)
     logps = sums / lengths if spec.logps_are_means else sums
     loss, metrics = wrpo_loss(spec, logps, ref_logps, lengths, totals.groups)
+    nll_sum = -sums[:, 0].sum()
+    nll = nll_sum / lengths[:, 0].sum()
     if nll_weight:
-        nll_sum = -sums[:, 0].sum()
-        nll = nll_sum / lengths[:, 0].sum()
         loss = loss + nll_weight * (nll if totals.tokens is None else nll_sum / totals.tokens)
-        metrics["nll_loss"] = nll.detach()
+    metrics["nll_loss"] = nll.detach()
     return WRPOOutput(loss=loss, metrics=metrics, logps=logps.detach())
 
 
@@ -142,7 +143,7 @@ class ReferenceBackend:
             totals=totals,
             **_head(x),
         )
-        return out.loss, out.logps
+        return FusedLoss(out.loss, out.logps, out.metrics["nll_loss"])
 
     @staticmethod
     def fused_linear_nll_loss(x: HeadInputs, *, totals, chunk_tokens):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from ..output import FusedLoss
 from ..packing import PackedRows, keep_labelled_rows, scatter_rows
 from ..vocab_parallel import replicated_input, vocab_parallel
 from .fused_loss import FusedLinearWRPOFunction, FusedPlan
@@ -87,13 +88,14 @@ def run_fused(
     totals: Totals,
     chunk_tokens: int | None,
 ):
-    """(loss, logps [B, K]) in one pass over chunks of whole groups, ``ops`` doing the row work.
+    """:class:`FusedLoss` (loss, logps [B, K], nll) in one pass over chunks of whole groups, ``ops``
+    doing the row work.
 
     ``totals``: the denominators of the batch means (0-dim tensors), None for this batch's own."""
     p = _single_pass_inputs(ops, x, chunk_tokens)
     chunks = tuple(plan_group_chunks(p.rows.cu_host, spec.responses_per_prompt, p.chunk))
     plan = FusedPlan(spec, p.targets, x.opts, chunks, p.chunk, float(nll_weight), p.ops, totals)
-    return FusedLinearWRPOFunction.apply(p.hidden, x.weight, x.bias, ref_logps, plan, p.needs)
+    return FusedLoss(*FusedLinearWRPOFunction.apply(p.hidden, x.weight, x.bias, ref_logps, plan, p.needs))
 
 
 def run_nll(ops: RowOps, x: HeadInputs, *, totals: Totals, chunk_tokens: int | None):

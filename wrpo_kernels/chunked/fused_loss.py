@@ -16,6 +16,7 @@ import torch
 
 from ..objective import PreferenceSpec, math_dtype, token_span
 from ..once_differentiable import once_differentiable
+from ..output import FusedLoss
 from ..totals import Totals
 from .grads import HeadGrads, save_grads, saved_grads
 from .logprobs import recompute_head_grads_
@@ -48,7 +49,7 @@ def token_weights(spec: PreferenceSpec, t: Targets) -> torch.Tensor:
 
 
 def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
-    """Returns the loss (0-dim), policy log-probs [B, K] and the gradients (:class:`HeadGrads`)."""
+    """-> (:class:`FusedLoss`: the loss, policy log-probs [B, K], this call's mean NLL; the gradients)."""
     spec, t, opts = plan.spec, plan.targets, plan.opts
     K = spec.responses_per_prompt
     S = t.counts.numel()
@@ -97,22 +98,24 @@ def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
             )
 
     loss = group_losses.mean() if plan.totals.groups is None else group_losses.sum() / groups
+    first_chosen = (logps.view(B, K)[:, 0] * span).sum()  # their summed log-probs
     if plan.nll_weight:
-        loss = loss - nll_coef * (logps.view(B, K)[:, 0] * span).sum()
-    return loss, logps.view(B, K), grads
+        loss = loss - nll_coef * first_chosen
+    return FusedLoss(loss, logps.view(B, K), -first_chosen / lengths[:, 0].sum()), grads
 
 
 class FusedLinearWRPOFunction(torch.autograd.Function):
-    """hidden [N, H], weight [V, H], bias [V] | None -> (loss, logps [B, K] non-differentiable)."""
+    """hidden [N, H], weight [V, H], bias [V] | None -> (loss, logps [B, K], nll): :class:`FusedLoss`,
+    only the loss differentiable."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
-        loss, logps, grads = fused_forward(hidden, weight, bias, ref_logps, plan, needs)
+        out, grads = fused_forward(hidden, weight, bias, ref_logps, plan, needs)
         save_grads(ctx, grads, weight, bias)
-        ctx.mark_non_differentiable(logps)
-        return loss, logps
+        ctx.mark_non_differentiable(out.logps, out.nll)
+        return tuple(out)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss, _grad_logps):
+    def backward(ctx, grad_loss, _grad_logps, _grad_nll):
         return *saved_grads(ctx, grad_loss, "fused_linear_wrpo_loss"), None, None, None
