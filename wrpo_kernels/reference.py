@@ -46,11 +46,11 @@ def linear_logprobs(hidden, weight, labels, cu_seqlens, *, reduction="sum", igno
     return sums / counts
 
 
-def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths, num_groups=None):
+def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths, groups=None):
     """(loss, metrics) from [B, K] log-probs, by the formulas of docs/method.md §3, with plain autograd.
     Summed log-probs (``spec.logp_reduction="sum"``) are divided by ``lengths`` for simpo and ipo.
 
-    loss = sum of group losses / ``num_groups`` (default B: the mean)."""
+    loss = sum of group losses / ``groups`` (``Totals.groups``; default B: the mean)."""
     C, beta = spec.num_chosen, spec.beta
     md = math_dtype(logps.dtype)  # bf16 log-probs upcast, token counts never rounded to bf16
     s, s_ref = logps.to(md), None if ref_logps is None else ref_logps.to(md)
@@ -68,7 +68,7 @@ def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths, num_groups=None):
     else:
         eps = spec.label_smoothing
         losses = -(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
-    loss = losses.mean() if num_groups is None else losses.sum() / num_groups
+    loss = losses.mean() if groups is None else losses.sum() / groups
     return loss, preference_metrics(spec, logps, r)
 
 

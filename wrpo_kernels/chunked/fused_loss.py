@@ -17,7 +17,7 @@ import torch
 from ..objective import PreferenceSpec, math_dtype, token_span
 from ..once_differentiable import once_differentiable
 from ..output import FusedLoss
-from ..totals import Totals
+from ..totals import OWN_COUNTS, Totals
 from .grads import HeadGrads, save_grads, saved_grads
 from .logprobs import recompute_head_grads_
 from .options import HeadOptions
@@ -35,7 +35,7 @@ class FusedPlan:
     chunk_tokens: int
     nll_weight: float
     ops: RowOps
-    totals: Totals = Totals()  # 0-dim tensors; None: B groups, this batch's first-chosen tokens
+    totals: Totals = OWN_COUNTS  # 0-dim tensors; None: B groups, this batch's first-chosen tokens
 
 
 def token_weights(spec: PreferenceSpec, t: Targets) -> torch.Tensor:
