@@ -24,8 +24,8 @@ def linear_logprobs(x: HeadInputs, **options):
 
 
 def fused_linear_wrpo_loss(x: HeadInputs, **loss):
-    """(loss, logps [B, K]) of packed groups in one pass over chunks of whole groups; ``loss`` as
-    :func:`~..chunked.run_fused`."""
+    """``FusedLoss`` (loss, logps [B, K], nll) of packed groups in one pass over chunks of whole groups;
+    ``loss`` as :func:`~..chunked.run_fused`."""
     return run_fused(row_ops(x.hidden.device), x, **loss)
 
 

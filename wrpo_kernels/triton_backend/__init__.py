@@ -38,7 +38,9 @@ def linear_logprobs(x: HeadInputs, *, reduction: str, chunk_tokens: int | None):
     """Under no_grad (or with nothing to differentiate): the forward-only kernel; else, or for a head
     sharded over the vocabulary, two-pass chunks."""
     _check_dtype(x.hidden.dtype)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in x[:3])
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x.hidden, x.weight, x.bias)
+    )
     if needs_grad or x.opts.shard is not None:  # the forward-only kernel reads the whole vocabulary
         return run_logprobs(TRITON_ROW_OPS, x, reduction=reduction, chunk_tokens=chunk_tokens)
 
@@ -51,8 +53,8 @@ def linear_logprobs(x: HeadInputs, *, reduction: str, chunk_tokens: int | None):
 
 
 def fused_linear_wrpo_loss(x: HeadInputs, **loss):
-    """(loss, logps [B, K]) in one pass over chunks of whole groups, row work in Triton kernels;
-    ``loss`` as :func:`~..chunked.run_fused`."""
+    """``FusedLoss`` (loss, logps [B, K], nll) in one pass over chunks of whole groups, row work in
+    Triton kernels; ``loss`` as :func:`~..chunked.run_fused`."""
     _check_dtype(x.hidden.dtype)
     return run_fused(TRITON_ROW_OPS, x, **loss)
 
