@@ -38,9 +38,9 @@ def test_reference_backend_sees_every_row(monkeypatch):
     seen = []
     real = autoselect.reference.BACKEND.fused_linear_wrpo_loss
 
-    def spy(spec, hidden, *args, **kwargs):
-        seen.append(hidden.shape[0])
-        return real(spec, hidden, *args, **kwargs)
+    def spy(x, **kwargs):
+        seen.append(x.hidden.shape[0])
+        return real(x, **kwargs)
 
     monkeypatch.setattr(autoselect.reference.BACKEND, "fused_linear_wrpo_loss", spy)
     wk.fused_linear_wrpo_loss(

@@ -331,7 +331,9 @@ def test_ignored_rows_never_reach_the_head(monkeypatch, reduction):
 
     for name in ("run_fused", "run_logprobs"):
         run = getattr(torch_backend, name)
-        monkeypatch.setattr(torch_backend, name, lambda ops, *a, _run=run: _run(CountingOps(ops), *a))
+        monkeypatch.setattr(
+            torch_backend, name, lambda ops, x, _run=run, **kw: _run(CountingOps(ops), x, **kw)
+        )
     res = fused(batch, "torch", beta=0.3)
     ref = fused(batch, "reference", beta=0.3)
     assert sum(seen) == n_valid  # one pass: each labelled row once, nothing else

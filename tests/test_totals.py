@@ -24,8 +24,8 @@ def _wrpo(batch, backend, module=False, **per_call):
     if module:
         out = FusedLinearWRPOLoss(backend=backend, **PREFERENCE)(*args, batch.ref_logps, b, **per_call)
     else:
-        out = fused_linear_wrpo_loss(*args, ref_logps=batch.ref_logps, bias=b, backend=backend, **PREFERENCE,
-                                     **per_call)  # fmt: skip
+        per_call.update(ref_logps=batch.ref_logps, bias=b, backend=backend)
+        out = fused_linear_wrpo_loss(*args, **PREFERENCE, **per_call)
     out.loss.backward()
     return out.loss.detach(), out.logps, out.metrics, h.grad, w.grad, b.grad
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import torch
 
 from .autoselect import BACKENDS, resolve_backend, triton_unavailable_reason
-from .chunked.options import HeadOptions, math_dtype
-from .metrics import mean_logit_metrics, preference_metrics
-from .objective import make_spec, rewards, token_span
+from .chunked.options import HeadOptions
+from .head_inputs import HeadInputs
+from .metrics import fused_loss_metrics, reward_metrics
+from .objective import make_spec, math_dtype
 from .output import WRPOOutput
 from .packing import PackedRows, sequence_ids
 from .totals import Totals, resolve_totals
@@ -31,20 +31,15 @@ __all__ = [
 REDUCTIONS = ("sum", "mean", "none")
 
 
-class HeadInputs(NamedTuple):
-    """Validated head inputs: packed ``hidden`` [N, H] and ``labels`` [N], the ``weight`` [V_r, H] and
-    ``bias`` rows this rank holds (all of them, unless the head is sharded over the vocabulary, see
-    :mod:`.vocab_parallel`), the layout ``rows`` and the head's ``opts``."""
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    labels: torch.Tensor
-    rows: PackedRows
-    opts: HeadOptions
+def _sequence(s: int) -> str:
+    return f"sequence {s}"
 
 
-def head_inputs(hidden, weight, labels, cu_seqlens, bias, opts: HeadOptions, *, require_tokens, describe):
+def head_inputs(
+    hidden, weight, labels, cu_seqlens, bias, opts: HeadOptions, *, require_tokens, describe=_sequence
+):
+    """Check and pack a public call's head arguments (padded [S, T, H] or packed [N, H]) into
+    :class:`HeadInputs`; ``describe(s)`` names sequence s in errors."""
     hidden, labels, cu, cu_host = as_packed_rows(hidden, labels, cu_seqlens)
     weight, bias, shard = vocab_shard(weight, bias)
     check_head(hidden, weight, bias, labels)
@@ -53,20 +48,23 @@ def head_inputs(hidden, weight, labels, cu_seqlens, bias, opts: HeadOptions, *, 
     hidden = hidden.contiguous()
     seq = sequence_ids(cu, hidden.shape[0])
     opts = dataclasses.replace(opts, shard=shard)
+    vocab = opts.vocab(weight)
     counts, counts_host = check_labels(
-        labels, cu, seq, opts.vocab(weight), opts.ignore_index,
-        require_tokens=require_tokens, describe=describe,
-    )  # fmt: skip
+        labels, cu, seq, vocab, opts.ignore_index, require_tokens=require_tokens, describe=describe
+    )
     return HeadInputs(hidden, weight, bias, labels, PackedRows(cu, cu_host, seq, counts, counts_host), opts)
 
 
-def _check_head_options(softcap, temperature, chunk_tokens):
+def head_options(ignore_index, softcap, temperature, chunk_tokens) -> HeadOptions:
+    """Check the options of the head; ``chunk_tokens`` is checked but not kept: it changes how the rows
+    are scheduled, not the logits."""
     if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    return HeadOptions(ignore_index, softcap, float(temperature))
 
 
 def compile_boundary(fn):
@@ -138,17 +136,11 @@ def linear_logprobs(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
-    _check_head_options(softcap, temperature, chunk_tokens)
+    opts = head_options(ignore_index, softcap, temperature, chunk_tokens)
     out_shape = labels.shape if isinstance(labels, torch.Tensor) else None
-    x = head_inputs(
-        hidden, weight, labels, cu_seqlens, bias, HeadOptions(ignore_index, softcap, float(temperature)),
-        require_tokens=reduction == "mean", describe=lambda s: f"sequence {s}",
-    )  # fmt: skip
+    x = head_inputs(hidden, weight, labels, cu_seqlens, bias, opts, require_tokens=reduction == "mean")
     _, impl = resolve_backend(backend, x.hidden.device, x.hidden.dtype)
-    out = impl.linear_logprobs(
-        x.hidden, x.weight, x.labels, x.rows, bias=x.bias, opts=x.opts, reduction=reduction,
-        chunk_tokens=chunk_tokens,
-    )  # fmt: skip
+    out = impl.linear_logprobs(x, reduction=reduction, chunk_tokens=chunk_tokens)
     return out.view(out_shape) if reduction == "none" else out
 
 
@@ -179,20 +171,14 @@ def fused_linear_nll_loss(
     token count as ``totals=Totals(tokens=n)``: the micro-batch losses then sum to the whole batch's mean.
     ``num_tokens=n`` is an alias of ``totals=Totals(tokens=n)`` (not both).
     """
-    _check_head_options(softcap, temperature, chunk_tokens)
+    opts = head_options(ignore_index, softcap, temperature, chunk_tokens)
     totals = resolve_totals(totals, num_tokens=num_tokens)
-    x = head_inputs(
-        hidden, weight, labels, cu_seqlens, bias, HeadOptions(ignore_index, softcap, float(temperature)),
-        require_tokens=False, describe=lambda s: f"sequence {s}",
-    )  # fmt: skip
+    x = head_inputs(hidden, weight, labels, cu_seqlens, bias, opts, require_tokens=False)
     totals = totals.as_tensors(math_dtype(x.hidden.dtype), x.hidden.device)
     if totals.tokens is None and sum(x.rows.counts_host) == 0:
         raise ValueError(f"no label != ignore_index={ignore_index} in the batch: its mean NLL is undefined")
     _, impl = resolve_backend(backend, x.hidden.device, x.hidden.dtype)
-    return impl.fused_linear_nll_loss(
-        x.hidden, x.weight, x.labels, x.rows, bias=x.bias, opts=x.opts, chunk_tokens=chunk_tokens,
-        totals=totals,
-    )  # fmt: skip
+    return impl.fused_linear_nll_loss(x, totals=totals, chunk_tokens=chunk_tokens)
 
 
 @compile_boundary
@@ -250,11 +236,17 @@ def fused_linear_wrpo_loss(
     over the vocabulary and the response tokens (as TRL logs them), from ``h . sum_v W_v`` (no logits).
     """
     spec = make_spec(
-        responses_per_prompt=responses_per_prompt, num_chosen=num_chosen, alpha=alpha,
-        chosen_weights=chosen_weights, loss_type=loss_type, beta=beta, gamma=gamma,
-        label_smoothing=label_smoothing, logp_reduction=logp_reduction,
-    )  # fmt: skip
-    _check_head_options(softcap, temperature, chunk_tokens)
+        responses_per_prompt=responses_per_prompt,
+        num_chosen=num_chosen,
+        alpha=alpha,
+        chosen_weights=chosen_weights,
+        loss_type=loss_type,
+        beta=beta,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+        logp_reduction=logp_reduction,
+    )
+    opts = head_options(ignore_index, softcap, temperature, chunk_tokens)
     totals = resolve_totals(totals, num_groups=num_groups, num_nll_tokens=num_nll_tokens)
     K = spec.responses_per_prompt
 
@@ -262,10 +254,7 @@ def fused_linear_wrpo_loss(
         role = "chosen" if s % K < spec.num_chosen else "rejected"
         return f"sequence {s} (group {s // K}, response {s % K} of {K}, {role})"
 
-    x = head_inputs(
-        hidden, weight, labels, cu_seqlens, bias, HeadOptions(ignore_index, softcap, float(temperature)),
-        require_tokens=True, describe=describe,
-    )  # fmt: skip
+    x = head_inputs(hidden, weight, labels, cu_seqlens, bias, opts, require_tokens=True, describe=describe)
     h, rows = x.hidden, x.rows
     S = len(rows.cu_host) - 1
     if S % K:
@@ -277,17 +266,12 @@ def fused_linear_wrpo_loss(
     ref = check_preference_tensor("ref_logps", ref_logps, B, K, h.device) if spec.needs_reference else None
     ref = None if ref is None else ref.detach().to(md)
     _, impl = resolve_backend(backend, h.device, h.dtype)
-    lengths = rows.counts.view(B, K).to(md)
-    loss, logps = impl.fused_linear_wrpo_loss(
-        spec, h, x.weight, x.labels, rows, ref, bias=x.bias, opts=x.opts, nll_weight=nll_weight,
-        chunk_tokens=chunk_tokens, totals=totals.as_tensors(md, h.device),
-    )  # fmt: skip
-    metrics = preference_metrics(spec, logps, rewards(spec, logps, ref, lengths))
-    valid = x.labels != ignore_index
-    metrics.update(mean_logit_metrics(spec, h, x.weight, x.bias, rows, valid=valid, shard=x.opts.shard))
-    if nll_weight:
-        metrics["nll_loss"] = -(logps[:, 0] * token_span(spec, lengths)[:, 0]).sum() / lengths[:, 0].sum()
-    return WRPOOutput(loss=loss, metrics=metrics, logps=logps)
+    totals = totals.as_tensors(md, h.device)
+    out = impl.fused_linear_wrpo_loss(
+        x, spec=spec, ref_logps=ref, nll_weight=nll_weight, totals=totals, chunk_tokens=chunk_tokens
+    )
+    metrics = fused_loss_metrics(spec, x, out, ref, nll_weight)
+    return WRPOOutput(loss=out.loss, metrics=metrics, logps=out.logps)
 
 
 @compile_boundary
@@ -326,10 +310,16 @@ def wrpo_loss(
         raise ValueError(f"policy_logps must be a floating tensor, got {policy_logps.dtype}")
     B, K = policy_logps.shape
     spec = make_spec(
-        responses_per_prompt=K, num_chosen=num_chosen, alpha=alpha, chosen_weights=chosen_weights,
-        loss_type=loss_type, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
+        responses_per_prompt=K,
+        num_chosen=num_chosen,
+        alpha=alpha,
+        chosen_weights=chosen_weights,
+        loss_type=loss_type,
+        beta=beta,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
         logp_reduction=logp_reduction,
-    )  # fmt: skip
+    )
     dev, dt = policy_logps.device, policy_logps.dtype
     md = math_dtype(dt)
     if spec.needs_reference and ref_logps is None:
@@ -350,4 +340,4 @@ def wrpo_loss(
         lengths = lengths.to(md)
     _, impl = resolve_backend(backend, dev, dt)
     loss = impl.wrpo_loss(spec, policy_logps, ref, lengths)
-    return loss, preference_metrics(spec, policy_logps, rewards(spec, policy_logps.detach(), ref, lengths))
+    return loss, reward_metrics(spec, policy_logps, ref, lengths)

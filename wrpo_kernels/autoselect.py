@@ -22,9 +22,11 @@ import torch
 
 from . import reference, torch_backend
 from .chunked.options import HeadOptions
-from .objective import make_spec
+from .head_inputs import HeadInputs
+from .objective import PreferenceSpec, make_spec
+from .output import FusedLoss
 from .packing import PackedRows, sequence_ids
-from .totals import OWN_COUNTS
+from .totals import OWN_COUNTS, Totals
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 _TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
@@ -33,22 +35,33 @@ _verdicts: dict[tuple[str, torch.dtype], str | None] = {}
 
 @runtime_checkable
 class Backend(Protocol):
-    """The calls every backend answers; ``rows`` is the validated layout (``packing.PackedRows``) and
-    ``opts`` the head's options (``chunked.HeadOptions``). Rows with ignored labels are included."""
+    """The calls every backend answers. ``x``: the validated head inputs (:class:`HeadInputs`: packed
+    hidden, labels, layout, weight, bias, options), rows with ignored labels included; the rest is
+    keyword-only. ``chunk_tokens``: rows of logits per chunk (None: the backend's default)."""
 
-    def linear_logprobs(self, hidden, weight, labels, rows, *, bias, opts, reduction, chunk_tokens):
+    def linear_logprobs(self, x: HeadInputs, *, reduction: str, chunk_tokens: int | None) -> torch.Tensor:
         """Log-probs [S] ("sum", "mean") or [N] ("none"), differentiable w.r.t. hidden, weight, bias."""
 
     def fused_linear_wrpo_loss(
-        self, spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens, totals
-    ):
-        """(loss, policy log-probs [B, K] detached); ``totals``: the denominators of the two means
-        (:class:`~wrpo_kernels.Totals` of 0-dim tensors in the math dtype, None: the call's own)."""
+        self,
+        x: HeadInputs,
+        *,
+        spec: PreferenceSpec,
+        ref_logps: torch.Tensor | None,
+        nll_weight: float,
+        totals: Totals,
+        chunk_tokens: int | None,
+    ) -> FusedLoss:
+        """:class:`FusedLoss` (loss; policy log-probs [B, K] and this call's mean NLL, detached);
+        ``totals``: the denominators of the two means (0-dim tensors in the math dtype; None: the call's
+        own)."""
 
-    def fused_linear_nll_loss(self, hidden, weight, labels, rows, *, bias, opts, chunk_tokens, totals):
+    def fused_linear_nll_loss(
+        self, x: HeadInputs, *, totals: Totals, chunk_tokens: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean NLL over the labelled rows, log-probs [S] detached); ``totals.tokens``: the denominator."""
 
-    def wrpo_loss(self, spec, logps, ref_logps, lengths):
+    def wrpo_loss(self, spec: PreferenceSpec, logps, ref_logps, lengths):
         """The loss from [B, K] log-probs, in their dtype, differentiable w.r.t. ``logps``."""
 
 
@@ -108,7 +121,8 @@ def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def _self_test_batch(device, dtype):
-    """2 groups of K = 3 with one ignored label; V and H multiples of nothing."""
+    """(head inputs, ref_logps [2, 3]): 2 groups of K = 3 with one ignored label; V and H multiples of
+    nothing."""
     g = torch.Generator().manual_seed(0)
     lengths = [5, 3, 7, 2, 6, 4]
     N, H, V = sum(lengths), 40, 509
@@ -124,40 +138,28 @@ def _self_test_batch(device, dtype):
     )
     rows = PackedRows(cu, cu_host, seq, counts, counts.tolist())
     ref = torch.randn(2, 3, generator=g).to(device) - 40.0
-    return hidden, weight, labels, rows, ref
+    return HeadInputs(hidden, weight, None, labels, rows, HeadOptions()), ref
 
 
 def triton_self_test(device: torch.device, dtype: torch.dtype) -> str | None:
     """None if the Triton backend matches the torch backend on a small odd-shaped case; else why not."""
     if reason := triton_unavailable_reason(device):
         return reason
-    hidden, weight, labels, rows, ref = _self_test_batch(device, dtype)
-    spec = make_spec(
-        responses_per_prompt=3, num_chosen=2, alpha=0.1, chosen_weights=None, loss_type="dpo", beta=0.5,
-        gamma=0.0, label_smoothing=0.0,
-    )  # fmt: skip
-    head = {"bias": None, "opts": HeadOptions(), "chunk_tokens": None}
+    x, ref = _self_test_batch(device, dtype)
+    spec = make_spec(responses_per_prompt=3, num_chosen=2, beta=0.5)
+    loss_terms = {"spec": spec, "ref_logps": ref.to(torch.float32), "nll_weight": 0.0, "totals": OWN_COUNTS}
     results = {}
     try:
         for name in ("torch", "triton"):
             impl = backend(name)
             # the caller may be under no_grad / inference_mode / autocast: the test needs plain autograd
             with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-                h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-                loss, _ = impl.fused_linear_wrpo_loss(
-                    spec,
-                    h,
-                    w,
-                    labels,
-                    rows,
-                    ref.to(torch.float32),
-                    nll_weight=0.0,
-                    totals=OWN_COUNTS,
-                    **head,
-                )
+                h, w = x.hidden.clone().requires_grad_(), x.weight.clone().requires_grad_()
+                leaves = x._replace(hidden=h, weight=w)
+                loss = impl.fused_linear_wrpo_loss(leaves, chunk_tokens=None, **loss_terms).loss
                 loss.backward()
                 with torch.no_grad():
-                    logps = impl.linear_logprobs(hidden, weight, labels, rows, reduction="sum", **head)
+                    logps = impl.linear_logprobs(x, reduction="sum", chunk_tokens=None)
             results[name] = {"loss": loss.detach(), "dX": h.grad, "dW": w.grad, "logps": logps}
     except Exception as err:  # a compile or launch failure on this device: report it, do not crash auto
         return f"{type(err).__name__}: {err}"

@@ -6,10 +6,40 @@ the caller decides when to read them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .objective import PreferenceSpec
+from .objective import PreferenceSpec, math_dtype, rewards
 from .vocab_parallel import all_reduce
+
+if TYPE_CHECKING:
+    from .head_inputs import HeadInputs
+    from .output import FusedLoss
+
+
+def fused_loss_metrics(spec: PreferenceSpec, x: HeadInputs, out: FusedLoss, ref_logps, nll_weight) -> dict:
+    """The metrics of :func:`~wrpo_kernels.fused_linear_wrpo_loss` from its validated inputs ``x`` and
+    what the backend returned: :func:`reward_metrics`, :func:`mean_logit_metrics`, and ``nll_loss``
+    (``out.nll``) when the loss has an NLL term."""
+    B, K = out.logps.shape
+    lengths = x.rows.counts.view(B, K).to(math_dtype(x.hidden.dtype))
+    metrics = reward_metrics(spec, out.logps, ref_logps, lengths)
+    valid = x.labels != x.opts.ignore_index
+    metrics.update(
+        mean_logit_metrics(spec, x.hidden, x.weight, x.bias, x.rows, valid=valid, shard=x.opts.shard)
+    )
+    if nll_weight:
+        metrics["nll_loss"] = out.nll
+    return metrics
+
+
+def reward_metrics(spec: PreferenceSpec, logps, ref_logps, lengths) -> dict:
+    """:func:`preference_metrics` of policy log-probs [B, K] and their implicit rewards against
+    ``ref_logps`` [B, K] (None for simpo); ``lengths`` [B, K]: token counts (None where no reward
+    divides by them)."""
+    logps = logps.detach()
+    return preference_metrics(spec, logps, rewards(spec, logps, ref_logps, lengths))
 
 
 def preference_metrics(spec: PreferenceSpec, logps: torch.Tensor, rewards: torch.Tensor) -> dict:
@@ -63,7 +93,7 @@ def mean_logit_metrics(
     ``shard``: the head's vocabulary shard (``vocab_parallel.VocabShard``), whose sums are added over
     its group (one all-reduce of H + 1 numbers).
     """
-    md = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    md = math_dtype(hidden.dtype)
     w_sum = weight.detach().sum(0, dtype=md)
     b_sum = bias.detach().sum(dtype=md) if bias is not None else w_sum.new_zeros(())
     V = weight.shape[0]

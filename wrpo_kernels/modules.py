@@ -56,12 +56,15 @@ class FusedLinearWRPOLoss(_FusedHead):
     _fn = staticmethod(fused_linear_wrpo_loss)
     _per_call = ("bias", "ref_logps", "totals", "num_groups", "num_nll_tokens")
 
-    def forward(self, hidden, weight, labels, cu_seqlens=None, ref_logps=None, bias=None, *, totals=None,
-                num_groups=None, num_nll_tokens=None) -> WRPOOutput:  # fmt: skip
-        per_call = {"totals": totals, "num_groups": num_groups, "num_nll_tokens": num_nll_tokens}
-        return fused_linear_wrpo_loss(
-            hidden, weight, labels, cu_seqlens, ref_logps=ref_logps, bias=bias, **per_call, **self.options()
-        )
+    def forward(
+        self, hidden, weight, labels, cu_seqlens=None, ref_logps=None, bias=None, *, totals=None, **aliases
+    ) -> WRPOOutput:
+        """``aliases``: ``num_groups`` / ``num_nll_tokens``, the older spelling of ``totals``."""
+        unknown = set(aliases) - {"num_groups", "num_nll_tokens"}
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward got unknown keywords {sorted(unknown)}")
+        head = {"ref_logps": ref_logps, "bias": bias, "totals": totals}
+        return fused_linear_wrpo_loss(hidden, weight, labels, cu_seqlens, **head, **aliases, **self.options())
 
 
 class LinearLogprobs(_FusedHead):

@@ -54,6 +54,8 @@ from pathlib import Path
 
 import torch
 
+from .objective import math_dtype
+
 ENV_DISABLE = "WRPO_KERNELS_NO_EXT"
 STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build (a build takes ~1 min)
 SOURCES = ("ops.cpp", "lse_target.cpp", "logit_grad.cpp", "workspace.cpp")  # in csrc/, with csrc/*.h
@@ -235,7 +237,7 @@ def _build() -> None:
 
 def _fake_lse_target(logits_t, labels, softcap, temperature):
     # logits_t [V, n] -> lse [n], target logit [n] in the math dtype (fp64 for fp64, else fp32)
-    md = torch.float64 if logits_t.dtype == torch.float64 else torch.float32
+    md = math_dtype(logits_t.dtype)
     n = logits_t.shape[1]
     return logits_t.new_empty(n, dtype=md), logits_t.new_empty(n, dtype=md)
 

@@ -57,9 +57,15 @@ class PreferenceSpec:
         return self.loss_type in ("simpo", "ipo")
 
     @property
+    def logps_are_means(self) -> bool:
+        """Whether s is a response's mean log-prob (``logp_reduction="mean"``) rather than its sum: the
+        one place that reads ``logp_reduction``; the rules below, and the backends, ask this."""
+        return self.logp_reduction == "mean"
+
+    @property
     def divides_by_length(self) -> bool:
         """Whether c holds 1/n: a length-normalised loss on summed log-probs (means already are per token)."""
-        return self.length_normalised and self.logp_reduction == "sum"
+        return self.length_normalised and not self.logps_are_means
 
 
 def default_chosen_weights(num_chosen: int, alpha: float) -> tuple[float, ...]:
@@ -76,15 +82,16 @@ def make_spec(
     *,
     responses_per_prompt: int,
     num_chosen: int,
-    alpha: float,
-    chosen_weights,
-    loss_type: str,
-    beta: float,
-    gamma: float,
-    label_smoothing: float,
+    alpha: float = 0.1,
+    chosen_weights=None,
+    loss_type: str = "dpo",
+    beta: float = 0.01,
+    gamma: float = 0.0,
+    label_smoothing: float = 0.0,
     logp_reduction: str = "sum",
 ) -> PreferenceSpec:
-    """Validate the options of the loss and return a :class:`PreferenceSpec`."""
+    """Validate the options of the loss and return a :class:`PreferenceSpec` (defaults: those of
+    :func:`~wrpo_kernels.fused_linear_wrpo_loss`)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
     if logp_reduction not in LOGP_REDUCTIONS:
@@ -116,8 +123,9 @@ def make_spec(
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the loss arithmetic: fp64 for fp64 log-probs, else fp32."""
-    return torch.promote_types(dtype, torch.float32)
+    """The dtype every sum and loss is computed in, for inputs of ``dtype``: fp64 stays fp64, anything
+    else (fp32, bf16, fp16) accumulates in fp32, so that bf16 never rounds a sum or a token count."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def reward_coefficients(spec: PreferenceSpec, lengths: torch.Tensor | None, like: torch.Tensor):
@@ -135,7 +143,7 @@ def reward_coefficients(spec: PreferenceSpec, lengths: torch.Tensor | None, like
 
 def token_span(spec: PreferenceSpec, lengths: torch.Tensor) -> torch.Tensor:
     """Tokens per unit of s [B, K]: n for means (``sum = s * n``), 1 for sums. The NLL term needs the sums."""
-    return lengths if spec.logp_reduction == "mean" else torch.ones_like(lengths)
+    return lengths if spec.logps_are_means else torch.ones_like(lengths)
 
 
 def margin_coefficients(spec: PreferenceSpec, like: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,21 @@
-"""The result type of the fused loss."""
+"""The result types of the fused preference loss: a backend's (:class:`FusedLoss`) and the public one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+
+class FusedLoss(NamedTuple):
+    """What a backend's fused preference loss returns: ``loss`` (0-dim, differentiable), the policy
+    ``logps`` [B, K] and ``nll`` (0-dim), the mean NLL over this call's first-chosen tokens, whatever
+    ``totals`` the loss divides by (the logged ``nll_loss``). logps and nll: detached, math dtype."""
+
+    loss: torch.Tensor
+    logps: torch.Tensor
+    nll: torch.Tensor
 
 
 @dataclass

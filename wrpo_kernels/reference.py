@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .head_inputs import HeadInputs
 from .metrics import preference_metrics
-from .objective import PreferenceSpec
-from .output import WRPOOutput
+from .objective import PreferenceSpec, math_dtype
+from .output import FusedLoss, WRPOOutput
 from .packing import segment_sum, sequence_ids
 from .totals import OWN_COUNTS, Totals
 
@@ -45,17 +46,15 @@ def linear_logprobs(hidden, weight, labels, cu_seqlens, *, reduction="sum", igno
     return sums / counts
 
 
-def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths, num_groups=None):
+def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths, groups=None):
     """(loss, metrics) from [B, K] log-probs, by the formulas of docs/method.md §3, with plain autograd.
     Summed log-probs (``spec.logp_reduction="sum"``) are divided by ``lengths`` for simpo and ipo.
 
-    loss = sum of group losses / ``num_groups`` (default B: the mean)."""
+    loss = sum of group losses / ``groups`` (``Totals.groups``; default B: the mean)."""
     C, beta = spec.num_chosen, spec.beta
-    # the arithmetic in fp32 (fp64 for fp64): bf16 log-probs upcast, token counts never rounded to bf16
-    md = torch.promote_types(logps.dtype, torch.float32)
+    md = math_dtype(logps.dtype)  # bf16 log-probs upcast, token counts never rounded to bf16
     s, s_ref = logps.to(md), None if ref_logps is None else ref_logps.to(md)
-    per_token = spec.logp_reduction == "mean" or spec.loss_type == "dpo"  # simpo, ipo: no / n on means
-    n = 1.0 if per_token else lengths.to(md)
+    n = lengths.to(md) if spec.divides_by_length else 1.0  # simpo, ipo on sums
     if spec.loss_type == "dpo":
         r = beta * (s - s_ref)
     elif spec.loss_type == "simpo":
@@ -69,7 +68,7 @@ def wrpo_loss(spec: PreferenceSpec, logps, ref_logps, lengths, num_groups=None):
     else:
         eps = spec.label_smoothing
         losses = -(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
-    loss = losses.mean() if num_groups is None else losses.sum() / num_groups
+    loss = losses.mean() if groups is None else losses.sum() / groups
     return loss, preference_metrics(spec, logps, r)
 
 
@@ -89,28 +88,36 @@ def fused_linear_wrpo_loss(
     """WRPO loss of packed groups, the naive way: full logits -> log-probs [B, K] -> loss (+ NLL).
 
     ``spec.logp_reduction="mean"``: the loss sees the sums over the token counts.
-    ``totals``: the denominators of the two means (None: this batch's groups and first-chosen tokens)."""
+    ``totals``: the denominators of the two means (None: this batch's groups and first-chosen tokens).
+    ``metrics["nll_loss"]``: the mean NLL over the first-chosen tokens, whatever ``nll_weight`` is."""
     K = spec.responses_per_prompt
     sums = linear_logprobs(hidden, weight, labels, cu_seqlens, ignore_index=ignore_index, **head).view(-1, K)
     seq = sequence_ids(cu_seqlens, labels.numel())
     lengths = segment_sum((labels != ignore_index).to(sums.dtype), seq, sums.numel()).view(-1, K)
-    logps = sums / lengths if spec.logp_reduction == "mean" else sums
+    logps = sums / lengths if spec.logps_are_means else sums
     loss, metrics = wrpo_loss(spec, logps, ref_logps, lengths, totals.groups)
+    nll_sum = -sums[:, 0].sum()
+    nll = nll_sum / lengths[:, 0].sum()
     if nll_weight:
-        nll_sum = -sums[:, 0].sum()
-        nll = nll_sum / lengths[:, 0].sum()
         loss = loss + nll_weight * (nll if totals.tokens is None else nll_sum / totals.tokens)
-        metrics["nll_loss"] = nll.detach()
+    metrics["nll_loss"] = nll.detach()
     return WRPOOutput(loss=loss, metrics=metrics, logps=logps.detach())
 
 
-def _head(opts) -> dict:
+def _head(x: HeadInputs) -> dict:
+    """The keywords of the naive functions above for ``x``'s head (bias and logit options)."""
+    opts = x.opts
     if opts.shard is not None:
         raise ValueError(
             "backend='reference' computes the whole head's logits: it takes a whole weight, not one sharded "
             "over the vocabulary (use backend='torch' or 'triton', or pass weight.full_tensor())"
         )
-    return {"ignore_index": opts.ignore_index, "softcap": opts.softcap, "temperature": opts.temperature}
+    return {
+        "bias": x.bias,
+        "ignore_index": opts.ignore_index,
+        "softcap": opts.softcap,
+        "temperature": opts.temperature,
+    }
 
 
 class ReferenceBackend:
@@ -120,34 +127,28 @@ class ReferenceBackend:
     name = "reference"
 
     @staticmethod
-    def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chunk_tokens):
-        return linear_logprobs(hidden, weight, labels, rows.cu, reduction=reduction, bias=bias, **_head(opts))
+    def linear_logprobs(x: HeadInputs, *, reduction, chunk_tokens):
+        return linear_logprobs(x.hidden, x.weight, x.labels, x.rows.cu, reduction=reduction, **_head(x))
 
     @staticmethod
-    def fused_linear_wrpo_loss(
-        spec,
-        hidden,
-        weight,
-        labels,
-        rows,
-        ref_logps,
-        *,
-        bias,
-        opts,
-        nll_weight,
-        chunk_tokens,
-        totals=OWN_COUNTS,
-    ):
+    def fused_linear_wrpo_loss(x: HeadInputs, *, spec, ref_logps, nll_weight, totals, chunk_tokens):
         out = fused_linear_wrpo_loss(
-            spec, hidden, weight, labels, rows.cu, ref_logps, nll_weight=nll_weight, totals=totals, bias=bias,
-            **_head(opts),
-        )  # fmt: skip
-        return out.loss, out.logps
+            spec,
+            x.hidden,
+            x.weight,
+            x.labels,
+            x.rows.cu,
+            ref_logps,
+            nll_weight=nll_weight,
+            totals=totals,
+            **_head(x),
+        )
+        return FusedLoss(out.loss, out.logps, out.metrics["nll_loss"])
 
     @staticmethod
-    def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, totals):
-        logps = linear_logprobs(hidden, weight, labels, rows.cu, bias=bias, **_head(opts))
-        tokens = sum(rows.counts_host) if totals.tokens is None else totals.tokens
+    def fused_linear_nll_loss(x: HeadInputs, *, totals, chunk_tokens):
+        logps = linear_logprobs(x.hidden, x.weight, x.labels, x.rows.cu, **_head(x))
+        tokens = sum(x.rows.counts_host) if totals.tokens is None else totals.tokens
         return -logps.sum() / tokens, logps.detach()
 
     @staticmethod

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .objective import math_dtype
+
 
 @dataclass(frozen=True)
 class VocabShard:
@@ -159,7 +161,7 @@ class VocabParallelRowOps:
         raw0 = None
         if for_grad and opts.softcap is not None:  # the soft cap's slope at column 0 (see grad)
             raw0 = hidden @ weight[0] if bias is None else hidden @ weight[0] + bias[0]
-            raw0 = raw0.to(torch.float64 if raw0.dtype == torch.float64 else torch.float32)
+            raw0 = raw0.to(math_dtype(raw0.dtype))
         return _ShardState(self.inner.logits(ws, hidden, weight, bias, opts, for_grad=for_grad), raw0)
 
     def _local_labels(self, st: _ShardState, safe):

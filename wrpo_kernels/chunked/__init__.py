@@ -4,12 +4,13 @@ A backend plugs in its row ops, an object of the :class:`RowOps` protocol (:mod:
 chunk's GEMM, per-row log-sum-exp and target logit, the in-place softmax gradient and the group loss.
 """
 
+from ..objective import math_dtype
 from .entry import on_labelled_rows, run_fused, run_logprobs, run_nll
 from .fused_loss import FusedLinearWRPOFunction, FusedPlan
 from .fused_nll import FusedLinearNLLFunction, NLLPlan
 from .grads import HeadGrads
 from .logprobs import LinearLogprobsFunction, LogprobPlan, reduce_token_logprobs
-from .options import HeadOptions, default_chunk_tokens, math_dtype
+from .options import HeadOptions, default_chunk_tokens
 from .preference_loss import PreferenceLossFunction
 from .row_ops import RowOps
 from .schedule import plan_group_chunks, row_tiles

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..objective import PreferenceSpec, token_span
+from ..objective import PreferenceSpec, math_dtype, token_span
 from ..once_differentiable import once_differentiable
-from ..totals import Totals
+from ..output import FusedLoss
+from ..totals import OWN_COUNTS, Totals
 from .grads import HeadGrads, save_grads, saved_grads
 from .logprobs import recompute_head_grads_
-from .options import HeadOptions, math_dtype
+from .options import HeadOptions
 from .row_ops import RowOps
 from .schedule import GroupChunk
 from .targets import Targets
@@ -34,7 +35,7 @@ class FusedPlan:
     chunk_tokens: int
     nll_weight: float
     ops: RowOps
-    totals: Totals = Totals()  # 0-dim tensors; None: B groups, this batch's first-chosen tokens
+    totals: Totals = OWN_COUNTS  # 0-dim tensors; None: B groups, this batch's first-chosen tokens
 
 
 def token_weights(spec: PreferenceSpec, t: Targets) -> torch.Tensor:
@@ -42,13 +43,13 @@ def token_weights(spec: PreferenceSpec, t: Targets) -> torch.Tensor:
 
     s_k = sum_t weight_t log p_t over sequence k's tokens, and dL/d(log p_t) = dL/ds_k * weight_t.
     """
-    if spec.logp_reduction == "sum":
+    if not spec.logps_are_means:
         return t.valid
     return t.valid / t.counts.to(t.valid.dtype)[t.seq]
 
 
 def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
-    """Returns the loss (0-dim), policy log-probs [B, K] and the gradients (:class:`HeadGrads`)."""
+    """-> (:class:`FusedLoss`: the loss, policy log-probs [B, K], this call's mean NLL; the gradients)."""
     spec, t, opts = plan.spec, plan.targets, plan.opts
     K = spec.responses_per_prompt
     S = t.counts.numel()
@@ -97,22 +98,24 @@ def fused_forward(hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
             )
 
     loss = group_losses.mean() if plan.totals.groups is None else group_losses.sum() / groups
+    first_chosen = (logps.view(B, K)[:, 0] * span).sum()  # their summed log-probs
     if plan.nll_weight:
-        loss = loss - nll_coef * (logps.view(B, K)[:, 0] * span).sum()
-    return loss, logps.view(B, K), grads
+        loss = loss - nll_coef * first_chosen
+    return FusedLoss(loss, logps.view(B, K), -first_chosen / lengths[:, 0].sum()), grads
 
 
 class FusedLinearWRPOFunction(torch.autograd.Function):
-    """hidden [N, H], weight [V, H], bias [V] | None -> (loss, logps [B, K] non-differentiable)."""
+    """hidden [N, H], weight [V, H], bias [V] | None -> (loss, logps [B, K], nll): :class:`FusedLoss`,
+    only the loss differentiable."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_logps, plan: FusedPlan, needs):
-        loss, logps, grads = fused_forward(hidden, weight, bias, ref_logps, plan, needs)
+        out, grads = fused_forward(hidden, weight, bias, ref_logps, plan, needs)
         save_grads(ctx, grads, weight, bias)
-        ctx.mark_non_differentiable(logps)
-        return loss, logps
+        ctx.mark_non_differentiable(out.logps, out.nll)
+        return tuple(out)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss, _grad_logps):
+    def backward(ctx, grad_loss, _grad_logps, _grad_nll):
         return *saved_grads(ctx, grad_loss, "fused_linear_wrpo_loss"), None, None, None

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..objective import math_dtype
 from ..once_differentiable import once_differentiable
 from ..packing import segment_sum
-from ..totals import Totals
+from ..totals import OWN_COUNTS, Totals
 from .grads import HeadGrads, save_grads, saved_grads
-from .options import HeadOptions, math_dtype
+from .options import HeadOptions
 from .row_ops import RowOps
 from .schedule import row_tiles
 from .targets import Targets
@@ -29,7 +30,7 @@ class NLLPlan:
     opts: HeadOptions
     chunk_tokens: int
     ops: RowOps
-    totals: Totals = Totals()  # tokens: the mean's denominator, 0-dim (None: this call's labelled rows)
+    totals: Totals = OWN_COUNTS  # tokens: the mean's denominator, 0-dim (None: this call's labelled rows)
 
 
 def fused_nll_forward(hidden, weight, bias, plan: NLLPlan, needs):

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from .options import math_dtype
+from ..objective import math_dtype
 
 
 def _has_fp32_out_gemm() -> bool:

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..objective import math_dtype
 from ..once_differentiable import once_differentiable
 from ..packing import segment_sum
 from .grads import HeadGrads
-from .options import HeadOptions, math_dtype
+from .options import HeadOptions
 from .row_ops import RowOps
 from .schedule import row_tiles
 from .targets import Targets

@@ -1,4 +1,4 @@
-"""How the head forms its logits, and the dtypes and chunk sizes the chunked backends work in."""
+"""How the head forms its logits, and the chunk sizes the chunked backends work in."""
 
 from __future__ import annotations
 
@@ -9,11 +9,6 @@ import torch
 
 if TYPE_CHECKING:
     from ..vocab_parallel import VocabShard
-
-
-def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64; everything else is accumulated in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def default_chunk_tokens(vocab: int, device: torch.device) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .options import math_dtype
+from ..objective import math_dtype
 
 
 @dataclass(frozen=True)

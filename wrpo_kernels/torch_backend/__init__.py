@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .. import native
 from ..chunked import PreferenceLossFunction, run_fused, run_logprobs, run_nll
-from ..totals import OWN_COUNTS
+from ..head_inputs import HeadInputs
 from .native_rows import NATIVE_ROW_OPS
 from .rows import TORCH_ROW_OPS
 
@@ -18,26 +18,21 @@ def row_ops(device):
     return NATIVE_ROW_OPS if native.row_kernels_enabled(device) else TORCH_ROW_OPS
 
 
-def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chunk_tokens):
-    """Log-probs of packed rows ([S] or [N]); ``rows``: the validated ``api.PackedRows``."""
-    ops = row_ops(hidden.device)
-    return run_logprobs(ops, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens)
+def linear_logprobs(x: HeadInputs, **options):
+    """Log-probs of packed rows ([S] or [N]), two-pass; ``options`` as :func:`~..chunked.run_logprobs`."""
+    return run_logprobs(row_ops(x.hidden.device), x, **options)
 
 
-def fused_linear_wrpo_loss(
-    spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens, totals=OWN_COUNTS
-):
-    """(loss, logps [B, K]) of packed groups in one pass over chunks of whole groups."""
-    ops = row_ops(hidden.device)
-    return run_fused(
-        ops, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens, totals
-    )
+def fused_linear_wrpo_loss(x: HeadInputs, **loss):
+    """``FusedLoss`` (loss, logps [B, K], nll) of packed groups in one pass over chunks of whole groups;
+    ``loss`` as :func:`~..chunked.run_fused`."""
+    return run_fused(row_ops(x.hidden.device), x, **loss)
 
 
-def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, totals):
-    """(mean NLL, log-probs [S]) of packed rows in one pass over row tiles."""
-    ops = row_ops(hidden.device)
-    return run_nll(ops, hidden, weight, labels, rows, bias, opts, chunk_tokens, totals)
+def fused_linear_nll_loss(x: HeadInputs, **loss):
+    """(mean NLL, log-probs [S]) of packed rows in one pass over row tiles; ``loss`` as
+    :func:`~..chunked.run_nll`."""
+    return run_nll(row_ops(x.hidden.device), x, **loss)
 
 
 def wrpo_loss(spec, logps, ref_logps, lengths):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..chunked.options import HeadOptions, math_dtype
+from ..chunked.options import HeadOptions
 from ..chunked.schedule import GroupChunk
-from ..objective import PreferenceSpec, group_loss_and_grad
+from ..objective import PreferenceSpec, group_loss_and_grad, math_dtype
 from ..packing import segment_sum
 
 

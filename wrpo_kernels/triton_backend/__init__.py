@@ -19,7 +19,7 @@ from ..chunked import (
     run_logprobs,
     run_nll,
 )
-from ..totals import OWN_COUNTS
+from ..head_inputs import HeadInputs
 from .forward_kernel import forward_token_logprobs
 from .loss_kernel import group_loss_from_logps
 from .ops import TRITON_ROW_OPS
@@ -34,39 +34,36 @@ def _check_dtype(dtype):
         )
 
 
-def linear_logprobs(hidden, weight, labels, rows, *, bias, opts, reduction, chunk_tokens):
+def linear_logprobs(x: HeadInputs, *, reduction: str, chunk_tokens: int | None):
     """Under no_grad (or with nothing to differentiate): the forward-only kernel; else, or for a head
     sharded over the vocabulary, two-pass chunks."""
-    _check_dtype(hidden.dtype)
+    _check_dtype(x.hidden.dtype)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
+        t is not None and t.requires_grad for t in (x.hidden, x.weight, x.bias)
     )
-    if needs_grad or opts.shard is not None:  # the forward-only kernel reads the whole vocabulary
-        return run_logprobs(TRITON_ROW_OPS, hidden, weight, labels, rows, bias, opts, reduction, chunk_tokens)
+    if needs_grad or x.opts.shard is not None:  # the forward-only kernel reads the whole vocabulary
+        return run_logprobs(TRITON_ROW_OPS, x, reduction=reduction, chunk_tokens=chunk_tokens)
 
     def forward_only(h, lab, r):
-        targets = Targets.build(lab, r, opts.ignore_index, h.dtype)
-        tok, _ = forward_token_logprobs(h, weight, bias, targets.safe, targets.valid, opts)
+        targets = Targets.build(lab, r, x.opts.ignore_index, h.dtype)
+        tok, _ = forward_token_logprobs(h, x.weight, x.bias, targets.safe, targets.valid, x.opts)
         return reduce_token_logprobs(tok, targets, reduction)
 
-    return on_labelled_rows(forward_only, hidden, labels, rows, opts, reduction)
+    return on_labelled_rows(forward_only, x, reduction)
 
 
-def fused_linear_wrpo_loss(
-    spec, hidden, weight, labels, rows, ref_logps, *, bias, opts, nll_weight, chunk_tokens, totals=OWN_COUNTS
-):
-    """(loss, logps [B, K]) in one pass over chunks of whole groups, row work in Triton kernels."""
-    _check_dtype(hidden.dtype)
-    return run_fused(
-        TRITON_ROW_OPS, spec, hidden, weight, labels, rows, ref_logps, bias, opts, nll_weight, chunk_tokens,
-        totals,
-    )  # fmt: skip
+def fused_linear_wrpo_loss(x: HeadInputs, **loss):
+    """``FusedLoss`` (loss, logps [B, K], nll) in one pass over chunks of whole groups, row work in
+    Triton kernels; ``loss`` as :func:`~..chunked.run_fused`."""
+    _check_dtype(x.hidden.dtype)
+    return run_fused(TRITON_ROW_OPS, x, **loss)
 
 
-def fused_linear_nll_loss(hidden, weight, labels, rows, *, bias, opts, chunk_tokens, totals):
-    """(mean NLL, log-probs [S]) in one pass over row tiles, row work in Triton kernels."""
-    _check_dtype(hidden.dtype)
-    return run_nll(TRITON_ROW_OPS, hidden, weight, labels, rows, bias, opts, chunk_tokens, totals)
+def fused_linear_nll_loss(x: HeadInputs, **loss):
+    """(mean NLL, log-probs [S]) in one pass over row tiles, row work in Triton kernels; ``loss`` as
+    :func:`~..chunked.run_nll`."""
+    _check_dtype(x.hidden.dtype)
+    return run_nll(TRITON_ROW_OPS, x, **loss)
 
 
 def wrpo_loss(spec, logps, ref_logps, lengths):

@@ -94,9 +94,8 @@ def _meta_batch(case: Case):
         cu, cu_host, sequence_ids(cu, N), torch.empty(2 * case.K, dtype=torch.int64, device=dev), lengths
     )
     spec = make_spec(
-        responses_per_prompt=case.K, num_chosen=case.num_chosen, alpha=0.1, chosen_weights=None,
-        loss_type=case.loss_type, beta=0.1, gamma=0.0, label_smoothing=0.0,
-    )  # fmt: skip
+        responses_per_prompt=case.K, num_chosen=case.num_chosen, loss_type=case.loss_type, beta=0.1
+    )
 
     def leaf(*shape):
         return torch.empty(*shape, dtype=dt, device=dev, requires_grad=True)
@@ -112,20 +111,21 @@ def record(case: Case, arch: int) -> list:
     """The launches the Triton backend makes for ``case`` on an sm_<arch> device."""
     from .. import triton_backend as tb
     from ..chunked import HeadOptions
+    from ..head_inputs import HeadInputs
+    from ..totals import OWN_COUNTS
     from .launch import recording
 
     spec, hidden, weight, bias, labels, rows, ref, group = _meta_batch(case)
-    opts = HeadOptions(-100, 30.0 if case.softcap else None, 1.0)
-    head = {"bias": bias, "opts": opts}
+    x = HeadInputs(hidden, weight, bias, labels, rows, HeadOptions(-100, 30.0 if case.softcap else None, 1.0))
     with recording(arch) as launches:
         # training: one chunk per group, and a budget below one group (two passes over row tiles)
         for chunk in (group, group // 2 + 1):
             tb.fused_linear_wrpo_loss(
-                spec, hidden, weight, labels, rows, ref, nll_weight=0.5, chunk_tokens=chunk, **head
+                x, spec=spec, ref_logps=ref, nll_weight=0.5, totals=OWN_COUNTS, chunk_tokens=chunk
             )
         with torch.no_grad():  # reference model: the forward-only kernel
-            tb.linear_logprobs(hidden, weight, labels, rows, reduction="sum", chunk_tokens=None, **head)
-        logps = tb.linear_logprobs(hidden, weight, labels, rows, reduction="sum", chunk_tokens=16, **head)
+            tb.linear_logprobs(x, reduction="sum", chunk_tokens=None)
+        logps = tb.linear_logprobs(x, reduction="sum", chunk_tokens=16)
         logps.sum().backward()  # two-pass: the backward recomputes the logits
         lengths = torch.empty(2, case.K, dtype=torch.float32, device="meta")
         policy = torch.empty(2, case.K, dtype=DTYPES[case.dtype], device="meta", requires_grad=True)
@@ -288,9 +288,14 @@ def _toolchain(archs) -> dict:
 
 
 RESULT_FIELDS = (
-    "registers", "spill_store_bytes", "spill_load_bytes", "stack_bytes", "shared_bytes",
-    "stride_params", "narrow_stride_products",
-)  # fmt: skip
+    "registers",
+    "spill_store_bytes",
+    "spill_load_bytes",
+    "stack_bytes",
+    "shared_bytes",
+    "stride_params",
+    "narrow_stride_products",
+)
 
 
 def build_report(archs=ARCHS, full=False, jobs=None, previous: dict | None = None, recheck: int = 1) -> dict:

@@ -36,8 +36,8 @@ class TritonRowOps:
         return None  # the grad kernel already writes dL/dlogits in the input dtype
 
     def group_loss(self, spec: PreferenceSpec, tok, targets, c: GroupChunk, ref, lengths):
-        # the kernel's n in c = beta / n (simpo), 1 / n (ipo): 1 when the per-sequence s are means
-        n = torch.ones_like(targets.counts) if spec.logp_reduction == "mean" else targets.counts
+        # the kernel's n in c = beta / n (simpo), 1 / n (ipo); 1 where the loss does not divide by it
+        n = targets.counts if spec.divides_by_length else torch.ones_like(targets.counts)
         return group_loss(spec, tok, targets.cu, n, ref, c.g0, c.g1)
 
 
