@@ -112,10 +112,3 @@ def mean_logit_metrics(
         "logits/chosen": sums[:, :C].sum() / counts[:, :C].sum(),
         "logits/rejected": sums[:, C:].sum() / counts[:, C:].sum(),
     }
-
-
-def dpo_reward_metrics(spec: PreferenceSpec, logps: torch.Tensor, ref_logps: torch.Tensor) -> dict:
-    """:func:`preference_metrics` with DPO's implicit reward ``r = beta (s - s_ref)`` whatever the loss
-    (TRL logs these for every loss type; ipo's own rewards differ). logps, ref_logps: [B, K]."""
-    logps = logps.detach()
-    return preference_metrics(spec, logps, spec.beta * (logps - ref_logps.to(logps.dtype)))

@@ -33,7 +33,7 @@ from trl.trainer.utils import use_adapter
 from wrpo.integrations.trl_data import LAYOUTS, detect_layout, expand_to_pairs, layout_message, regroup
 from wrpo.train.config import WRPOOptions, set_cpu_processes
 from wrpo.train.core import LossOptions, TrainerCore, reference_logps
-from wrpo_kernels.metrics import dpo_reward_metrics
+from wrpo_kernels.metrics import reward_metrics
 from wrpo_kernels.objective import make_spec
 
 logger = logging.getLogger(__name__)
@@ -202,18 +202,15 @@ class WRPODPOTrainer(TrainerCore, DPOTrainer):
         beta * (logps - ref_logps) for every loss type; so are ours here (ipo's own rewards differ)."""
         metrics = dict(out.metrics)
         options = self._loss_options
-        if options.loss_type == "ipo":
+        if options.loss_type == "ipo":  # the rewards of the same step's dpo spec
             spec = make_spec(
                 responses_per_prompt=inputs["responses_per_prompt"],
                 num_chosen=inputs["num_chosen"],
                 alpha=self.current_alpha(),
                 chosen_weights=options.chosen_weights,
-                loss_type="dpo",
                 beta=options.beta,
-                gamma=0.0,
-                label_smoothing=0.0,
             )
-            metrics.update(dpo_reward_metrics(spec, out.logps, ref))
+            metrics.update(reward_metrics(spec, out.logps, ref, lengths=None))
         return metrics
 
 
