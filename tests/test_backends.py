@@ -11,7 +11,7 @@ import wrpo_kernels as wk
 from wrpo_kernels import autoselect
 from wrpo_kernels.chunked import RowOps
 from wrpo_kernels.torch_backend.native_rows import NATIVE_ROW_OPS
-from wrpo_kernels.torch_backend.rows import TORCH_ROW_OPS
+from wrpo_kernels.torch_backend.torch_rows import TORCH_ROW_OPS
 from wrpo_kernels.triton_backend.ops import TRITON_ROW_OPS
 
 

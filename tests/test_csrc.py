@@ -22,7 +22,7 @@ from conftest import IGNORE, assert_rel_close, check_all_close, fused, make_batc
 import wrpo_kernels as wk
 from wrpo_kernels import native, torch_backend
 from wrpo_kernels.torch_backend.native_rows import NATIVE_ROW_OPS, padded_tokens
-from wrpo_kernels.torch_backend.rows import TORCH_ROW_OPS
+from wrpo_kernels.torch_backend.torch_rows import TORCH_ROW_OPS
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -2,7 +2,7 @@
 
 The schedule (:mod:`.fused_loss`, :mod:`.logprobs`) decides which rows share a buffer of logits and
 runs the GEMMs for the gradients; a backend supplies what happens inside one chunk: torch element-wise
-ops (``torch_backend.rows``), the native CPU kernels (``torch_backend.native_rows``) or the Triton
+ops (``torch_backend.torch_rows``), the native CPU kernels (``torch_backend.native_rows``) or the Triton
 kernels (``triton_backend.ops``).
 """
 

@@ -10,7 +10,7 @@ from .. import native
 from ..chunked import PreferenceLossFunction, run_fused, run_logprobs, run_nll
 from ..head_inputs import HeadInputs
 from .native_rows import NATIVE_ROW_OPS
-from .rows import TORCH_ROW_OPS
+from .torch_rows import TORCH_ROW_OPS
 
 
 def row_ops(device):

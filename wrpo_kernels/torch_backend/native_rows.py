@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..chunked.options import HeadOptions
-from .rows import TorchRowOps
+from .torch_rows import TorchRowOps
 
 
 def padded_tokens(n: int, itemsize: int) -> int:
