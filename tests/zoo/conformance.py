@@ -15,7 +15,8 @@ from unittest import mock
 
 import torch
 
-from wrpo import PreferenceCollator, model_loss, sequence_logps
+from wrpo import PreferenceCollator, sequence_logps
+from wrpo.model import losses as model_loss
 from wrpo.model.attention import NAME as SEGMENT_ATTENTION
 from wrpo.model.capabilities import read_capabilities
 from wrpo.model.layout import LAYOUTS, LayoutPlan, cannot_pack, prepare_layout
