@@ -1,11 +1,13 @@
-"""linear_logprobs: the chunked torch backend against the naive fp64 reference (docs/method.md §2, §6)."""
+"""linear_logprobs: odd shapes, padding, interface properties, memory and precision of the chunked torch
+backend (docs/method.md §2, §6); its parity with the fp64 reference on every backend is in
+tests/wrpo_kernels/parity/."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import IGNORE, assert_rel_close, largest_allocation, make_batch, max_rel_err, rel_norm_err
+from helpers import IGNORE, assert_rel_close, largest_allocation, make_batch, rel_norm_err
 
 from wrpo_kernels import LinearLogprobs, linear_logprobs
 
@@ -30,31 +32,6 @@ def check_all_close(ours, ref, tol, label=""):
             assert a is None, f"{label} {name}: expected no gradient"
             continue
         assert_rel_close(a, e, tol, f"{label} {name}")
-
-
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-@pytest.mark.parametrize("chunk_tokens", [1, 3, 7, None])
-@pytest.mark.parametrize(("V", "H", "with_bias"), [(37, 5, True), (101, 24, False), (2, 1, True)])
-def test_torch_backend_matches_fp64_reference(reduction, chunk_tokens, V, H, with_bias):
-    batch = make_batch(
-        B=2, K=3, H=H, V=V, seed=V + H, min_len=1, max_len=7, ignore_frac=0.3, with_bias=with_bias
-    )
-    ref = run(batch, "reference", reduction=reduction)
-    ours = run(batch, "torch", reduction=reduction, chunk_tokens=chunk_tokens)
-    check_all_close(ours, ref, TOL64, f"{reduction} chunk={chunk_tokens}")
-
-
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-@pytest.mark.parametrize(("softcap", "temperature"), [(2.0, 1.0), (None, 0.7), (1.5, 1.8)])
-@pytest.mark.parametrize("chunk_tokens", [3, None])
-def test_softcap_and_temperature_match_reference(reduction, softcap, temperature, chunk_tokens):
-    batch = make_batch(B=2, K=2, H=6, V=29, seed=7, max_len=6, ignore_frac=0.2, with_bias=True)
-    head = {"softcap": softcap, "temperature": temperature}
-    ref = run(batch, "reference", reduction=reduction, **head)
-    ours = run(batch, "torch", reduction=reduction, chunk_tokens=chunk_tokens, **head)
-    check_all_close(ours, ref, TOL64, f"softcap={softcap} T={temperature}")
-    plain = run(batch, "torch", reduction=reduction, chunk_tokens=chunk_tokens)
-    assert max_rel_err(ours[0], plain[0]) > 1e-6, "softcap/temperature had no effect"
 
 
 def test_reference_matches_cross_entropy():

@@ -1,4 +1,5 @@
-"""The Triton backend against the fp64 reference.
+"""The Triton backend: its kernels really launch, memory, precision, refusals (fp32 parity with the fp64
+reference: tests/wrpo_kernels/parity/).
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (fp32/fp16: the interpreter's
 tl.dot is wrong on bf16 operands). Tests marked ``gpu`` run bf16 and large vocabularies on CUDA.
@@ -13,10 +14,8 @@ from helpers import (
     fused,
     largest_allocation,
     make_batch,
-    max_rel_err,
     rel_norm_err,
     resolve_chunk,
-    same_size_groups,
 )
 
 import wrpo_kernels as wk
@@ -54,93 +53,10 @@ def assert_no_worse_than_naive(batch, dtype, **opts):
         assert err <= 1.5 * err_naive + 1e-3, f"{name}: triton {err:.2e} vs naive {err_naive:.2e}"
 
 
-@pytest.mark.parametrize("chunk", [None, "group", 4])
-@pytest.mark.parametrize(("K", "num_chosen"), [(2, 1), (3, 2), (4, 3), (4, 2)])
-@pytest.mark.parametrize("loss_type", ["dpo", "simpo", "ipo"])
-def test_fused_loss_fp32_matches_fp64_reference(loss_type, K, num_chosen, chunk):
-    B = 3
-    batch = on_device(
-        make_batch(B=B, K=K, H=20, V=67, seed=K + 7 * num_chosen, lengths=same_size_groups(B, K, seed=K),
-                   ignore_frac=0.2, with_bias=True)
-    )  # fmt: skip
-    opts = {"loss_type": loss_type, "num_chosen": num_chosen, "alpha": 0.3, "beta": 0.2}
-    ref = fused(batch, "reference", **opts)
-    ours = fused(batch, "triton", dtype=torch.float32, chunk_tokens=resolve_chunk(chunk, batch), **opts)
-    check_all_close(ours, ref, TOL32, f"{loss_type} K={K} C={num_chosen} chunk={chunk}")
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"loss_type": "dpo", "softcap": 2.0, "temperature": 0.7, "label_smoothing": 0.1},
-        {"loss_type": "simpo", "gamma": 0.4, "nll_weight": 0.5, "softcap": 1.5},
-        {"loss_type": "ipo", "temperature": 1.6, "chosen_weights": [0.8, 0.2]},
-    ],
-    ids=["dpo-softcap-temp-ls", "simpo-gamma-nll-softcap", "ipo-temp-weights"],
-)
-@pytest.mark.parametrize("chunk", [None, 3])
-def test_fused_loss_options_fp32(options, chunk):
-    batch = on_device(make_batch(B=2, K=3, H=9, V=300, seed=5, max_len=9, ignore_frac=0.3, with_bias=True))
-    ref = fused(batch, "reference", **options)
-    ours = fused(batch, "triton", dtype=torch.float32, chunk_tokens=chunk, **options)
-    check_all_close(ours, ref, TOL32, str(options))
-
-
 @pytest.mark.parametrize("loss_type", ["dpo", "simpo"])
 def test_fused_loss_fp16_error_no_worse_than_naive(loss_type):
     batch = on_device(make_batch(B=2, K=3, H=24, V=101, seed=3, max_len=12))
     assert_no_worse_than_naive(batch, torch.float16, loss_type=loss_type)
-
-
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-@pytest.mark.parametrize("grad", [True, False], ids=["two-pass", "forward-only"])
-@pytest.mark.parametrize(("N_seqs", "H", "V"), [(4, 20, 67), (30, 70, 300)])
-def test_linear_logprobs_fp32_matches_fp64_reference(reduction, grad, N_seqs, H, V):
-    """N, V and H larger than one tile of the forward kernel in each dimension (fp32: 32 x 64 x 32)."""
-    batch = on_device(
-        make_batch(B=N_seqs, K=1, H=H, V=V, seed=N_seqs, max_len=9, ignore_frac=0.2, with_bias=True)
-    )
-    opts = {"reduction": reduction, "softcap": 3.0, "temperature": 0.9}
-    cu = batch.cu_seqlens
-    h, w, b = batch.params(torch.float64)
-    expected = wk.linear_logprobs(h, w, batch.labels, cu, bias=b, backend="reference", **opts)
-    g = torch.randn(expected.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(
-        DEVICE
-    )
-    (expected * g).sum().backward()
-    h32, w32, b32 = batch.params(torch.float32, requires_grad=grad)
-    with torch.set_grad_enabled(grad):
-        got = wk.linear_logprobs(
-            h32, w32, batch.labels, cu, bias=b32, backend="triton", chunk_tokens=16, **opts
-        )
-    assert max_rel_err(got, expected.detach()) <= TOL32
-    if grad:
-        (got * g.float()).sum().backward()
-        for name, ours, theirs in (
-            ("dX", h32.grad, h.grad),
-            ("dW", w32.grad, w.grad),
-            ("db", b32.grad, b.grad),
-        ):
-            assert max_rel_err(ours, theirs) <= TOL32, name
-
-
-@pytest.mark.parametrize("loss_type", ["dpo", "simpo", "ipo"])
-@pytest.mark.parametrize(("K", "num_chosen"), [(2, 1), (3, 2), (4, 2)])
-def test_wrpo_loss_matches_reference(loss_type, K, num_chosen):
-    g = torch.Generator().manual_seed(K)
-    logps = (torch.randn(5, K, generator=g, dtype=torch.float64) * 3 - 40).to(DEVICE)
-    ref = (torch.randn(5, K, generator=g, dtype=torch.float64) * 3 - 40).to(DEVICE)
-    lengths = torch.randint(1, 30, (5, K), generator=g).to(DEVICE)
-    opts = {"num_chosen": num_chosen, "loss_type": loss_type, "beta": 0.3, "alpha": 0.2}
-    x = logps.clone().requires_grad_()
-    loss_ref, metrics_ref = wk.wrpo_loss(x, ref, lengths, backend="reference", **opts)
-    (grad_ref,) = torch.autograd.grad(loss_ref, x)
-    y = logps.float().requires_grad_()
-    loss, metrics = wk.wrpo_loss(y, ref.float(), lengths, backend="triton", **opts)
-    (grad,) = torch.autograd.grad(loss, y)
-    assert max_rel_err(loss, loss_ref) <= TOL32
-    assert max_rel_err(grad, grad_ref) <= TOL32
-    assert metrics.keys() == metrics_ref.keys()
 
 
 def _count_launches(monkeypatch):
