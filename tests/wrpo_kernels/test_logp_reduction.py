@@ -220,15 +220,15 @@ def test_unknown_logp_reduction_is_refused(batch):
 
 def test_preference_loss_forwards_the_option():
     """``wrpo.preference_loss(model, batch, logp_reduction="mean")`` = the model's own logits averaged."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from helpers.tiny_models import tiny_model
+
     import wrpo
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, attn_implementation="sdpa",
+    model = tiny_model(
+        "llama", vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, attn_implementation="sdpa",
     )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).double()
     g = torch.Generator().manual_seed(3)
 
     def ids(n):

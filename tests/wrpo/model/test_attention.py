@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers.tiny_models import tiny_model
+from transformers import LlamaForCausalLM
 
 from wrpo.data.collate import block_causal_mask
 from wrpo.model.attention import NAME, segment_attention, segment_bounds
@@ -23,12 +24,11 @@ def packed_positions(rows: list[list[int]]) -> torch.Tensor:
 
 
 def tiny_llama(impl: str, kv_heads: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, max_position_embeddings=256, tie_word_embeddings=False,
+    model = tiny_model(
+        "llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        tie_word_embeddings=False,
     )  # fmt: skip
-    model = LlamaForCausalLM(cfg).double()
     model.set_attn_implementation(impl)
     return model
 

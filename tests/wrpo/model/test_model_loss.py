@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from helpers.tiny_models import tiny_model
 
 from wrpo import head_transform, pack_groups, pad_groups, preference_loss, sequence_logps, sft_loss
 from wrpo.model.losses import causal_lm
@@ -26,23 +27,18 @@ SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_h
 # Packed rows equal the padded model up to the fp32 steps inside some models: Gemma 2 (no sdpa here)
 # takes the eager attention's softmax in fp32, Cohere its LayerNorm. The padded layout runs the very
 # same ops as the naive path and must agree to fp64 rounding.
-MODELS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {"attn_implementation": "sdpa"}),
-    "gemma2-softcap": ("Gemma2Config", "Gemma2ForCausalLM",
-                       {"final_logit_softcapping": 0.7, "attn_implementation": "eager"}),
-    "cohere-logit-scale": ("CohereConfig", "CohereForCausalLM",
-                           {"logit_scale": 3.5, "attn_implementation": "sdpa"}),
-    "granite-logits-scaling": ("GraniteConfig", "GraniteForCausalLM",
-                               {"logits_scaling": 0.4, "attn_implementation": "sdpa"}),
+MODELS = {  # name: (family of helpers.tiny_models, its options)
+    "llama": ("llama", {"attn_implementation": "sdpa"}),
+    "gemma2-softcap": ("gemma2", {"final_logit_softcapping": 0.7, "attn_implementation": "eager"}),
+    "cohere-logit-scale": ("cohere", {"logit_scale": 3.5, "attn_implementation": "sdpa"}),
+    "granite-logits-scaling": ("granite", {"logits_scaling": 0.4, "attn_implementation": "sdpa"}),
 }  # fmt: skip
 PACKED_TOL = {"gemma2-softcap": 1e-7, "cohere-logit-scale": 1e-7}
 
 
 def build(name, seed=0):
-    config_cls, model_cls, extra = MODELS[name]
-    torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**SMALL, **extra)
-    model = getattr(transformers, model_cls)(config).double()
+    family, extra = MODELS[name]
+    model = tiny_model(family, seed=seed, **SMALL, **extra)
     with torch.no_grad():  # heads initialised near 0 give near-uniform logits: spread them out
         model.get_output_embeddings().weight.mul_(30.0)
     return model
@@ -190,7 +186,7 @@ def test_wrappers_are_seen_through():
 @pytest.mark.parametrize("packing", [False, True])
 def test_unshifted_labels_are_refused(packing):
     """A collated batch whose labels were replaced by its input_ids (as transformers models take them)."""
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)).double()
+    model = tiny_model("llama", **SMALL)
     groups = [{"prompt_ids": [3, 4, 5], "responses": [[6, 7], [8], [9, 10, 11]], "num_chosen": 2}]
     batch = pack_groups(groups) if packing else pad_groups(groups, pad_token_id=0)
     ref_logps = torch.zeros(1, 3, dtype=torch.float64)

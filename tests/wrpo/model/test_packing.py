@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers.tiny_models import LLAMA_2x32, tiny_model
 
 from wrpo import preference_loss
 from wrpo.data.collate import IGNORE_INDEX, block_causal_mask, pack_groups, pad_groups, sequence_with_labels
@@ -39,11 +39,14 @@ def random_groups(B, K, vocab, seed):
 
 
 def tiny_llama(vocab=40, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      attn_implementation="sdpa")  # fmt: skip
-    return LlamaForCausalLM(cfg).double()
+    return tiny_model(
+        "llama",
+        seed=seed,
+        vocab_size=vocab,
+        **LLAMA_2x32,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
 
 
 def loss_and_grads(model, batch, loss_type):

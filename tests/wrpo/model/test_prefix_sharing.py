@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from helpers.tiny_models import tiny_model
 from transformers.models.gemma2 import modeling_gemma2
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
@@ -28,19 +28,14 @@ from wrpo.model.losses import body_hidden_states
 VOCAB = 45
 SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
          "num_attention_heads": 4, "head_dim": 8, "max_position_embeddings": 128}  # fmt: skip
-MODELS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 4}),
-    "qwen2-gqa": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
+MODELS = {  # name: (family of helpers.tiny_models, its options)
+    "llama": ("llama", {"num_key_value_heads": 4}),
+    "qwen2-gqa": ("qwen2", {"num_key_value_heads": 2}),
     # windows of 4 tokens, shorter than most sequences here: they reach back into the prompt or not
-    "mistral-window": (
-        "MistralConfig",
-        "MistralForCausalLM",
-        {"num_key_value_heads": 2, "sliding_window": 4},
-    ),
+    "mistral-window": ("mistral", {"num_key_value_heads": 2, "sliding_window": 4}),
     # alternating windowed and full layers, attention scores soft-capped at 2, logits at 0.7
     "gemma2-window-softcap": (
-        "Gemma2Config",
-        "Gemma2ForCausalLM",
+        "gemma2",
         {
             "num_key_value_heads": 2,
             "sliding_window": 3,
@@ -72,9 +67,8 @@ def full_precision_norms(monkeypatch):
 
 
 def build(name, impl=NAME, seed=0):
-    config_cls, model_cls, extra = MODELS[name]
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**SMALL, **extra)).double()
+    family, extra = MODELS[name]
+    model = tiny_model(family, seed=seed, **SMALL, **extra)
     model.set_attn_implementation(impl)
     with torch.no_grad():  # heads initialised near 0 give near-uniform logits: spread them out
         model.get_output_embeddings().weight.mul_(30.0)
