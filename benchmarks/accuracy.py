@@ -2,7 +2,7 @@
 
 For each dtype, both run on the same inputs rounded to that dtype; the error of each is measured
 against the fp64 reference on the fp64 inputs, as max |x - ref| / max |ref| over the loss, the
-[B, K] log-probs, dX, dW and dbias (Liger parity is checked in tests/test_liger_parity.py).
+[B, K] log-probs, dX, dW and dbias (Liger parity is checked in tests/wrpo_kernels/test_liger_parity.py).
 
     python benchmarks/accuracy.py --out benchmarks/results/accuracy_cpu.json
 """

@@ -118,7 +118,11 @@ def parse(argv=None):
             else str(ROOT / "benchmarks" / "results")
         )
     if args.tests is None:
-        args.tests = ["tests/test_triton_backend.py"] if args.tiny and args.device == "cpu" else ["tests"]
+        args.tests = (
+            ["tests/wrpo_kernels/triton/test_triton_backend.py"]
+            if args.tiny and args.device == "cpu"
+            else ["tests"]
+        )
     unknown = set(args.steps.split(",")) - set(STEPS)
     args.limits = {}
     for item in args.limit:

@@ -15,7 +15,7 @@ The report written with ``--out`` is also the cache of the next run: a variant w
 specialisation and toolchain (Triton, ptxas) are unchanged keeps its figures instead of being
 compiled again (a full compile takes ~70 s on 2 CPU cores), and the heaviest stored variant of each
 kernel and target is compiled again every run and must reproduce them. ``--fresh`` compiles all.
-tests/test_triton_compile.py runs this module and checks its report.
+tests/wrpo_kernels/triton/test_triton_compile.py runs this module and checks its report.
 """
 
 from __future__ import annotations
@@ -376,7 +376,8 @@ DESCRIPTION = (
     "Registers, spills (bytes), stack and shared memory (bytes) of every Triton kernel variant the "
     "backend launches, per target, from ptxas -v on kernels compiled ahead of time without a GPU. "
     "'cases' lists the configurations that launch a variant; 'hints' the arguments specialised as "
-    "divisible by 16. Written by tests/test_triton_compile.py (python -m wrpo_kernels.triton_backend.aot)."
+    "divisible by 16. Written by tests/wrpo_kernels/triton/test_triton_compile.py "
+    "(python -m wrpo_kernels.triton_backend.aot)."
 )
 
 

@@ -3,7 +3,7 @@
 A row (or vocabulary column) index times a row stride overflows int32 once the tensor holds more
 than 2^31 elements: a weight [V, H] with V = 262144 and H = 8256, or a chunk of logits [n, V] with
 n V > 2^31. Every such product in the kernels goes through :func:`wide_offset`;
-tests/test_triton_compile.py checks the compiled IR for any 32-bit product with a stride.
+tests/wrpo_kernels/triton/test_triton_compile.py checks the compiled IR for any 32-bit product with a stride.
 """
 
 from __future__ import annotations

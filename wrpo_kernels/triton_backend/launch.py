@@ -4,8 +4,8 @@ Every launcher of this package builds a :class:`Launch` (kernel, grid, runtime a
 warps, stages) and hands it to :func:`launch`. Inside :func:`recording` nothing runs: the launches are
 collected instead, for a chosen GPU architecture, from the very same launcher code run on ``meta``
 tensors. ``wrpo_kernels.triton_backend.aot`` compiles what it records for sm_80 and sm_90 without a
-GPU (tests/test_triton_compile.py), so no kernel, flag or tile choice the launchers can reach is
-left out of that check.
+GPU (tests/wrpo_kernels/triton/test_triton_compile.py), so no kernel, flag or tile choice the launchers
+can reach is left out of that check.
 """
 
 from __future__ import annotations

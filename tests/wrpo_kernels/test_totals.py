@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch
+from helpers import make_batch
 
 import wrpo_kernels as wk
 from wrpo_kernels import FusedLinearWRPOLoss, Totals, fused_linear_nll_loss, fused_linear_wrpo_loss
