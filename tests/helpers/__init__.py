@@ -1,7 +1,15 @@
 """Helpers shared by the tests (``from helpers import make_batch, ...``; ``tests/`` is on pytest's
 ``pythonpath``): random packed batches, error measures, the fused-loss runner."""
 
-from .batches import IGNORE, Batch, group_tokens, make_batch, resolve_chunk, same_size_groups
+from .batches import (
+    IGNORE,
+    Batch,
+    group_tokens,
+    make_batch,
+    preference_inputs,
+    resolve_chunk,
+    same_size_groups,
+)
 from .errors import assert_rel_close, largest_allocation, max_rel_err, rel_norm_err
 from .fused import check_all_close, fused
 
@@ -15,6 +23,7 @@ __all__ = [
     "largest_allocation",
     "make_batch",
     "max_rel_err",
+    "preference_inputs",
     "rel_norm_err",
     "resolve_chunk",
     "same_size_groups",

@@ -154,3 +154,12 @@ def resolve_chunk(chunk, batch):
     if chunk == "groups":
         return 2 * max(group_tokens(batch))
     return chunk
+
+
+def preference_inputs(B, K, seed):
+    """Plausible per-response log-probs: policy [B, K], ref [B, K] (fp64) and lengths [B, K] (int64)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 30, (B, K), generator=g)
+    ref = -lengths * 2.5 + torch.randn(B, K, generator=g, dtype=torch.float64)
+    policy = ref + torch.randn(B, K, generator=g, dtype=torch.float64) * 3
+    return policy, ref, lengths

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_rel_close, make_batch
+from helpers import assert_rel_close, make_batch, preference_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,15 +14,6 @@ TOL64 = 1e-10
 HYPOTHESIS = settings(
     max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
-
-
-def preference_inputs(B, K, seed):
-    """policy [B, K] (leaf), ref [B, K] (leaf), lengths [B, K] int64, all plausible."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 30, (B, K), generator=g)
-    ref = -lengths * 2.5 + torch.randn(B, K, generator=g, dtype=torch.float64)
-    policy = ref + torch.randn(B, K, generator=g, dtype=torch.float64) * 3
-    return policy, ref, lengths
 
 
 def run(backend, policy, ref, lengths, **opts):

@@ -7,21 +7,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import assert_rel_close
+from helpers import assert_rel_close, preference_inputs
 from helpers.backends import REFERENCE, TORCH, TRITON, cases
 
 from wrpo_kernels import wrpo_loss
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-4}  # fp32: Triton's kernel vs the fp64 reference
-
-
-def preference_inputs(B, K, seed):
-    """policy [B, K], ref [B, K], lengths [B, K] int64, all plausible."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 30, (B, K), generator=g)
-    ref = -lengths * 2.5 + torch.randn(B, K, generator=g, dtype=torch.float64)
-    policy = ref + torch.randn(B, K, generator=g, dtype=torch.float64) * 3
-    return policy, ref, lengths
 
 
 def far_inputs(B, K, seed):

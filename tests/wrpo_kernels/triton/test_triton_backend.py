@@ -85,7 +85,7 @@ def _count_launches(monkeypatch):
 
 def _forbid_torch_row_work(monkeypatch):
     """Make the torch backend's row work and loss raise, so that any fallback to it fails the test."""
-    from wrpo_kernels.torch_backend import rows
+    from wrpo_kernels.torch_backend import torch_rows as rows
 
     def boom(*args, **kwargs):
         raise AssertionError("the torch backend's row work ran under backend='triton'")

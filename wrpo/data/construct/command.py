@@ -83,6 +83,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def options_of(args: argparse.Namespace, names) -> dict:
+    """``{name: args.name}``: the keyword options a command passes on as they were parsed."""
+    return {name: getattr(args, name) for name in names}
+
+
 def run(args: argparse.Namespace) -> None:
     if args.command == "prompts":
         from wrpo.data.construct.prompts import extract_prompts
@@ -92,16 +97,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "sample":
         from wrpo.data.construct.sample import sample
 
-        options = {k: getattr(args, k) for k in ("n", "temperature", "top_p", "max_new_tokens", "batch_size")}
-        output, n = sample(
-            args.model,
-            args.input,
-            args.output,
-            model_name=args.model_name,
-            seed=args.seed,
-            device=args.device,
-            **options,
-        )
+        names = ("model_name", "seed", "device", "n", "temperature", "top_p", "max_new_tokens", "batch_size")
+        output, n = sample(args.model, args.input, args.output, **options_of(args, names))
         print(f"{n} prompts x {args.n} samples -> {output}")
     elif args.command == "score" and args.reward_fn:
         from wrpo.data.construct.reward_fn import score_with_function
@@ -111,14 +108,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "score":
         from wrpo.data.construct.score import score
 
-        n = score(
-            args.input,
-            args.reward_model,
-            args.output,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            device=args.device,
-        )
+        options = options_of(args, ("batch_size", "max_length", "device"))
+        n = score(args.input, args.reward_model, args.output, **options)
         print(f"{n} responses scored -> {args.output or args.input}")
     elif args.command == "build":
         from wrpo.data.construct.build import build
