@@ -282,8 +282,19 @@ def test_sweep_tiny_every_configuration_and_method_has_a_status(tmp_path):
     """benchmarks/sweep.py on its tiny grid, in this process: 4 layouts (two K = 4) x 2 token counts,
     and a second vocabulary; one row per configuration and method, each with a status."""
     out = tmp_path / "sweep_{device}.json"
-    code = sweep.main(["--device", "cpu", "--grid", "tiny", "--methods", ",".join(SWEEP_METHODS),
-                       "--bench-args=--memory-inproc", "--out", str(out)])  # fmt: skip
+    code = sweep.main(
+        [
+            "--device",
+            "cpu",
+            "--grid",
+            "tiny",
+            "--methods",
+            ",".join(SWEEP_METHODS),
+            "--bench-args=--memory-inproc",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     record = json.loads((tmp_path / "sweep_cpu.json").read_text())
     assert (tmp_path / "sweep_cpu.png").exists() and record["machine"]["device"].startswith("CPU")
@@ -312,12 +323,39 @@ def test_sweep_tiny_every_configuration_and_method_has_a_status(tmp_path):
 
 def test_sweep_predicts_over_cap_and_drops_compile_before_a_configuration():
     cli = sweep.parse(["--device", "cpu", "--grid", "cpu", "--time-budget", "100", "--mem-cap-gb", "4"])
-    small, big = ({"layout": "K3", "K": 3, "num_chosen": 2, "V": 32768, "H": 256, "B": 4, "T": n // 12,
-                   "tokens": n, "id": f"K3/N{n}"} for n in (3072, 12288))  # fmt: skip
-    measured = {"naive-eager": (1.2, 1147.0), "naive-compile": (0.9, 750.0), "wrpo-torch": (0.6, 213.0),
-                "trl-chunked": (1.5, 1500.0), "gemm-only": (0.5, None)}  # fmt: skip
-    record = {"rows": [{**sweep_grid.row_base(small), "method": m, "status": "ok", "median_ms": 1e3 * t,
-                        "peak_mem_mb": mem} for m, (t, mem) in measured.items()]}  # fmt: skip
+    small, big = (
+        {
+            "layout": "K3",
+            "K": 3,
+            "num_chosen": 2,
+            "V": 32768,
+            "H": 256,
+            "B": 4,
+            "T": n // 12,
+            "tokens": n,
+            "id": f"K3/N{n}",
+        }
+        for n in (3072, 12288)
+    )
+    measured = {
+        "naive-eager": (1.2, 1147.0),
+        "naive-compile": (0.9, 750.0),
+        "wrpo-torch": (0.6, 213.0),
+        "trl-chunked": (1.5, 1500.0),
+        "gemm-only": (0.5, None),
+    }
+    record = {
+        "rows": [
+            {
+                **sweep_grid.row_base(small),
+                "method": m,
+                "status": "ok",
+                "median_ms": 1e3 * t,
+                "peak_mem_mb": mem,
+            }
+            for m, (t, mem) in measured.items()
+        ]
+    }
     run_now, not_run = predictor.plan(record, big, cli.methods, cli)
     assert set(not_run) == {"naive-eager", "trl-chunked", "liger-dpo/k2"}  # 4.5 GiB, 5.9 GiB > 4; pairs only
     assert (
@@ -376,8 +414,25 @@ def test_train_step_methods_agree_on_the_first_loss(monkeypatch, arch):
 def test_sft_bench_methods_agree_and_write_their_record(tmp_path):
     """benchmarks/bench_sft.py on tiny shapes: the head methods equal the fp64 naive path, the two step
     methods give the same first loss, and the JSON record and plot are written."""
-    tiny = ["--S", "2", "--T", "12", "--prompt", "3", "--H", "16", "--V", "97", "--model-H", "64",
-            "--layers", "1", "--reps", "2", "--memory-inproc"]  # fmt: skip
+    tiny = [
+        "--S",
+        "2",
+        "--T",
+        "12",
+        "--prompt",
+        "3",
+        "--H",
+        "16",
+        "--V",
+        "97",
+        "--model-H",
+        "64",
+        "--layers",
+        "1",
+        "--reps",
+        "2",
+        "--memory-inproc",
+    ]
     args = bench_sft.parse_args(tiny)
     for method, errs in bench_sft.check_head(args).items():
         assert max(errs.values()) < 1e-5, (method, errs)

@@ -18,8 +18,15 @@ GROUPS, K, VOCAB = 4, 3, 40
 
 def build_model():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(cfg).double()
 
 
@@ -30,8 +37,15 @@ def global_batch():
         n = int(torch.randint(1, n_max, (1,), generator=g))
         return torch.randint(3, VOCAB, (n,), generator=g).tolist()
 
-    return [{"prompt_ids": ids(6), "responses": [ids(6) for _ in range(K)], "num_chosen": K - 1,
-             "ref_logps": (torch.randn(K, generator=g) - 15).tolist()} for _ in range(GROUPS)]  # fmt: skip
+    return [
+        {
+            "prompt_ids": ids(6),
+            "responses": [ids(6) for _ in range(K)],
+            "num_chosen": K - 1,
+            "ref_logps": (torch.randn(K, generator=g) - 15).tolist(),
+        }
+        for _ in range(GROUPS)
+    ]
 
 
 def step_loss(model, groups):

@@ -37,9 +37,13 @@ def probe(initialize, path: Path):
         out = initialize(*args, **kwargs)
         engine = out[0]
         params = list(engine.module.parameters())
-        info = {"zero_stage": engine.zero_optimization_stage(), "world_size": engine.world_size,
-                "distributed_type": str(AcceleratorState().distributed_type), "parameters": len(params),
-                "partitioned": sum(1 for p in params if hasattr(p, "ds_id") and p.numel() == 0)}  # fmt: skip
+        info = {
+            "zero_stage": engine.zero_optimization_stage(),
+            "world_size": engine.world_size,
+            "distributed_type": str(AcceleratorState().distributed_type),
+            "parameters": len(params),
+            "partitioned": sum(1 for p in params if hasattr(p, "ds_id") and p.numel() == 0),
+        }
         if engine.global_rank == 0:
             path.write_text(json.dumps(info))
         return out

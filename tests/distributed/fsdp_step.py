@@ -41,9 +41,17 @@ CASES = {
 
 def build_model(attn: str, tied: bool, vocab: int = VOCAB) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tied, attn_implementation=attn)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        attn_implementation=attn,
+    )
     model = LlamaForCausalLM(cfg).double()
     if tied != (model.lm_head.weight is model.model.embed_tokens.weight):
         raise AssertionError(f"tie_word_embeddings={tied} but the head and the embedding are not (un)tied")
@@ -57,9 +65,15 @@ def global_groups(vocab: int = VOCAB) -> list[dict]:
     def ids(lo, hi):
         return torch.randint(3, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
 
-    return [{"prompt_ids": ids(2, 7), "responses": [ids(1, 7) for _ in range(K)], "num_chosen": K - 1,
-             "ref_logps": (torch.randn(K, generator=g) * 2 - 15).tolist()}
-            for _ in range(GROUPS)]  # fmt: skip
+    return [
+        {
+            "prompt_ids": ids(2, 7),
+            "responses": [ids(1, 7) for _ in range(K)],
+            "num_chosen": K - 1,
+            "ref_logps": (torch.randn(K, generator=g) * 2 - 15).tolist(),
+        }
+        for _ in range(GROUPS)
+    ]
 
 
 def rank_groups(rank: int, world: int = WORLD) -> list[dict]:
@@ -138,8 +152,14 @@ def negative_control(rank: int, world: int, mesh) -> dict:
     batch = pack_groups(rank_groups(rank, world))
     hidden = torch.randn(batch["labels"].numel(), weight.shape[-1], dtype=torch.float64)
     try:
-        fused_linear_wrpo_loss(hidden, weight, batch["labels"].reshape(-1), batch["cu_seqlens"],
-                               ref_logps=batch["ref_logps"].double(), **OPTIONS)  # fmt: skip
+        fused_linear_wrpo_loss(
+            hidden,
+            weight,
+            batch["labels"].reshape(-1),
+            batch["cu_seqlens"],
+            ref_logps=batch["ref_logps"].double(),
+            **OPTIONS,
+        )
         error = None
     except Exception as e:  # the parent checks the type
         error = (type(e).__name__, str(e))
@@ -151,8 +171,13 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
 
     def cases() -> dict:
         mesh = init_device_mesh("cpu", (world,))

@@ -25,9 +25,22 @@ def launch_two(*args) -> list[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # --multi_gpu starts the processes through torchrun; on a machine without GPUs they use gloo on the CPU
-    return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-            *args]  # fmt: skip
+    return [
+        ACCELERATE,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *args,
+    ]
 
 
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
@@ -59,10 +72,31 @@ def test_trainer_metrics_are_averaged_over_processes(tmp_path):
     """
     data = tmp_path / "four.jsonl"
     data.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:4]))
-    common = ["train", "--dataset", str(data), "--max_steps", "2", "--logging_steps", "1",
-              "--report_to", "none", "--eval_rows", "0", "--beta", "0.1", "--alpha", "0.1",
-              "--alpha_schedule", "constant",
-              "--learning_rate", "1e-3", "--warmup_steps", "0", "--disable_tqdm", "true"]  # fmt: skip
+    common = [
+        "train",
+        "--dataset",
+        str(data),
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--eval_rows",
+        "0",
+        "--beta",
+        "0.1",
+        "--alpha",
+        "0.1",
+        "--alpha_schedule",
+        "constant",
+        "--learning_rate",
+        "1e-3",
+        "--warmup_steps",
+        "0",
+        "--disable_tqdm",
+        "true",
+    ]
     launch = launch_two("-m", "wrpo.cli")
     runs = {
         "two": [*launch, *common, "--per_device_train_batch_size", "2"],
@@ -73,13 +107,14 @@ def test_trainer_metrics_are_averaged_over_processes(tmp_path):
             "1",
             "--gradient_accumulation_steps",
             "2",
-        ],  # fmt: skip
+        ],
         "one": [sys.executable, "-m", "wrpo.cli", *common, "--per_device_train_batch_size", "4"],
     }
     logs = {}
     for name, cmd in runs.items():
-        run = subprocess.run([*cmd, "--output_dir", str(tmp_path / name)], capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+        run = subprocess.run(
+            [*cmd, "--output_dir", str(tmp_path / name)], capture_output=True, text=True, timeout=300
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         state = json.loads((tmp_path / name / "trainer_state.json").read_text())
         logs[name] = [e for e in state["log_history"] if "loss" in e and "train_runtime" not in e]
@@ -91,6 +126,13 @@ def test_trainer_metrics_are_averaged_over_processes(tmp_path):
             for name in ("loss", "grad_norm"):
                 assert a[name] == pytest.approx(b[name], rel=1e-5), (run, a["step"], name)
         a, b = logs[run][1], one[1]
-        for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                     "logps/chosen", "logps/rejected", "cur_alpha"):  # fmt: skip
+        for name in (
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logps/rejected",
+            "cur_alpha",
+        ):
             assert a[name] == pytest.approx(b[name], rel=1e-3, abs=1e-6), (run, name)

@@ -72,18 +72,51 @@ if os.environ.get("WRPO_TEST_RECORD_RESUME"):
 
 
 def _launch(out: Path, log: Path, hook: Path, extra: list[str] = (), **env) -> subprocess.Popen:
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "examples/accelerate/zero3.yaml"),
-           "--mixed_precision", "no", "--main_process_port", str(free_port()),
-           str(ROOT / "tests/distributed/ds_cpu_launch.py"), "train", "--max_steps", str(STEPS),
-           "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1",
-           "--learning_rate", "1e-3", "--warmup_steps", "0", "--eval_rows", "0", "--seed", "3",
-           "--report_to", "none", "--disable_tqdm", "true", "--per_device_train_batch_size", "1",
-           "--gradient_accumulation_steps", "2", "--output_dir", str(out), *extra]  # fmt: skip
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / "examples/accelerate/zero3.yaml"),
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "tests/distributed/ds_cpu_launch.py"),
+        "train",
+        "--max_steps",
+        str(STEPS),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--warmup_steps",
+        "0",
+        "--eval_rows",
+        "0",
+        "--seed",
+        "3",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--per_device_train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
     path = os.pathsep.join(filter(None, [str(hook), str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **env}
     with open(log, "w") as fh:  # a session of its own: pytest is never in a killed group
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _wait(p: subprocess.Popen, log: Path) -> int:
@@ -132,8 +165,13 @@ def test_zero3_killed_and_resumed_logs_what_the_uninterrupted_run_logs(tmp_path)
     mtimes = {name: (ckpt / name).stat().st_mtime_ns for name in recorded}
 
     record = tmp_path / "resumed_from"
-    p = _launch(killed, tmp_path / "resumed.log", hook, ["--resume_from_checkpoint", "true"],
-                WRPO_TEST_RECORD_RESUME=str(record))  # fmt: skip
+    p = _launch(
+        killed,
+        tmp_path / "resumed.log",
+        hook,
+        ["--resume_from_checkpoint", "true"],
+        WRPO_TEST_RECORD_RESUME=str(record),
+    )
     assert _wait(p, tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()[-5000:]
     assert "Traceback" not in (tmp_path / "resumed.log").read_text()
     for rank in (0, 1):
@@ -155,5 +193,7 @@ def test_zero3_killed_and_resumed_logs_what_the_uninterrupted_run_logs(tmp_path)
     assert wa.keys() == wb.keys()
     weights = max(((wa[k] - wb[k]).abs().max() / wb[k].abs().max().clamp_min(1e-12)).item() for k in wb)
     assert weights <= TOL
-    print(f"ZeRO-3 resumed from checkpoint-2 vs uninterrupted, steps 3-4, max relative differences {worst}; "
-          f"final weights {weights}")  # fmt: skip
+    print(
+        f"ZeRO-3 resumed from checkpoint-2 vs uninterrupted, steps 3-4, max relative differences {worst}; "
+        f"final weights {weights}"
+    )

@@ -26,9 +26,28 @@ from log_parity import assert_logs_match, free_port
 pytest.importorskip("deepspeed")
 ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-COMMON = ["--max_steps", "2", "--gradient_accumulation_steps", "2", "--logging_steps", "1",
-          "--learning_rate", "1e-3", "--warmup_steps", "0", "--report_to", "none", "--eval_rows", "0",
-          "--seed", "3", "--beta", "0.1", "--disable_tqdm", "true"]  # fmt: skip
+COMMON = [
+    "--max_steps",
+    "2",
+    "--gradient_accumulation_steps",
+    "2",
+    "--logging_steps",
+    "1",
+    "--learning_rate",
+    "1e-3",
+    "--warmup_steps",
+    "0",
+    "--report_to",
+    "none",
+    "--eval_rows",
+    "0",
+    "--seed",
+    "3",
+    "--beta",
+    "0.1",
+    "--disable_tqdm",
+    "true",
+]
 # warmup 0: the first update moves the policy, so step 2's rewards are not all 0
 TIMEOUT = 240
 BETA = 0.1  # the bundled tiny default's, given explicitly
@@ -47,8 +66,17 @@ def one_process(tmp_path_factory):
     def logged(command: str) -> list[dict]:
         if command not in runs:
             out = tmp_path_factory.mktemp(f"one-{command}")
-            cmd = [sys.executable, "-m", "wrpo.cli", command, *COMMON, "--per_device_train_batch_size", "2",
-                   "--output_dir", str(out)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "wrpo.cli",
+                command,
+                *COMMON,
+                "--per_device_train_batch_size",
+                "2",
+                "--output_dir",
+                str(out),
+            ]
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
             assert run.returncode == 0, run.stderr[-3000:]
             runs[command] = logged_steps(out)
@@ -61,10 +89,23 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize(("command", "stage"), [("train", 3), ("train", 2), ("sft", 3)])
 def test_zero_two_processes_match_one(command, stage, one_process, tmp_path):
     out, probe = tmp_path / "out", tmp_path / "engine.json"
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / f"examples/accelerate/zero{stage}.yaml"),
-           "--mixed_precision", "no", "--main_process_port", str(free_port()),
-           str(ROOT / "tests/distributed/ds_cpu_launch.py"), command, *COMMON,
-           "--per_device_train_batch_size", "1", "--output_dir", str(out)]  # fmt: skip
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / f"examples/accelerate/zero{stage}.yaml"),
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "tests/distributed/ds_cpu_launch.py"),
+        command,
+        *COMMON,
+        "--per_device_train_batch_size",
+        "1",
+        "--output_dir",
+        str(out),
+    ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WRPO_DS_PROBE": str(probe)}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
     assert run.returncode == 0, run.stderr[-5000:]

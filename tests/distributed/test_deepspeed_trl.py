@@ -56,9 +56,21 @@ def zero3(model_dir, tmp_path_factory) -> Path:
     if ACCELERATE is None:
         pytest.skip("accelerate's launcher is not installed")
     out = tmp_path_factory.mktemp("zero3")
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "examples/accelerate/zero3.yaml"),
-           "--mixed_precision", "no", "--main_process_port", str(free_port()), str(SCRIPT),
-           str(model_dir), str(out), "1", *VARIANTS]  # fmt: skip
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / "examples/accelerate/zero3.yaml"),
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(SCRIPT),
+        str(model_dir),
+        str(out),
+        "1",
+        *VARIANTS,
+    ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
     assert run.returncode == 0, run.stderr[-5000:]

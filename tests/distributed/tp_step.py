@@ -64,10 +64,20 @@ FUNCTIONAL = {
     "dpo": ("fused", {}, None, True, "torch"),
     "dpo_cut": ("fused", {}, 4, True, "torch"),
     "dpo_no_bias_groups": ("fused", {}, 16, False, "torch"),
-    "simpo_mean": ("fused", {"loss_type": "simpo", "nll_weight": 0.3, "logp_reduction": "mean"}, 16, True,
-                   "torch"),
-    "ipo_counts": ("fused", {"loss_type": "ipo", "num_groups": 5, "num_nll_tokens": 7, "nll_weight": 0.1}, 4,
-                   True, "torch"),
+    "simpo_mean": (
+        "fused",
+        {"loss_type": "simpo", "nll_weight": 0.3, "logp_reduction": "mean"},
+        16,
+        True,
+        "torch",
+    ),
+    "ipo_counts": (
+        "fused",
+        {"loss_type": "ipo", "num_groups": 5, "num_nll_tokens": 7, "nll_weight": 0.1},
+        4,
+        True,
+        "torch",
+    ),
     "softcap_temperature": ("fused", {"softcap": 2.0, "temperature": 0.7}, None, True, "torch"),
     "softcap_temperature_cut": ("fused", {"softcap": 2.0, "temperature": 0.7}, 4, True, "torch"),
     "smoothing_gamma": ("fused", {"label_smoothing": 0.1, "gamma": 0.2}, 16, True, "torch"),
@@ -82,7 +92,7 @@ FUNCTIONAL = {
     "triton_logprobs": ("logprobs", {}, 3, True, "triton"),
     "triton_logprobs_no_grad": ("logprobs_no_grad", {}, None, True, "triton"),
     "triton_nll": ("nll", {}, 4, True, "triton"),
-}  # fmt: skip
+}
 
 COMM_VOCABS = (41, 4001)  # the same tokens (labels < 41) and chunk_tokens, two vocabularies
 COMM_CHUNKS = (4, 16)
@@ -268,21 +278,34 @@ def refusals(mesh, rank: int) -> dict:
     fsdp_head, fsdp_batch = fsdp_head_outside_forward(mesh, rank)
     calls = {
         "shard1": lambda: wk.fused_linear_wrpo_loss(
-            h, distribute_tensor(w.detach(), mesh, [Shard(1)]), batch.labels, batch.cu_seqlens,
-            ref_logps=batch.ref_logps, backend="torch"),
+            h,
+            distribute_tensor(w.detach(), mesh, [Shard(1)]),
+            batch.labels,
+            batch.cu_seqlens,
+            ref_logps=batch.ref_logps,
+            backend="torch",
+        ),
         "different_labels": lambda: wk.fused_linear_wrpo_loss(
-            h, row, labels, batch.cu_seqlens, ref_logps=batch.ref_logps, backend="torch"),
+            h, row, labels, batch.cu_seqlens, ref_logps=batch.ref_logps, backend="torch"
+        ),
         "different_labels_logprobs": lambda: wk.linear_logprobs(
-            h, row, labels, batch.cu_seqlens, backend="torch"),
+            h, row, labels, batch.cu_seqlens, backend="torch"
+        ),
         "fsdp_outside_forward": lambda: wk.fused_linear_wrpo_loss(
-            torch.randn(fsdp_batch["labels"].numel(), fsdp_head.shape[1], dtype=torch.float64), fsdp_head,
-            fsdp_batch["labels"].reshape(-1), fsdp_batch["cu_seqlens"],
-            ref_logps=fsdp_batch["ref_logps"].double(), backend="torch"),
+            torch.randn(fsdp_batch["labels"].numel(), fsdp_head.shape[1], dtype=torch.float64),
+            fsdp_head,
+            fsdp_batch["labels"].reshape(-1),
+            fsdp_batch["cu_seqlens"],
+            ref_logps=fsdp_batch["ref_logps"].double(),
+            backend="torch",
+        ),
         "reference": lambda: wk.fused_linear_wrpo_loss(
-            h, row, batch.labels, batch.cu_seqlens, ref_logps=batch.ref_logps, backend="reference"),
+            h, row, batch.labels, batch.cu_seqlens, ref_logps=batch.ref_logps, backend="reference"
+        ),
         "bias_not_sharded": lambda: wk.fused_linear_wrpo_loss(
-            h, row, batch.labels, batch.cu_seqlens, bias=b, ref_logps=batch.ref_logps, backend="torch"),
-    }  # fmt: skip
+            h, row, batch.labels, batch.cu_seqlens, bias=b, ref_logps=batch.ref_logps, backend="torch"
+        ),
+    }
     out = {}
     for name, call in calls.items():
         try:
@@ -358,9 +381,16 @@ def communication(mesh) -> dict:
             w = distribute_tensor(w.detach(), mesh, [Shard(0)]).requires_grad_(True)
             b = distribute_tensor(b.detach(), mesh, [Shard(0)]).requires_grad_(True)
             with CollectiveLog() as fwd:
-                res = wk.fused_linear_wrpo_loss(h, w, batch.labels, batch.cu_seqlens, bias=b,
-                                                ref_logps=batch.ref_logps, backend="torch",
-                                                chunk_tokens=chunk)  # fmt: skip
+                res = wk.fused_linear_wrpo_loss(
+                    h,
+                    w,
+                    batch.labels,
+                    batch.cu_seqlens,
+                    bias=b,
+                    ref_logps=batch.ref_logps,
+                    backend="torch",
+                    chunk_tokens=chunk,
+                )
             with CollectiveLog() as bwd:
                 res.loss.backward()
             out[(vocab, chunk)] = {
@@ -377,8 +407,13 @@ def communication(mesh) -> dict:
 def rank_main(rank: int, cases, world: int, port: int, out_dir: str) -> None:
     """Joins the gloo group, runs ``cases(rank)`` and rank 0 writes its results ``OUT_DIR/<name>.pt``."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
     finish_rank(rank, lambda: cases(rank), out_dir)
 
 
@@ -388,8 +423,13 @@ def tp_cases(rank: int) -> dict:
     mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
     results = {f"model_{case}": model_case(case, mesh) for case in MODEL_CASES}
     triton = triton_available()
-    results.update({f"functional_{name}": functional_case(name, mesh) for name, spec in FUNCTIONAL.items()
-                    if spec[4] != "triton" or triton})  # fmt: skip
+    results.update(
+        {
+            f"functional_{name}": functional_case(name, mesh)
+            for name, spec in FUNCTIONAL.items()
+            if spec[4] != "triton" or triton
+        }
+    )
     results["untied"] = untied_by_colwise(mesh)
     results["refusals"] = refusals(mesh, rank)
     results["communication"] = communication(mesh)
@@ -442,8 +482,13 @@ class HeadSeen:
 
         def vocab_shard(weight, bias):
             mesh = getattr(weight, "device_mesh", None)
-            self.weights.append((type(weight).__name__, str(getattr(weight, "placements", None)),
-                                 None if mesh is None else mesh.mesh_dim_names))  # fmt: skip
+            self.weights.append(
+                (
+                    type(weight).__name__,
+                    str(getattr(weight, "placements", None)),
+                    None if mesh is None else mesh.mesh_dim_names,
+                )
+            )
             return self.real(weight, bias)
 
         api.vocab_shard = vocab_shard
@@ -466,8 +511,14 @@ def mesh_control(mesh) -> dict:
     batch = pack_groups(global_groups())
     hidden = torch.randn(batch["labels"].numel(), weight.shape[1], dtype=torch.float64)
     try:
-        wk.fused_linear_wrpo_loss(hidden, weight, batch["labels"].reshape(-1), batch["cu_seqlens"],
-                                  ref_logps=batch["ref_logps"].double(), backend="torch")  # fmt: skip
+        wk.fused_linear_wrpo_loss(
+            hidden,
+            weight,
+            batch["labels"].reshape(-1),
+            batch["cu_seqlens"],
+            ref_logps=batch["ref_logps"].double(),
+            backend="torch",
+        )
         error = None
     except Exception as e:
         error = (type(e).__name__, str(e))

@@ -41,7 +41,7 @@ def pairs(n: int = 16) -> datasets.Dataset:
                 "rejected": text(r["rejected"][0]),
             }
             for r in rows
-        ]  # fmt: skip
+        ]
     )
 
 
@@ -53,24 +53,41 @@ def engine_info(engine) -> dict | None:
     if not isinstance(engine, DeepSpeedEngine):
         return None
     params = [p for p in engine.module.parameters() if hasattr(p, "ds_id")]  # ZeRO-3's
-    return {"zero_stage": engine.zero_optimization_stage(), "world_size": engine.world_size,
-            "zero3_parameters": len(params),  # those held as a shard (the smallest stay whole):
-            "partitioned": sum(1 for p in params if p.ds_tensor.numel() < p.ds_numel)}  # fmt: skip
+    return {
+        "zero_stage": engine.zero_optimization_stage(),
+        "world_size": engine.world_size,
+        "zero3_parameters": len(params),  # those held as a shard (the smallest stay whole):
+        "partitioned": sum(1 for p in params if p.ds_tensor.numel() < p.ds_numel),
+    }
 
 
 def train(model_dir: str, out_dir: str, variant: str, batch: int) -> None:
     args = WRPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=2, max_steps=2,
-        logging_steps=1, learning_rate=5e-3, warmup_steps=0, report_to=[], seed=3, beta=0.5,
-        save_strategy="no", disable_tqdm=True, bf16=False, gradient_checkpointing=False,
+        output_dir=out_dir,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        logging_steps=1,
+        learning_rate=5e-3,
+        warmup_steps=0,
+        report_to=[],
+        seed=3,
+        beta=0.5,
+        save_strategy="no",
+        disable_tqdm=True,
+        bf16=False,
+        gradient_checkpointing=False,
         precompute_ref_log_probs=variant == "precompute",
-    )  # fmt: skip
+    )
     # after the config: under ZeRO-3 (zero3_init_flag) transformers loads it partitioned (zero.Init)
     ref_model = AutoModelForCausalLM.from_pretrained(model_dir) if variant == "ref_model" else None
     trainer = WRPOTrainer(
-        model_dir, ref_model=ref_model, args=args, train_dataset=pairs(),
+        model_dir,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=pairs(),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
-    )  # fmt: skip
+    )
     trainer.train()
     if trainer.accelerator.is_main_process:
         steps = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]

@@ -113,8 +113,14 @@ def unregistered_head_control(rank: int, world: int) -> str | None:
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    env = {"DS_ACCELERATOR": "cpu", "RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world,
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
+    env = {
+        "DS_ACCELERATOR": "cpu",
+        "RANK": rank,
+        "LOCAL_RANK": rank,
+        "WORLD_SIZE": world,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+    }
     os.environ.update({k: str(v) for k, v in env.items()})
     torch.set_num_threads(1)
     import deepspeed

@@ -95,12 +95,25 @@ def test_t_quantiles_and_intervals():
 
 def test_report_pairs_wrpo_with_dpo_per_seed_and_lists_every_seed():
     def run(dpo, wrpo):
-        acc = {"target-sft-dpo": dpo, "target-sft-wrpo": wrpo, "target-sft-wrpo-beta0.5": wrpo,
-               "target-sft-dpo-beta0.5": dpo - 0.1}  # fmt: skip
+        acc = {
+            "target-sft-dpo": dpo,
+            "target-sft-wrpo": wrpo,
+            "target-sft-wrpo-beta0.5": wrpo,
+            "target-sft-dpo-beta0.5": dpo - 0.1,
+        }
         methods = {k: {"accuracy": v, "by_family": {"addsub": v}} for k, v in acc.items()}
-        return {"methods": methods, "data": {}, "preference_stats": {"offered": 4, "kept": 2,
-                "ws_correct": 1, "wt_correct": 1, "ws_correct_wt_wrong": 1,
-                "ws_correct_wt_wrong_fraction": 0.5}}  # fmt: skip
+        return {
+            "methods": methods,
+            "data": {},
+            "preference_stats": {
+                "offered": 4,
+                "kept": 2,
+                "ws_correct": 1,
+                "wt_correct": 1,
+                "ws_correct_wt_wrong": 1,
+                "ws_correct_wt_wrong_fraction": 0.5,
+            },
+        }
 
     results = report.collect([run(0.2, 0.3), run(0.4, 0.4), run(0.1, 0.3)], {"seeds": [3, 5, 7]})
     paired = results["paired"]
@@ -124,8 +137,10 @@ def test_every_job_runs_with_the_configured_threads_whatever_parallel_is(tmp_pat
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_id": str(i), "prompt": f"q{i}"}) + "\n" for i in range(6)))
-    jobs = {f"split{i}": ["data", "split", "--input", str(prompts), "--out-dir", str(tmp_path / f"s{i}")]
-            for i in range(2)}  # fmt: skip
+    jobs = {
+        f"split{i}": ["data", "split", "--input", str(prompts), "--out-dir", str(tmp_path / f"s{i}")]
+        for i in range(2)
+    }
     before = torch.get_num_threads()
     with tqdm(total=2, disable=True) as bar:
         run_wrpo(jobs, tmp_path / "logs", bar, parallel=parallel, threads=threads)

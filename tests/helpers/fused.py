@@ -13,9 +13,17 @@ def fused(batch, backend, *, dtype=None, chunk_tokens=None, ref="BK", grad=True,
     ref_logps = None if ref is None else (batch.ref_logps if ref == "BK" else batch.ref_logps.reshape(-1))
     kw = {} if backend == "reference" else {"chunk_tokens": chunk_tokens}
     out = fused_linear_wrpo_loss(
-        h, w, batch.labels, batch.cu_seqlens, bias=b, ref_logps=ref_logps, responses_per_prompt=batch.K,
-        backend=backend, **opts, **kw,
-    )  # fmt: skip
+        h,
+        w,
+        batch.labels,
+        batch.cu_seqlens,
+        bias=b,
+        ref_logps=ref_logps,
+        responses_per_prompt=batch.K,
+        backend=backend,
+        **opts,
+        **kw,
+    )
     if grad:
         (out.loss * upstream).backward()
     return {

@@ -21,8 +21,13 @@ FAMILIES = {
 }
 
 # the two-layer Llama most tests train or compare: 32 wide, 4 query and 2 key/value heads
-LLAMA_2x32 = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2}  # fmt: skip
+LLAMA_2x32 = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def tiny_model(family: str, *, seed: int = 0, **config) -> transformers.PreTrainedModel:

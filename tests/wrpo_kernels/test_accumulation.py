@@ -40,9 +40,17 @@ def _run(batch, splits, backend, *, counts, **opts):
         h = h.clone().requires_grad_(True)
         kw = {"num_groups": counts[0], "num_nll_tokens": counts[1]} if counts else {}
         out = fused_linear_wrpo_loss(
-            h, w, labels, cu, bias=bias, ref_logps=ref, responses_per_prompt=batch.K, backend=backend,
-            **kw, **opts,
-        )  # fmt: skip
+            h,
+            w,
+            labels,
+            cu,
+            bias=bias,
+            ref_logps=ref,
+            responses_per_prompt=batch.K,
+            backend=backend,
+            **kw,
+            **opts,
+        )
         out.loss.backward()
         total = total + out.loss.detach()
         dX.append(h.grad)
@@ -79,8 +87,9 @@ def test_tensor_counts_equal_number_counts():
     batch = make_batch(B=4, K=3, H=7, V=23, seed=4, with_bias=True)
     counts = (batch.B, _first_chosen_tokens(batch))
     as_numbers = _run(batch, [0, 3, 4], "torch", counts=counts, **OPTIONS["dpo_nll"])
-    as_tensors = _run(batch, [0, 3, 4], "torch", counts=tuple(torch.tensor(c) for c in counts),
-                      **OPTIONS["dpo_nll"])  # fmt: skip
+    as_tensors = _run(
+        batch, [0, 3, 4], "torch", counts=tuple(torch.tensor(c) for c in counts), **OPTIONS["dpo_nll"]
+    )
     for a, b in zip(as_numbers, as_tensors, strict=True):
         assert torch.equal(a, b)
 
@@ -90,9 +99,14 @@ def test_bad_counts_are_refused(bad):
     batch = make_batch(B=2, K=3)
     with pytest.raises(ValueError, match="num_groups"):
         fused_linear_wrpo_loss(
-            batch.hidden, batch.weight, batch.labels, batch.cu_seqlens, ref_logps=batch.ref_logps,
-            num_groups=bad, backend="torch",
-        )  # fmt: skip
+            batch.hidden,
+            batch.weight,
+            batch.labels,
+            batch.cu_seqlens,
+            ref_logps=batch.ref_logps,
+            num_groups=bad,
+            backend="torch",
+        )
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
@@ -100,10 +114,18 @@ def test_bad_counts_are_refused(bad):
 def test_mean_logit_metrics_match_the_full_logits(backend, K, num_chosen):
     batch = make_batch(B=3, K=K, H=6, V=31, seed=K, ignore_frac=0.3, with_bias=True)
     out = fused_linear_wrpo_loss(
-        batch.hidden, batch.weight, batch.labels, batch.cu_seqlens, bias=batch.bias,
-        ref_logps=batch.ref_logps, responses_per_prompt=K, num_chosen=num_chosen, backend=backend,
-        softcap=2.0, temperature=0.7,  # raw logits: neither changes the metric
-    )  # fmt: skip
+        batch.hidden,
+        batch.weight,
+        batch.labels,
+        batch.cu_seqlens,
+        bias=batch.bias,
+        ref_logps=batch.ref_logps,
+        responses_per_prompt=K,
+        num_chosen=num_chosen,
+        backend=backend,
+        softcap=2.0,
+        temperature=0.7,  # raw logits: neither changes the metric
+    )
     logits = batch.hidden @ batch.weight.T + batch.bias  # [N, V], fp64
     seq = torch.repeat_interleave(torch.arange(batch.S), batch.cu_seqlens.diff())
     valid = batch.labels != IGNORE
@@ -123,9 +145,15 @@ def test_autocast_does_not_change_the_fused_loss(backend):
         h, w, b = batch.params()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
             out = fused_linear_wrpo_loss(
-                h, w, batch.labels, batch.cu_seqlens, bias=b, ref_logps=batch.ref_logps, backend=backend,
+                h,
+                w,
+                batch.labels,
+                batch.cu_seqlens,
+                bias=b,
+                ref_logps=batch.ref_logps,
+                backend=backend,
                 **OPTIONS["dpo_nll"],
-            )  # fmt: skip
+            )
         out.loss.backward()
         return out.loss.detach(), h.grad, w.grad, b.grad
 
@@ -133,7 +161,11 @@ def test_autocast_does_not_change_the_fused_loss(backend):
         assert torch.equal(a, b)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 activation beside fp32 weights
         out = fused_linear_wrpo_loss(
-            batch.hidden.bfloat16(), batch.weight, batch.labels, batch.cu_seqlens, ref_logps=batch.ref_logps,
+            batch.hidden.bfloat16(),
+            batch.weight,
+            batch.labels,
+            batch.cu_seqlens,
+            ref_logps=batch.ref_logps,
             backend=backend,
-        )  # fmt: skip
+        )
     assert out.loss.dtype == torch.float32

@@ -78,6 +78,11 @@ def test_explicit_triton_never_falls_back(monkeypatch):
     x = torch.randn(6, 4)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run here"):
         fused_linear_wrpo_loss(
-            x, torch.randn(5, 4), torch.tensor([1, -100, 2, -100, 3, -100]), torch.tensor([0, 2, 4, 6]),
-            responses_per_prompt=3, ref_logps=torch.zeros(1, 3), backend="triton",
-        )  # fmt: skip
+            x,
+            torch.randn(5, 4),
+            torch.tensor([1, -100, 2, -100, 3, -100]),
+            torch.tensor([0, 2, 4, 6]),
+            responses_per_prompt=3,
+            ref_logps=torch.zeros(1, 3),
+            backend="triton",
+        )

@@ -44,7 +44,13 @@ def test_reference_backend_sees_every_row(monkeypatch):
 
     monkeypatch.setattr(autoselect.reference.BACKEND, "fused_linear_wrpo_loss", spy)
     wk.fused_linear_wrpo_loss(
-        batch.hidden, batch.weight, batch.labels, batch.cu_seqlens, responses_per_prompt=2, num_chosen=1,
-        ref_logps=batch.ref_logps, backend="reference",
-    )  # fmt: skip
+        batch.hidden,
+        batch.weight,
+        batch.labels,
+        batch.cu_seqlens,
+        responses_per_prompt=2,
+        num_chosen=1,
+        ref_logps=batch.ref_logps,
+        backend="reference",
+    )
     assert seen == [batch.N]

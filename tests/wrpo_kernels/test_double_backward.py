@@ -25,9 +25,16 @@ def batch():
 
 def fused_loss(batch, backend, h, w, b):
     return fused_linear_wrpo_loss(
-        h, w, batch.labels, batch.cu_seqlens, bias=b, ref_logps=batch.ref_logps, backend=backend,
-        beta=0.5, nll_weight=0.2,
-    ).loss  # fmt: skip
+        h,
+        w,
+        batch.labels,
+        batch.cu_seqlens,
+        bias=b,
+        ref_logps=batch.ref_logps,
+        backend=backend,
+        beta=0.5,
+        nll_weight=0.2,
+    ).loss
 
 
 def logprobs_loss(batch, backend, h, w, b):

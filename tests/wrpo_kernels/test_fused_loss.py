@@ -69,9 +69,15 @@ def test_chunk_budgets_exercise_the_intended_paths():
 def test_low_precision_error_no_worse_than_naive(dtype, slack, loss_type, chunk, softcap):
     B, K = 3, 3
     batch = make_batch(
-        B=B, K=K, H=24, V=101, seed=5, lengths=same_size_groups(B, K, seed=2, min_len=4, max_len=12),
-        ignore_frac=0.1, with_bias=True,
-    ).cast(dtype)  # fmt: skip
+        B=B,
+        K=K,
+        H=24,
+        V=101,
+        seed=5,
+        lengths=same_size_groups(B, K, seed=2, min_len=4, max_len=12),
+        ignore_frac=0.1,
+        with_bias=True,
+    ).cast(dtype)
     opts = {"loss_type": loss_type, "beta": 0.1, "alpha": 0.3, "softcap": softcap}
     truth = fused(batch, "reference", dtype=torch.float64, **opts)
     naive = fused(batch, "reference", **opts)
@@ -97,9 +103,16 @@ def test_gradient_matches_finite_differences_torch_backend():
 
         def f(h, w, b, chunk=chunk):
             return fused_linear_wrpo_loss(
-                h, w, batch.labels, batch.cu_seqlens, bias=b, ref_logps=batch.ref_logps, backend="torch",
-                chunk_tokens=chunk, **opts,
-            ).loss  # fmt: skip
+                h,
+                w,
+                batch.labels,
+                batch.cu_seqlens,
+                bias=b,
+                ref_logps=batch.ref_logps,
+                backend="torch",
+                chunk_tokens=chunk,
+                **opts,
+            ).loss
 
         f(h, w, b).backward()
         eps = 1e-6
@@ -188,9 +201,16 @@ def test_only_requested_gradients_are_computed(trainable):
     for name, t in (("hidden", h), ("weight", w), ("bias", b)):
         t.requires_grad_(name == trainable)
     out = fused_linear_wrpo_loss(
-        h, w, batch.labels, batch.cu_seqlens, bias=b, ref_logps=batch.ref_logps, beta=0.3, backend="torch",
+        h,
+        w,
+        batch.labels,
+        batch.cu_seqlens,
+        bias=b,
+        ref_logps=batch.ref_logps,
+        beta=0.3,
+        backend="torch",
         chunk_tokens=3,
-    )  # fmt: skip
+    )
     out.loss.backward()
     grads = {"hidden": h.grad, "weight": w.grad, "bias": b.grad}
     expected = {"hidden": ref["dX"], "weight": ref["dW"], "bias": ref["db"]}
@@ -355,9 +375,15 @@ def test_hand_computed_group(loss_type, backend):
         dldm = -sigmoid(-m)
     policy = torch.tensor([S_POL], dtype=torch.float64, requires_grad=True)
     loss, metrics = wrpo_loss(
-        policy, torch.tensor([S_REF], dtype=torch.float64), torch.tensor([N_TOK]), alpha=ALPHA,
-        loss_type=loss_type, beta=BETA, gamma=case["gamma"], backend=backend,
-    )  # fmt: skip
+        policy,
+        torch.tensor([S_REF], dtype=torch.float64),
+        torch.tensor([N_TOK]),
+        alpha=ALPHA,
+        loss_type=loss_type,
+        beta=BETA,
+        gamma=case["gamma"],
+        backend=backend,
+    )
     loss.backward()
     assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
     if loss_type == "ipo":
@@ -391,9 +417,13 @@ def test_hand_computed_group(loss_type, backend):
 def test_hand_computed_label_smoothing():
     eps, m = 0.1, HAND["dpo"]["m"]
     loss, _ = wrpo_loss(
-        torch.tensor([S_POL], dtype=torch.float64), torch.tensor([S_REF], dtype=torch.float64), None,
-        alpha=ALPHA, beta=BETA, label_smoothing=eps,
-    )  # fmt: skip
+        torch.tensor([S_POL], dtype=torch.float64),
+        torch.tensor([S_REF], dtype=torch.float64),
+        None,
+        alpha=ALPHA,
+        beta=BETA,
+        label_smoothing=eps,
+    )
     assert loss.item() == pytest.approx((1 - eps) * softplus(-m) + eps * softplus(m), rel=1e-12)
 
 

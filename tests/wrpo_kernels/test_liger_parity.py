@@ -42,9 +42,19 @@ def test_wrpo_endpoints_equal_liger_dpo(alpha, used, unused, backend):
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     out = fused_linear_wrpo_loss(
-        h.reshape(-1, H), w, labels.reshape(-1), cu, responses_per_prompt=3, num_chosen=2, alpha=alpha,
-        ref_logps=ref_logps, loss_type="dpo", beta=BETA, backend=backend, chunk_tokens=2 * 3 * T,
-    )  # fmt: skip
+        h.reshape(-1, H),
+        w,
+        labels.reshape(-1),
+        cu,
+        responses_per_prompt=3,
+        num_chosen=2,
+        alpha=alpha,
+        ref_logps=ref_logps,
+        loss_type="dpo",
+        beta=BETA,
+        backend=backend,
+        chunk_tokens=2 * 3 * T,
+    )
     out.loss.backward()
 
     # Liger: [2B, T, H], chosen rows first, then rejected; targets unshifted

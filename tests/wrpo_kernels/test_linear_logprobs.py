@@ -177,9 +177,15 @@ def test_module_equals_function(reduction):
     mod = LinearLogprobs(reduction=reduction, softcap=3.0, chunk_tokens=2)
     got = mod(batch.hidden, batch.weight, batch.labels, batch.cu_seqlens, bias=batch.bias)
     expected = linear_logprobs(
-        batch.hidden, batch.weight, batch.labels, batch.cu_seqlens, bias=batch.bias, reduction=reduction,
-        softcap=3.0, backend="reference",
-    )  # fmt: skip
+        batch.hidden,
+        batch.weight,
+        batch.labels,
+        batch.cu_seqlens,
+        bias=batch.bias,
+        reduction=reduction,
+        softcap=3.0,
+        backend="reference",
+    )
     assert_rel_close(got, expected, TOL64, "module")
 
 
@@ -263,8 +269,16 @@ def test_gradcheck_torch_backend(reduction, softcap):
 
     def fn(h, w, b):
         return linear_logprobs(
-            h, w, batch.labels, batch.cu_seqlens, bias=b, reduction=reduction, softcap=softcap,
-            temperature=0.9, backend="torch", chunk_tokens=2,
-        )  # fmt: skip
+            h,
+            w,
+            batch.labels,
+            batch.cu_seqlens,
+            bias=b,
+            reduction=reduction,
+            softcap=softcap,
+            temperature=0.9,
+            backend="torch",
+            chunk_tokens=2,
+        )
 
     assert torch.autograd.gradcheck(fn, (h, w, b), eps=1e-6, atol=1e-7, rtol=1e-5)

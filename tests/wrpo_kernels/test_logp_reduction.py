@@ -29,13 +29,27 @@ BACKENDS = [
 ]
 CASES = {
     "dpo": {"loss_type": "dpo", "beta": 0.7, "alpha": 0.3},
-    "dpo-smooth-gamma-nll-softcap": {"loss_type": "dpo", "beta": 0.9, "alpha": 0.2, "label_smoothing": 0.1,
-                                     "gamma": 0.3, "nll_weight": 0.4, "softcap": 2.5, "temperature": 0.8},
+    "dpo-smooth-gamma-nll-softcap": {
+        "loss_type": "dpo",
+        "beta": 0.9,
+        "alpha": 0.2,
+        "label_smoothing": 0.1,
+        "gamma": 0.3,
+        "nll_weight": 0.4,
+        "softcap": 2.5,
+        "temperature": 0.8,
+    },
     "simpo-gamma-nll": {"loss_type": "simpo", "beta": 2.0, "alpha": 0.4, "gamma": 0.5, "nll_weight": 0.3},
     "ipo-nll": {"loss_type": "ipo", "beta": 0.6, "alpha": 0.1, "nll_weight": 0.2},
-    "dpo-accumulation": {"loss_type": "dpo", "beta": 0.5, "alpha": 0.3, "nll_weight": 0.5,
-                         "num_groups": 5, "num_nll_tokens": 41},
-}  # fmt: skip
+    "dpo-accumulation": {
+        "loss_type": "dpo",
+        "beta": 0.5,
+        "alpha": 0.3,
+        "nll_weight": 0.5,
+        "num_groups": 5,
+        "num_nll_tokens": 41,
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +93,15 @@ def oracle(batch, opts):
     loss = losses.sum() / opts.get("num_groups", B)
     loss = loss - opts.get("nll_weight", 0.0) * sums[:, 0].sum() / opts.get("num_nll_tokens", first_tokens)
     loss.backward()
-    return {"loss": loss.detach(), "logps": mean.detach(), "rewards": r.detach(), "nll": nll.detach(),
-            "dX": h.grad, "dW": w.grad, "db": b.grad}  # fmt: skip
+    return {
+        "loss": loss.detach(),
+        "logps": mean.detach(),
+        "rewards": r.detach(),
+        "nll": nll.detach(),
+        "dX": h.grad,
+        "dW": w.grad,
+        "db": b.grad,
+    }
 
 
 def run(batch, backend, chunk_tokens=None, **opts):
@@ -171,9 +192,16 @@ def test_gradient_accumulation_adds_up_under_mean(batch):
         a, b = cu[g * K], cu[(g + 1) * K]
         cu_g = batch.cu_seqlens[g * K : (g + 1) * K + 1] - a
         part = wk.fused_linear_wrpo_loss(
-            batch.hidden[a:b], batch.weight, batch.labels[a:b], cu_g, bias=batch.bias,
-            ref_logps=ref[g : g + 1], num_groups=B, num_nll_tokens=counts[:, 0].sum(), **opts,
-        )  # fmt: skip
+            batch.hidden[a:b],
+            batch.weight,
+            batch.labels[a:b],
+            cu_g,
+            bias=batch.bias,
+            ref_logps=ref[g : g + 1],
+            num_groups=B,
+            num_nll_tokens=counts[:, 0].sum(),
+            **opts,
+        )
         total = total + part.loss
     assert_rel_close(total, whole.loss, 1e-12, "sum of micro-batch losses")
 
@@ -213,9 +241,13 @@ def test_module_takes_the_option(batch):
 def test_unknown_logp_reduction_is_refused(batch):
     with pytest.raises(ValueError, match=r"logp_reduction='avg' is not one of \('sum', 'mean'\)"):
         wk.fused_linear_wrpo_loss(
-            batch.hidden, batch.weight, batch.labels, batch.cu_seqlens, ref_logps=batch.ref_logps,
+            batch.hidden,
+            batch.weight,
+            batch.labels,
+            batch.cu_seqlens,
+            ref_logps=batch.ref_logps,
             logp_reduction="avg",
-        )  # fmt: skip
+        )
 
 
 def test_preference_loss_forwards_the_option():
@@ -226,16 +258,25 @@ def test_preference_loss_forwards_the_option():
     import wrpo
 
     model = tiny_model(
-        "llama", vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, attn_implementation="sdpa",
-    )  # fmt: skip
+        "llama",
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        attn_implementation="sdpa",
+    )
     g = torch.Generator().manual_seed(3)
 
     def ids(n):
         return torch.randint(3, 40, (n,), generator=g).tolist()
 
-    feats = [{"prompt_ids": ids(3), "responses": [ids(k + 1) for k in (4, 0, 2)], "num_chosen": 2}
-             for _ in range(2)]  # fmt: skip
+    feats = [
+        {"prompt_ids": ids(3), "responses": [ids(k + 1) for k in (4, 0, 2)], "num_chosen": 2}
+        for _ in range(2)
+    ]
     padded = wrpo.pad_groups(feats, pad_token_id=0)
     logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
     valid = padded["labels"] != IGNORE

@@ -74,10 +74,20 @@ ENTRY_POINTS = [call_fused, call_logprobs]
         (lambda b: {"cu_seqlens": b.cu_seqlens[None]}, r"cu_seqlens must be a 1-D integer tensor"),
     ],
     ids=[
-        "H-mismatch", "dtype-mismatch", "bias-shape", "bias-dtype", "labels-shape", "float-labels",
-        "int-hidden", "1d-hidden", "cu-not-from-0", "cu-not-to-N", "float-cu", "2d-cu",
+        "H-mismatch",
+        "dtype-mismatch",
+        "bias-shape",
+        "bias-dtype",
+        "labels-shape",
+        "float-labels",
+        "int-hidden",
+        "1d-hidden",
+        "cu-not-from-0",
+        "cu-not-to-N",
+        "float-cu",
+        "2d-cu",
     ],
-)  # fmt: skip
+)
 def test_bad_head_inputs_raise(call, make_bad, match, batch):
     with pytest.raises(ValueError, match=match):
         call(batch, **make_bad(batch))
@@ -107,9 +117,12 @@ def test_unshifted_labels_are_refused_with_the_shift(call, batch):
     cu = batch.cu_seqlens.tolist()
     labels = batch.labels.clone()
     labels[cu[4] - 1] = 3  # the last position of sequence 3
-    with pytest.raises(ValueError, match=rf"labels\[{cu[4] - 1}\] = 3 is the last position of sequence 3 "
-                       r"(\(group 1, response 0 of 3, chosen\) )?and is labelled: the labels look unshifted.*"
-                       r"labels\[t\] = input_ids\[t\+1\]"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"labels\[{cu[4] - 1}\] = 3 is the last position of sequence 3 "
+        r"(\(group 1, response 0 of 3, chosen\) )?and is labelled: the labels look unshifted.*"
+        r"labels\[t\] = input_ids\[t\+1\]",
+    ):
         call(batch, labels=labels)
 
 
@@ -230,10 +243,18 @@ def test_unknown_backend_raises_in_wrpo_loss(batch):
         ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
     ],
     ids=[
-        "loss_type", "num_chosen-high", "num_chosen-0", "weights-short", "weights-long", "weights-sum",
-        "ipo-smoothing", "smoothing-0.5", "beta-0", "alpha-1.5",
+        "loss_type",
+        "num_chosen-high",
+        "num_chosen-0",
+        "weights-short",
+        "weights-long",
+        "weights-sum",
+        "ipo-smoothing",
+        "smoothing-0.5",
+        "beta-0",
+        "alpha-1.5",
     ],
-)  # fmt: skip
+)
 def test_bad_loss_options_raise(options, match, batch):
     with pytest.raises(ValueError, match=match):
         call_fused(batch, **options)
@@ -330,9 +351,14 @@ def test_fused_module_equals_function(batch):
         batch.hidden, batch.weight, batch.labels, batch.cu_seqlens, ref_logps=batch.ref_logps, bias=batch.bias
     )
     expected = fused_linear_wrpo_loss(
-        batch.hidden, batch.weight, batch.labels, batch.cu_seqlens, ref_logps=batch.ref_logps,
-        bias=batch.bias, **opts,
-    )  # fmt: skip
+        batch.hidden,
+        batch.weight,
+        batch.labels,
+        batch.cu_seqlens,
+        ref_logps=batch.ref_logps,
+        bias=batch.bias,
+        **opts,
+    )
     assert torch.equal(got.loss, expected.loss)
     assert torch.equal(got.logps, expected.logps)
     assert set(got.metrics) == set(expected.metrics)

@@ -125,9 +125,15 @@ def fused_settings(draw):
 @given(cfg=fused_settings())
 def test_randomized_fused_loss_matches_reference(cfg):
     batch = make_batch(
-        B=cfg["B"], K=cfg["K"], H=cfg["H"], V=cfg["V"], seed=cfg["seed"], max_len=cfg["max_len"],
-        ignore_frac=cfg["ignore_frac"], with_bias=cfg["with_bias"],
-    )  # fmt: skip
+        B=cfg["B"],
+        K=cfg["K"],
+        H=cfg["H"],
+        V=cfg["V"],
+        seed=cfg["seed"],
+        max_len=cfg["max_len"],
+        ignore_frac=cfg["ignore_frac"],
+        with_bias=cfg["with_bias"],
+    )
     assert batch.N <= 60
     opts = dict(cfg["opts"], softcap=cfg["softcap"], temperature=cfg["temperature"])
     opts["responses_per_prompt"] = cfg["K"]

@@ -6,8 +6,12 @@ from collections import Counter
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "models.md"
-NAMES = {"padded": "padded", "packed": "packed (1 row)", "packed_rows": "packed (row/group)",
-         "shared_prefix": "shared prefix"}  # fmt: skip
+NAMES = {
+    "padded": "padded",
+    "packed": "packed (1 row)",
+    "packed_rows": "packed (row/group)",
+    "shared_prefix": "shared prefix",
+}
 
 
 def short(status: str) -> str:

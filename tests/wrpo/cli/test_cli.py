@@ -12,19 +12,52 @@ from wrpo.cli.main import main
 from wrpo.train.tiny import SAMPLE_DATA
 
 METRICS = [
-    "loss", "rewards/chosen", "rewards/source_chosen", "rewards/target_chosen", "rewards/rejected",
-    "rewards/accuracies", "rewards/source_accuracies", "rewards/pivot_accuracies", "rewards/margins",
-    "logps/chosen", "logps/source_chosen", "logps/target_chosen", "logps/rejected", "cur_alpha",
-    "logits/chosen", "logits/rejected",
-]  # fmt: skip
+    "loss",
+    "rewards/chosen",
+    "rewards/source_chosen",
+    "rewards/target_chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/source_accuracies",
+    "rewards/pivot_accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/source_chosen",
+    "logps/target_chosen",
+    "logps/rejected",
+    "cur_alpha",
+    "logits/chosen",
+    "logits/rejected",
+]
 
 
 def test_train_logs_every_metric_and_alpha_rises_as_the_official_schedule(tmp_path):
     out = tmp_path / "D"
-    code = main(["train", "--dataset", str(SAMPLE_DATA), "--output_dir", str(out), "--max_steps", "6",
-                 "--alpha", "0.1", "--alpha_schedule", "linear", "--beta", "0.1",
-                 "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
-                 "--eval_rows", "0"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--dataset",
+            str(SAMPLE_DATA),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "6",
+            "--alpha",
+            "0.1",
+            "--alpha_schedule",
+            "linear",
+            "--beta",
+            "0.1",
+            "--per_device_train_batch_size",
+            "2",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--eval_rows",
+            "0",
+        ]
+    )
     assert code == 0
     logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert [e["step"] for e in logs] == [1, 2, 3, 4, 5, 6]
@@ -102,9 +135,23 @@ def test_precomputed_reference_logps_train_like_on_the_fly(tmp_path):
     losses = {}
     for flag in ("True", "False"):
         out = tmp_path / flag
-        code = main(["train", "--output_dir", str(out), "--max_steps", "3", "--logging_steps", "1",
-                     "--eval_rows", "0", "--precompute_ref_logps", flag,
-                     "--ref_logps_cache", str(tmp_path / "cache")])  # fmt: skip
+        code = main(
+            [
+                "train",
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "3",
+                "--logging_steps",
+                "1",
+                "--eval_rows",
+                "0",
+                "--precompute_ref_logps",
+                flag,
+                "--ref_logps_cache",
+                str(tmp_path / "cache"),
+            ]
+        )
         assert code == 0
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         losses[flag] = [e["loss"] for e in history if "loss" in e]
@@ -117,8 +164,19 @@ def test_precomputed_reference_logps_are_cached_on_disk(tmp_path, monkeypatch):
     from wrpo.train import stage as pipeline
 
     cache = tmp_path / "cache"
-    args = ["train", "--max_steps", "1", "--eval_rows", "4", "--precompute_ref_logps", "true",
-            "--ref_logps_cache", str(cache), "--dataset", str(SAMPLE_DATA)]  # fmt: skip
+    args = [
+        "train",
+        "--max_steps",
+        "1",
+        "--eval_rows",
+        "4",
+        "--precompute_ref_logps",
+        "true",
+        "--ref_logps_cache",
+        str(cache),
+        "--dataset",
+        str(SAMPLE_DATA),
+    ]
     assert main([*args, "--output_dir", str(tmp_path / "a")]) == 0
     files = sorted(cache.glob("ref_logps-*.safetensors"))
     assert len(files) == 2  # train and eval rows
@@ -192,8 +250,17 @@ def test_effective_config_counts_epoch_steps_like_the_trainer(tmp_path):
     from wrpo.cli.main import stage_config
     from wrpo.train.effective_config import updates_per_epoch
 
-    config = stage_config("train", ["--output_dir", str(tmp_path), "--per_device_train_batch_size", "7",
-                                    "--gradient_accumulation_steps", "3"])  # fmt: skip
+    config = stage_config(
+        "train",
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--per_device_train_batch_size",
+            "7",
+            "--gradient_accumulation_steps",
+            "3",
+        ],
+    )
     assert updates_per_epoch(config, 540) == 26  # 78 batches of <= 7 rows, 3 per optimizer step
     config.dataloader_drop_last = True
     assert updates_per_epoch(config, 540) == 26 and updates_per_epoch(config, 20) == 1

@@ -22,16 +22,38 @@ def test_max_length_alone_trains_with_the_papers_prompt_share(tmp_path):
     """Only --max_length set (below the old fixed 1800-token prompt default): trains, prompts cut to
     1800/2048 of it."""
     out = tmp_path / "o"
-    code = main(["train", "--dataset", str(_rows(tmp_path)), "--max_length", "1024", "--max_steps", "1",
-                 "--output_dir", str(out), "--report_to", "none"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--dataset",
+            str(_rows(tmp_path)),
+            "--max_length",
+            "1024",
+            "--max_steps",
+            "1",
+            "--output_dir",
+            str(out),
+            "--report_to",
+            "none",
+        ]
+    )
     assert code == 0 and json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
     assert prompt_limit(1024) == 900 and prompt_limit(2048) == 1800 and prompt_limit(2) == 1
 
 
 @pytest.mark.parametrize("prompt", ["1024", "2000", "0"])
 def test_a_bad_length_pair_is_one_line_naming_both_flags(tmp_path, capsys, prompt):
-    args = ["train", "--dataset", str(_rows(tmp_path)), "--max_length", "1024", "--max_prompt_length", prompt,
-            "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    args = [
+        "train",
+        "--dataset",
+        str(_rows(tmp_path)),
+        "--max_length",
+        "1024",
+        "--max_prompt_length",
+        prompt,
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -53,9 +75,11 @@ def test_a_two_message_chosen_says_which_reading_was_used_and_how_to_pick_the_ot
     pytest.importorskip("trl")
     from wrpo.integrations.trl_data import detect_layout, layout_message
 
-    row = {"prompt": [{"role": "user", "content": "q"}],
-           "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
-           "rejected": [{"role": "assistant", "content": "c"}]}  # fmt: skip
+    row = {
+        "prompt": [{"role": "user", "content": "q"}],
+        "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
+        "rejected": [{"role": "assistant", "content": "c"}],
+    }
     layout = detect_layout(row)
     message = layout_message("train", layout, "auto")
     assert layout == "alternatives" and "detected from its first row" in message
@@ -64,8 +88,17 @@ def test_a_two_message_chosen_says_which_reading_was_used_and_how_to_pick_the_ot
 
 
 def test_chosen_weights_that_do_not_fit_the_data_are_refused_when_it_is_read(tmp_path, capsys):
-    args = ["train", "--dataset", str(_rows(tmp_path)), "--chosen_weights", "0.2", "0.3", "0.5",
-            "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    args = [
+        "train",
+        "--dataset",
+        str(_rows(tmp_path)),
+        "--chosen_weights",
+        "0.2",
+        "0.3",
+        "0.5",
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--chosen_weights has 3 weights" in err and "2 chosen" in err

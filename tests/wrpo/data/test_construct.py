@@ -44,24 +44,33 @@ def run(capsys, *argv):
 # p1: ties everywhere; p2: all target scores equal; p3: one target sample; p4: no target row;
 # p5: no source row; p6: blank texts (ignored even with the best score); p7: a single source model.
 SOURCES = [
-    {"prompt_id": "p1", "prompt": "What is 1 + 1?",
-     "responses": [src("a", "a1", 1.0), src("b", "b1", 3.0), src("a", "a2", 3.0), src("b", "b2", 2.0)]},
+    {
+        "prompt_id": "p1",
+        "prompt": "What is 1 + 1?",
+        "responses": [src("a", "a1", 1.0), src("b", "b1", 3.0), src("a", "a2", 3.0), src("b", "b2", 2.0)],
+    },
     {"prompt_id": "p2", "prompt": "What is 2 + 2?", "responses": [src("a", "a", 1.0), src("b", "b", 0.0)]},
     {"prompt_id": "p3", "prompt": "What is 3 + 3?", "responses": [src("a", "a", 1.0), src("b", "b", 0.0)]},
     {"prompt_id": "p4", "prompt": "What is 4 + 4?", "responses": [src("a", "a", 1.0), src("b", "b", 0.0)]},
-    {"prompt_id": 6, "prompt": [{"role": "user", "content": "What is 6 + 6?"}],
-     "responses": [src("a", " ", 9.0), src("a", "a6", -1.0), src("b", "b6", -2.0)]},
+    {
+        "prompt_id": 6,
+        "prompt": [{"role": "user", "content": "What is 6 + 6?"}],
+        "responses": [src("a", " ", 9.0), src("a", "a6", -1.0), src("b", "b6", -2.0)],
+    },
     {"prompt_id": "p7", "prompt": "What is 7 + 7?", "responses": [src("a", "x", 0.5), src("a", "y", 0.7)]},
-]  # fmt: skip
+]
 TARGETS = [  # out of order, p4 missing, p5 extra
     {"prompt_id": "p7", "responses": [tgt("t7", 1.0), tgt("u7", 0.0)]},
     {"prompt_id": "p5", "responses": [tgt("t5", 1.0), tgt("u5", 0.0)]},
     {"prompt_id": 6, "responses": [tgt("", 5.0), tgt("t6", 2.0), tgt("\n", -5.0), tgt("u6", 1.0)]},
     {"prompt_id": "p3", "responses": [tgt("t3", 1.0)]},
     {"prompt_id": "p2", "responses": [tgt("t2", 0.25), tgt("u2", 0.25), tgt("v2", 0.25)]},
-    {"prompt_id": "p1", "prompt": {"role": "user", "content": "What is 1 + 1?"},
-     "responses": [tgt("t1", 0.5), tgt("t2", 0.9), tgt("t3", 0.9), tgt("t4", 0.1), tgt("t5", 0.1)]},
-]  # fmt: skip
+    {
+        "prompt_id": "p1",
+        "prompt": {"role": "user", "content": "What is 1 + 1?"},
+        "responses": [tgt("t1", 0.5), tgt("t2", 0.9), tgt("t3", 0.9), tgt("t4", 0.1), tgt("t5", 0.1)],
+    },
+]
 
 
 def assistant(*texts):
@@ -81,16 +90,34 @@ def test_build_picks_first_best_and_worst_and_counts_every_skip_reason(tmp_path,
     summary = build([files[0]], files[1], out)
     rows = read(out)
     assert rows == [
-        {"prompt_id": "p1", "prompt": "What is 1 + 1?", "chosen": assistant("b1", "t2"),
-         "rejected": assistant("t4"), "source_models": ["b"], "chosen_scores": [3.0, 0.9],
-         "rejected_scores": [0.1]},
-        {"prompt_id": 6, "prompt": [{"role": "user", "content": "What is 6 + 6?"}],
-         "chosen": assistant("a6", "t6"), "rejected": assistant("u6"), "source_models": ["a"],
-         "chosen_scores": [-1.0, 2.0], "rejected_scores": [1.0]},
-        {"prompt_id": "p7", "prompt": "What is 7 + 7?", "chosen": assistant("y", "t7"),
-         "rejected": assistant("u7"), "source_models": ["a"], "chosen_scores": [0.7, 1.0],
-         "rejected_scores": [0.0]},
-    ]  # fmt: skip
+        {
+            "prompt_id": "p1",
+            "prompt": "What is 1 + 1?",
+            "chosen": assistant("b1", "t2"),
+            "rejected": assistant("t4"),
+            "source_models": ["b"],
+            "chosen_scores": [3.0, 0.9],
+            "rejected_scores": [0.1],
+        },
+        {
+            "prompt_id": 6,
+            "prompt": [{"role": "user", "content": "What is 6 + 6?"}],
+            "chosen": assistant("a6", "t6"),
+            "rejected": assistant("u6"),
+            "source_models": ["a"],
+            "chosen_scores": [-1.0, 2.0],
+            "rejected_scores": [1.0],
+        },
+        {
+            "prompt_id": "p7",
+            "prompt": "What is 7 + 7?",
+            "chosen": assistant("y", "t7"),
+            "rejected": assistant("u7"),
+            "source_models": ["a"],
+            "chosen_scores": [0.7, 1.0],
+            "rejected_scores": [0.0],
+        },
+    ]
     assert summary.kept == 3
     assert dict(summary.skipped) == {TIED_TARGETS: 1, ONE_TARGET: 1, NO_TARGET: 1, NO_SOURCE: 1}
     assert summary.wins == {"b": 1, "a": 2}
@@ -127,8 +154,9 @@ def test_build_merges_source_files_by_prompt_id(tmp_path, files):
 
 
 def test_build_command_prints_the_summary(tmp_path, files, capsys):
-    code, out, err = run(capsys, "build", "--sources", files[0], "--targets", files[1],
-                         "--output", tmp_path / "q.jsonl")  # fmt: skip
+    code, out, err = run(
+        capsys, "build", "--sources", files[0], "--targets", files[1], "--output", tmp_path / "q.jsonl"
+    )
     assert code == 0, err
     assert "kept 3 of 7 prompts" in out
     assert f"{ONE_TARGET} 1" in out and f"{NO_SOURCE} 1" in out and "score gap y_wt - y_l" in out
@@ -145,8 +173,9 @@ def test_build_keeping_nothing_writes_nothing(tmp_path, capsys):
 def test_build_keep_tied_keeps_equal_target_scores_for_sft(tmp_path, capsys):
     s = write_jsonl_rows(tmp_path / "s.jsonl", [SOURCES[1]])
     t = write_jsonl_rows(tmp_path / "t.jsonl", [TARGETS[4]])
-    code, out, err = run(capsys, "build", "--sources", s, "--targets", t, "--output", tmp_path / "q.jsonl",
-                         "--keep-tied")  # fmt: skip
+    code, out, err = run(
+        capsys, "build", "--sources", s, "--targets", t, "--output", tmp_path / "q.jsonl", "--keep-tied"
+    )
     assert code == 0, err
     (row,) = read(tmp_path / "q.jsonl")
     assert row["chosen"][0]["content"] == "a" and row["chosen_scores"][1] == row["rejected_scores"][0]
@@ -187,8 +216,18 @@ def test_split_is_deterministic_for_a_seed_and_changes_with_it(tmp_path, capsys)
     data = write_jsonl_rows(tmp_path / "in.jsonl", prompt_rows(30))
     parts = {}
     for name, seed in (("a", 42), ("b", 42), ("c", 7)):
-        code, out, err = run(capsys, "split", "--input", data, "--sft-fraction", "0.3333", "--seed", seed,
-                             "--out-dir", tmp_path / name)  # fmt: skip
+        code, out, err = run(
+            capsys,
+            "split",
+            "--input",
+            data,
+            "--sft-fraction",
+            "0.3333",
+            "--seed",
+            seed,
+            "--out-dir",
+            tmp_path / name,
+        )
         assert code == 0, err
         assert "10 rows" in out and "20 rows" in out
         parts[name] = [(tmp_path / name / f).read_text() for f in ("sft.jsonl", "pref.jsonl")]
@@ -220,31 +259,53 @@ BAD_SOURCE_ROWS = {
     "duplicate-prompt-id": (GOOD_SOURCE, "duplicate prompt_id 'p1' \\(first on line 1\\)"),
     "missing-prompt": ({"prompt_id": "x", "responses": R}, "missing key 'prompt'"),
     "number-prompt": ({"prompt_id": "x", "prompt": 3, "responses": R}, "prompt: expected .* got a number"),
-    "prompt-without-user": ({"prompt_id": "x", "prompt": [{"role": "system", "content": "Hi"}],
-                             "responses": R}, "prompt has no user message"),
+    "prompt-without-user": (
+        {"prompt_id": "x", "prompt": [{"role": "system", "content": "Hi"}], "responses": R},
+        "prompt has no user message",
+    ),
     "missing-responses": ({"prompt_id": "x", "prompt": "Hi?"}, "missing key 'responses'"),
-    "responses-not-a-list": ({"prompt_id": "x", "prompt": "Hi?", "responses": {"text": "a"}},
-                             "responses: expected a list, got an object"),
+    "responses-not-a-list": (
+        {"prompt_id": "x", "prompt": "Hi?", "responses": {"text": "a"}},
+        "responses: expected a list, got an object",
+    ),
     "empty-responses": ({"prompt_id": "x", "prompt": "Hi?", "responses": []}, "responses is an empty list"),
-    "response-not-an-object": ({"prompt_id": "x", "prompt": "Hi?", "responses": ["a"]},
-                               r"responses\[0\]: expected an object .* got a string"),
-    "missing-text": ({"prompt_id": "x", "prompt": "Hi?", "responses": [{"model": "a", "score": 1}]},
-                     r"missing key 'responses\[0\].text'"),
-    "number-text": ({"prompt_id": "x", "prompt": "Hi?", "responses": [src("a", 5, 1.0)]},
-                    r"responses\[0\].text: expected text, got a number"),
-    "missing-model": ({"prompt_id": "x", "prompt": "Hi?", "responses": [src("a", "t", 1), tgt("u", 2)]},
-                      r"missing key 'responses\[1\].model'"),
-    "text-score": ({"prompt_id": "x", "prompt": "Hi?", "responses": [src("a", "t", "high")]},
-                   r"responses\[0\].score: expected a number, got a string"),
-    "bool-score": ({"prompt_id": "x", "prompt": "Hi?", "responses": [src("a", "t", False)]},
-                   r"responses\[0\].score: expected a number, got a boolean"),
-    "nan-score": ('{"prompt_id": "x", "prompt": "Hi?", "responses": [{"model": "a", "text": "t", '
-                  '"score": NaN}]}', r"responses\[0\].score: expected a finite number, got nan"),
-    "null-score": ({"prompt_id": "x", "prompt": "Hi?", "responses": [src("a", "t", None)]},
-                   r"responses\[0\].score is null \(not scored yet\? run `wrpo data score`\)"),
-    "missing-score": ({"prompt_id": "x", "prompt": "Hi?", "responses": [{"model": "a", "text": "t"}]},
-                      r"missing key 'responses\[0\].score'"),
-}  # fmt: skip
+    "response-not-an-object": (
+        {"prompt_id": "x", "prompt": "Hi?", "responses": ["a"]},
+        r"responses\[0\]: expected an object .* got a string",
+    ),
+    "missing-text": (
+        {"prompt_id": "x", "prompt": "Hi?", "responses": [{"model": "a", "score": 1}]},
+        r"missing key 'responses\[0\].text'",
+    ),
+    "number-text": (
+        {"prompt_id": "x", "prompt": "Hi?", "responses": [src("a", 5, 1.0)]},
+        r"responses\[0\].text: expected text, got a number",
+    ),
+    "missing-model": (
+        {"prompt_id": "x", "prompt": "Hi?", "responses": [src("a", "t", 1), tgt("u", 2)]},
+        r"missing key 'responses\[1\].model'",
+    ),
+    "text-score": (
+        {"prompt_id": "x", "prompt": "Hi?", "responses": [src("a", "t", "high")]},
+        r"responses\[0\].score: expected a number, got a string",
+    ),
+    "bool-score": (
+        {"prompt_id": "x", "prompt": "Hi?", "responses": [src("a", "t", False)]},
+        r"responses\[0\].score: expected a number, got a boolean",
+    ),
+    "nan-score": (
+        '{"prompt_id": "x", "prompt": "Hi?", "responses": [{"model": "a", "text": "t", "score": NaN}]}',
+        r"responses\[0\].score: expected a finite number, got nan",
+    ),
+    "null-score": (
+        {"prompt_id": "x", "prompt": "Hi?", "responses": [src("a", "t", None)]},
+        r"responses\[0\].score is null \(not scored yet\? run `wrpo data score`\)",
+    ),
+    "missing-score": (
+        {"prompt_id": "x", "prompt": "Hi?", "responses": [{"model": "a", "text": "t"}]},
+        r"missing key 'responses\[0\].score'",
+    ),
+}
 
 
 def assert_refused_at(code, err, path, line, what):
@@ -267,17 +328,23 @@ def test_malformed_source_row_is_refused_with_its_line(tmp_path, files, capsys, 
 @pytest.mark.parametrize(
     ("bad", "what"),
     [
-        ({"prompt_id": "p1", "responses": [tgt("a", 1.0), tgt("b", "1.0")]},
-         r"responses\[1\].score: expected a number"),
-        ({"prompt_id": "p1", "responses": [tgt("a", 1.0), {"text": "b"}]},
-         r"missing key 'responses\[1\].score'"),
+        (
+            {"prompt_id": "p1", "responses": [tgt("a", 1.0), tgt("b", "1.0")]},
+            r"responses\[1\].score: expected a number",
+        ),
+        (
+            {"prompt_id": "p1", "responses": [tgt("a", 1.0), {"text": "b"}]},
+            r"missing key 'responses\[1\].score'",
+        ),
         ({"prompt_id": "p1", "responses": []}, "responses is an empty list"),
         ({"prompt_id": "p7", "responses": [tgt("a", 1.0)]}, "duplicate prompt_id 'p7' \\(first on line 1\\)"),
-        ({"prompt_id": "p1", "responses": [{"text": "a", "score": 1, "model": 3}]},
-         r"responses\[0\].model: expected text, got a number"),
+        (
+            {"prompt_id": "p1", "responses": [{"text": "a", "score": 1, "model": 3}]},
+            r"responses\[0\].model: expected text, got a number",
+        ),
     ],
     ids=["text-score", "missing-score", "empty-responses", "duplicate-prompt-id", "number-model"],
-)  # fmt: skip
+)
 def test_malformed_target_row_is_refused_with_its_line(tmp_path, files, capsys, bad, what):
     t = write_jsonl_rows(tmp_path / "bad_t.jsonl", [*TARGETS[:3], bad])
     out = tmp_path / "q.jsonl"
@@ -292,12 +359,18 @@ def test_other_commands_refuse_malformed_rows_with_their_line(tmp_path, capsys, 
     good = {"prompt_id": "a", "prompt": "Hi?", "responses": [tgt("x", None)]}
     cases = {
         "sample": ({"prompt_id": "b"}, "missing key 'prompt'", ["--model", model]),
-        "score": ({"prompt_id": "b", "responses": [tgt("x", None)]}, "missing key 'prompt'",
-                  ["--reward-model", model]),
-        "split": ({"prompt_id": "a"}, "duplicate prompt_id 'a' \\(first on line 1\\)",
-                  ["--out-dir", tmp_path / "D"]),
+        "score": (
+            {"prompt_id": "b", "responses": [tgt("x", None)]},
+            "missing key 'prompt'",
+            ["--reward-model", model],
+        ),
+        "split": (
+            {"prompt_id": "a"},
+            "duplicate prompt_id 'a' \\(first on line 1\\)",
+            ["--out-dir", tmp_path / "D"],
+        ),
         "prompts": ({"prompt": ""}, "prompt is an empty string", ["--output", tmp_path / "p.jsonl"]),
-    }  # fmt: skip
+    }
     bad, what, extra = cases[command]
     data = write_jsonl_rows(tmp_path / "in.jsonl", [good, "  ", bad])
     before = data.read_text()

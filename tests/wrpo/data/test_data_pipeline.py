@@ -26,12 +26,33 @@ def test_sample_score_build_split_sft_train(tmp_path, capsys):
         wrpo("data", "tiny-model", "--output", models / name, "--seed", seed)
     wrpo("data", "tiny-model", "--reward-model", "--output", models / "reward")
     for name in ("src-a", "src-b", "target"):
-        wrpo("data", "sample", "--model", models / name, "--input", d / "prompts.jsonl", "--n", N_SAMPLES,
-             "--max-new-tokens", 8, "--output", d / f"{name}.jsonl")  # fmt: skip
+        wrpo(
+            "data",
+            "sample",
+            "--model",
+            models / name,
+            "--input",
+            d / "prompts.jsonl",
+            "--n",
+            N_SAMPLES,
+            "--max-new-tokens",
+            8,
+            "--output",
+            d / f"{name}.jsonl",
+        )
         wrpo("data", "score", "--input", d / f"{name}.jsonl", "--reward-model", models / "reward")
     capsys.readouterr()
-    wrpo("data", "build", "--sources", d / "src-a.jsonl", d / "src-b.jsonl", "--targets", d / "target.jsonl",
-         "--output", d / "wrpo.jsonl")  # fmt: skip
+    wrpo(
+        "data",
+        "build",
+        "--sources",
+        d / "src-a.jsonl",
+        d / "src-b.jsonl",
+        "--targets",
+        d / "target.jsonl",
+        "--output",
+        d / "wrpo.jsonl",
+    )
     report = capsys.readouterr().out
     kept = len(load_preference_data(d / "wrpo.jsonl", num_chosen=2))
     assert f"kept {kept} of {N_PROMPTS} prompts" in report and kept >= N_PROMPTS - 2, report
@@ -40,15 +61,41 @@ def test_sample_score_build_split_sft_train(tmp_path, capsys):
     assert all(r["chosen_scores"][-1] > r["rejected_scores"][0] for r in rows)
 
     split = d / "split"
-    wrpo("data", "split", "--input", d / "wrpo.jsonl", "--sft-fraction", 0.3333, "--seed", 42,
-         "--out-dir", split)  # fmt: skip
+    wrpo(
+        "data",
+        "split",
+        "--input",
+        d / "wrpo.jsonl",
+        "--sft-fraction",
+        0.3333,
+        "--seed",
+        42,
+        "--out-dir",
+        split,
+    )
     sft, pref = load_preference_data(split / "sft.jsonl"), load_preference_data(split / "pref.jsonl")
     assert len(sft) == round(kept * 0.3333) and len(sft) + len(pref) == kept
 
-    steps = ["--max_steps", 2, "--per_device_train_batch_size", 2, "--logging_steps", 1,
-             "--save_strategy", "no"]  # fmt: skip
-    wrpo("sft", "--model", models / "target", "--dataset", split / "sft.jsonl", "--output_dir", d / "sft",
-         *steps)  # fmt: skip
+    steps = [
+        "--max_steps",
+        2,
+        "--per_device_train_batch_size",
+        2,
+        "--logging_steps",
+        1,
+        "--save_strategy",
+        "no",
+    ]
+    wrpo(
+        "sft",
+        "--model",
+        models / "target",
+        "--dataset",
+        split / "sft.jsonl",
+        "--output_dir",
+        d / "sft",
+        *steps,
+    )
     wrpo("train", "--model", d / "sft", "--dataset", split / "pref.jsonl", "--output_dir", d / "wrpo", *steps)
     history = json.loads((d / "wrpo" / "trainer_state.json").read_text())["log_history"]
     assert [e["cur_alpha"] for e in history if "loss" in e] == pytest.approx([0.0, 0.05])  # alpha * g / N

@@ -17,12 +17,22 @@ from wrpo.data.construct.verifiers import (
 
 VERIFIER = "wrpo.data.construct.verifiers:arithmetic_exact_match"
 ROWS = [
-    {"prompt_id": "p1", "prompt": "What is the sum of 12 and 5?", "answer": 17,
-     "responses": [{"model": "m", "text": "12 + 5 = 17. The answer is 17.", "score": None},
-                   {"model": "m", "text": "12 + 5 = 18. The answer is 18.", "score": None}]},
-    {"prompt_id": "p2", "prompt": [{"role": "user", "content": "What is two times 31?"}], "answer": "62",
-     "responses": [{"model": "m", "text": "The answer is 62."}, {"model": "m", "text": "no idea"}]},
-]  # fmt: skip
+    {
+        "prompt_id": "p1",
+        "prompt": "What is the sum of 12 and 5?",
+        "answer": 17,
+        "responses": [
+            {"model": "m", "text": "12 + 5 = 17. The answer is 17.", "score": None},
+            {"model": "m", "text": "12 + 5 = 18. The answer is 18.", "score": None},
+        ],
+    },
+    {
+        "prompt_id": "p2",
+        "prompt": [{"role": "user", "content": "What is two times 31?"}],
+        "answer": "62",
+        "responses": [{"model": "m", "text": "The answer is 62."}, {"model": "m", "text": "no idea"}],
+    },
+]
 
 
 def write(path, rows):
@@ -133,10 +143,12 @@ def user_module(tmp_path, monkeypatch):
         ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
         ("my_rewards:missing", "module 'my_rewards' has no function 'missing'"),
         ("my_rewards:boom", "line 2: responses[0]: --reward-fn my_rewards:boom raised KeyError: 'gold'"),
-        ("my_rewards:text", "line 1: responses[0]: --reward-fn my_rewards:text returned 'high' (str), "
-         "expected a number"),
+        (
+            "my_rewards:text",
+            "line 1: responses[0]: --reward-fn my_rewards:text returned 'high' (str), expected a number",
+        ),
     ],
-)  # fmt: skip
+)
 def test_errors_name_the_row_and_what_is_wrong_and_write_nothing(
     tmp_path, capsys, user_module, spec, expected
 ):
@@ -153,8 +165,21 @@ def test_errors_name_the_row_and_what_is_wrong_and_write_nothing(
 def test_the_function_gets_messages_text_and_the_row(tmp_path, user_module):
     data = write(tmp_path / "s.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
-    assert main(["data", "score", "--input", str(data), "--reward-fn", "my_rewards:check_args",
-                 "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "data",
+                "score",
+                "--input",
+                str(data),
+                "--reward-fn",
+                "my_rewards:check_args",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert scores(out)[0] == [float(len(ROWS[0]["responses"][0]["text"])), 30.0]
 
 
@@ -165,8 +190,27 @@ def test_sample_and_build_carry_the_reference_answer(tmp_path):
     prompts = write(tmp_path / "p.jsonl", [{"prompt_id": "p1", "prompt": "What is 2 + 3?", "answer": 5}])
     for name in ("src", "tgt"):
         out = str(tmp_path / f"{name}.jsonl")
-        assert main(["data", "sample", "--model", str(model), "--input", str(prompts), "--n", "2",
-                     "--max-new-tokens", "4", "--model-name", name, "--output", out]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "data",
+                    "sample",
+                    "--model",
+                    str(model),
+                    "--input",
+                    str(prompts),
+                    "--n",
+                    "2",
+                    "--max-new-tokens",
+                    "4",
+                    "--model-name",
+                    name,
+                    "--output",
+                    out,
+                ]
+            )
+            == 0
+        )
     rows = [json.loads(line) for line in (tmp_path / "src.jsonl").read_text().splitlines()]
     assert rows[0]["answer"] == 5 and len(rows[0]["responses"]) == 2
     for name, texts in (("src", ["5", "5"]), ("tgt", ["5", "4"])):  # fixed texts: a kept quadruple
@@ -176,7 +220,20 @@ def test_sample_and_build_carry_the_reference_answer(tmp_path):
         write(path, [row])
         assert main(["data", "score", "--input", str(path), "--reward-fn", VERIFIER]) == 0
     out = tmp_path / "built.jsonl"
-    assert main(["data", "build", "--sources", str(tmp_path / "src.jsonl"), "--targets",
-                 str(tmp_path / "tgt.jsonl"), "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--sources",
+                str(tmp_path / "src.jsonl"),
+                "--targets",
+                str(tmp_path / "tgt.jsonl"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     built = json.loads(out.read_text())
     assert built["answer"] == 5 and built["chosen_scores"] == [1.0, 1.0] and built["rejected_scores"] == [0.0]

@@ -39,16 +39,32 @@ def read(path):
 def test_sample_writes_n_unscored_responses_per_prompt_deterministically(tmp_path, models, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
-    args = ["data", "sample", "--model", str(models[0]), "--input", str(prompts), "--n", "3",
-            "--max-new-tokens", "6", "--batch-size", "2", "--model-name", "src-a"]  # fmt: skip
+    args = [
+        "data",
+        "sample",
+        "--model",
+        str(models[0]),
+        "--input",
+        str(prompts),
+        "--n",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        "--model-name",
+        "src-a",
+    ]
     assert main(args) == 0
     out = tmp_path / "samples-src-a.jsonl"  # the default output
     rows = read(out)
     assert [(r["prompt_id"], r["prompt"]) for r in rows] == [(p["prompt_id"], p["prompt"]) for p in PROMPTS]
     for row in rows:
         assert len(row["responses"]) == 3
-        assert all(r["model"] == "src-a" and r["score"] is None and isinstance(r["text"], str)
-                   for r in row["responses"])  # fmt: skip
+        assert all(
+            r["model"] == "src-a" and r["score"] is None and isinstance(r["text"], str)
+            for r in row["responses"]
+        )
     assert main([*args, "--output", str(tmp_path / "again.jsonl")]) == 0
     assert (tmp_path / "again.jsonl").read_text() == out.read_text()
     assert main([*args, "--output", str(tmp_path / "seed1.jsonl"), "--seed", "1"]) == 0
@@ -58,12 +74,22 @@ def test_sample_writes_n_unscored_responses_per_prompt_deterministically(tmp_pat
 
 def sample_rows():
     return [
-        {"prompt_id": "a", "prompt": "What is 2 + 3?", "note": "kept",
-         "responses": [{"model": "m", "text": "5", "score": None}, {"model": "m", "text": "2 + 3 = 5."}]},
-        {"prompt_id": "b", "prompt": [{"role": "user", "content": "Compute 4 * 5."}],
-         "responses": [{"text": "20", "score": 3.0}, {"text": "It is 4 * 5 = 20, so the answer is 20."},
-                       {"text": ""}]},
-    ]  # fmt: skip
+        {
+            "prompt_id": "a",
+            "prompt": "What is 2 + 3?",
+            "note": "kept",
+            "responses": [{"model": "m", "text": "5", "score": None}, {"model": "m", "text": "2 + 3 = 5."}],
+        },
+        {
+            "prompt_id": "b",
+            "prompt": [{"role": "user", "content": "Compute 4 * 5."}],
+            "responses": [
+                {"text": "20", "score": 3.0},
+                {"text": "It is 4 * 5 = 20, so the answer is 20."},
+                {"text": ""},
+            ],
+        },
+    ]
 
 
 def test_score_fills_every_score_in_place_keeping_other_keys(tmp_path, models, capsys):

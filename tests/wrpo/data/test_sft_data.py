@@ -282,8 +282,22 @@ def test_text_rows_keep_the_special_tokens_the_tokenizer_adds():
 # ---- wrpo sft end to end -----------------------------------------------------------------------------------
 
 N_ROWS = 24
-RUN = ["--model", "tiny", "--max_steps", "2", "--logging_steps", "1", "--report_to", "none",
-       "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "5"]  # fmt: skip
+RUN = [
+    "--model",
+    "tiny",
+    "--max_steps",
+    "2",
+    "--logging_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--disable_tqdm",
+    "true",
+    "--seed",
+    "5",
+]
 
 
 def _prompt_messages(prompt):

@@ -57,7 +57,7 @@ def released() -> datasets.Dataset:
                 "rejected": [message("assistant", y) for y in r["rejected"]],
             }
             for r in ROWS
-        ]  # fmt: skip
+        ]
     )
 
 
@@ -67,10 +67,22 @@ def model_path(tmp_path_factory):
 
 
 def run(trainer_cls, config_cls, model_path, data, tmp_path, **options):
-    args = {"output_dir": str(tmp_path / trainer_cls.__name__), "per_device_train_batch_size": 4,
-            "max_steps": 3, "logging_steps": 1, "learning_rate": 5e-3, "report_to": "none", "seed": 3,
-            "beta": 0.5, "save_strategy": "no", "disable_tqdm": True, "use_cpu": True, "bf16": False,
-            "gradient_checkpointing": False, **options}  # fmt: skip
+    args = {
+        "output_dir": str(tmp_path / trainer_cls.__name__),
+        "per_device_train_batch_size": 4,
+        "max_steps": 3,
+        "logging_steps": 1,
+        "learning_rate": 5e-3,
+        "report_to": "none",
+        "seed": 3,
+        "beta": 0.5,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        **options,
+    }
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     trainer = trainer_cls(
         str(model_path), args=config_cls(**args), train_dataset=data, processing_class=tokenizer
@@ -127,8 +139,15 @@ def test_label_smoothing_is_applied_as_conservative_dpo(model_path, tmp_path):
     as the official WRPO trainer does: the fused backend equals the naive one and differs from e = 0."""
     data = pairs(False)
     _, fused = run(WRPOTrainer, WRPOConfig, model_path, data, tmp_path / "a", label_smoothing=0.2)
-    _, naive = run(WRPOTrainer, WRPOConfig, model_path, data, tmp_path / "b", label_smoothing=0.2,
-                   kernel_backend="reference")  # fmt: skip
+    _, naive = run(
+        WRPOTrainer,
+        WRPOConfig,
+        model_path,
+        data,
+        tmp_path / "b",
+        label_smoothing=0.2,
+        kernel_backend="reference",
+    )
     _, plain = run(WRPOTrainer, WRPOConfig, model_path, data, tmp_path / "c")
     assert_same_logs(fused, naive)
     assert abs(fused[-1]["loss"] - plain[-1]["loss"]) > 1e-3
@@ -136,8 +155,15 @@ def test_label_smoothing_is_applied_as_conservative_dpo(model_path, tmp_path):
 
 def test_gradient_accumulation_two_by_two_equals_one_by_four(model_path, tmp_path):
     data = pairs(False)
-    _, accumulated = run(WRPOTrainer, WRPOConfig, model_path, data, tmp_path / "a",
-                         per_device_train_batch_size=2, gradient_accumulation_steps=2)  # fmt: skip
+    _, accumulated = run(
+        WRPOTrainer,
+        WRPOConfig,
+        model_path,
+        data,
+        tmp_path / "a",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
     _, whole = run(WRPOTrainer, WRPOConfig, model_path, data, tmp_path / "b")
     assert_same_logs(accumulated, whole, names=(*COMPARED, "grad_norm"))
 
@@ -149,9 +175,15 @@ def test_released_wrpo_layout_trains_as_k3_and_logs_wrpo_metrics(model_path, tmp
         trainer, logs = run(WRPOTrainer, WRPOConfig, model_path, data, tmp_path, alpha=0.3)
     assert "alternative responses per prompt" in caplog.text
     assert len(trainer.train_dataset[0]["responses"]) == 3 and trainer.train_dataset[0]["num_chosen"] == 2
-    for name in ("rewards/source_chosen", "rewards/target_chosen", "rewards/pivot_accuracies",
-                 "rewards/source_accuracies", "logps/source_chosen", "cur_alpha",
-                 "logits/chosen"):  # fmt: skip
+    for name in (
+        "rewards/source_chosen",
+        "rewards/target_chosen",
+        "rewards/pivot_accuracies",
+        "rewards/source_accuracies",
+        "logps/source_chosen",
+        "cur_alpha",
+        "logits/chosen",
+    ):
         assert name in logs[-1], name
     assert [e["cur_alpha"] for e in logs] == pytest.approx([0.0, 0.1, 0.2], abs=1e-6)  # 0.3 * g / 3
 
@@ -174,10 +206,12 @@ def test_tokens_equal_trl_dpo_trainer(model_path, tmp_path):
         "bf16": False,
         "max_length": 40,
     }
-    theirs = trl.DPOTrainer(str(model_path), args=trl.DPOConfig(**args), train_dataset=data,
-                            processing_class=tokenizer).train_dataset  # fmt: skip
-    ours = WRPOTrainer(str(model_path), args=WRPOConfig(**args), train_dataset=data,
-                       processing_class=tokenizer).train_dataset  # fmt: skip
+    theirs = trl.DPOTrainer(
+        str(model_path), args=trl.DPOConfig(**args), train_dataset=data, processing_class=tokenizer
+    ).train_dataset
+    ours = WRPOTrainer(
+        str(model_path), args=WRPOConfig(**args), train_dataset=data, processing_class=tokenizer
+    ).train_dataset
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs, strict=True):
         full = [b["prompt_ids"] + y for y in (b["chosen_ids"], b["rejected_ids"])]
@@ -200,8 +234,12 @@ def test_tokens_equal_trl_dpo_trainer(model_path, tmp_path):
 def test_unsupported_trl_options_are_refused_by_name(options, named, model_path, tmp_path):
     args = WRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **options)
     with pytest.raises(ValueError, match=named):
-        WRPOTrainer(str(model_path), args=args, train_dataset=pairs(False),
-                    processing_class=AutoTokenizer.from_pretrained(model_path))  # fmt: skip
+        WRPOTrainer(
+            str(model_path),
+            args=args,
+            train_dataset=pairs(False),
+            processing_class=AutoTokenizer.from_pretrained(model_path),
+        )
 
 
 def test_a_plain_dpo_config_is_refused(model_path, tmp_path):
@@ -235,12 +273,24 @@ def test_peft_reference_is_the_model_with_its_adapter_disabled(model_path, tmp_p
         ("ours", WRPOTrainer, WRPOConfig),
     ):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        args = config_cls(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=3,
-                          logging_steps=1, learning_rate=5e-2, report_to="none", seed=3, beta=0.5,
-                          save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False,
-                          gradient_checkpointing=False)  # fmt: skip
-        trainer = trainer_cls(str(model_path), args=args, train_dataset=data, processing_class=tokenizer,
-                              peft_config=lora)  # fmt: skip
+        args = config_cls(
+            output_dir=str(tmp_path / name),
+            per_device_train_batch_size=4,
+            max_steps=3,
+            logging_steps=1,
+            learning_rate=5e-2,
+            report_to="none",
+            seed=3,
+            beta=0.5,
+            save_strategy="no",
+            disable_tqdm=True,
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+        )
+        trainer = trainer_cls(
+            str(model_path), args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora
+        )
         trainer.train()
         runs[name] = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
     assert_same_logs(runs["ours"], runs["trl"])

@@ -26,10 +26,16 @@ def packed_positions(rows: list[list[int]]) -> torch.Tensor:
 
 def tiny_llama(impl: str, kv_heads: int = 2) -> LlamaForCausalLM:
     model = tiny_model(
-        "llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        "llama",
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     model.set_attn_implementation(impl)
     return model
 

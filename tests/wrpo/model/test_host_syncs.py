@@ -64,9 +64,12 @@ def tiny_model(family: str):
     shape = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
     if family == "lfm2":
         config = transformers.Lfm2Config(
-            vocab_size=97, num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
-            block_auto_adjust_ff_dim=False, **shape,
-        )  # fmt: skip
+            vocab_size=97,
+            num_hidden_layers=3,
+            layer_types=["conv", "full_attention", "conv"],
+            block_auto_adjust_ff_dim=False,
+            **shape,
+        )
     else:
         config = transformers.LlamaConfig(vocab_size=97, num_hidden_layers=2, **shape)
     return transformers.AutoModelForCausalLM.from_config(config).double()

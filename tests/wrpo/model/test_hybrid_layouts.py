@@ -21,8 +21,19 @@ from wrpo.model.layout import prepare_layout
 
 # one model per mixer family: attention, sliding window (+ sinks), conv, gated delta net, Mamba, delta
 # attention, MoE, MLA
-FAMILIES = ["llama", "mistral", "gpt_oss", "lfm2", "qwen3_next", "qwen3_5_text", "jamba", "nemotron_h",
-            "kimi_linear", "mixtral", "deepseek_v3"]  # fmt: skip
+FAMILIES = [
+    "llama",
+    "mistral",
+    "gpt_oss",
+    "lfm2",
+    "qwen3_next",
+    "qwen3_5_text",
+    "jamba",
+    "nemotron_h",
+    "kimi_linear",
+    "mixtral",
+    "deepseek_v3",
+]
 HYBRIDS = ["lfm2", "qwen3_next", "qwen3_5_text"]
 
 
@@ -86,10 +97,34 @@ def _save(tmp_path, name):
 def _step_one_logps(model_dir, out, extra):
     from wrpo.cli.main import main
 
-    code = main(["train", "--model", str(model_dir), "--output_dir", str(out), "--max_steps", "1",
-                 "--learning_rate", "0", "--logging_steps", "1", "--report_to", "none", "--eval_rows", "0",
-                 "--per_device_train_batch_size", "4", "--max_length", "64", "--max_prompt_length", "48",
-                 "--seed", "3", *extra])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--learning_rate",
+            "0",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--eval_rows",
+            "0",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_length",
+            "64",
+            "--max_prompt_length",
+            "48",
+            "--seed",
+            "3",
+            *extra,
+        ]
+    )
     assert code == 0
     logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
     return {k: v for k, v in logs[0].items() if k.startswith("logps/")}
@@ -122,10 +157,15 @@ def test_the_sequence_index_is_built_once_per_forward(layout, monkeypatch):
         mixers, "_index_for", mixers.PerForward(lambda p: calls.append(1) or mixers.sequence_index(p))
     )
     config = transformers.Lfm2Config(
-        vocab_size=TEXT_VOCAB + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, block_auto_adjust_ff_dim=False,
+        vocab_size=TEXT_VOCAB + 8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        block_auto_adjust_ff_dim=False,
         layer_types=["conv", "conv", "conv", "full_attention"],
-    )  # fmt: skip
+    )
     model = transformers.AutoModelForCausalLM.from_config(config).double()
     prepare_layout(layout_plan(layout), model)
     sequence_logps(model, collator(layout)(make_groups(TEXT_VOCAB, seed=3)), backend="torch")

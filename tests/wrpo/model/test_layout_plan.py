@@ -12,9 +12,16 @@ from wrpo.data.collate import pack_groups, pack_shared_prefix
 from wrpo.model.capabilities import read_capabilities
 from wrpo.model.layout import plan_layout, prepare_layout
 
-SMALL = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-         "initializer_range": 0.2}  # fmt: skip
+SMALL = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "initializer_range": 0.2,
+}
 
 
 def _model(cls, config_cls, **kw):
@@ -36,8 +43,10 @@ def test_padding_positions_stay_within_the_longest_sequence(pack):
     batch = pack(groups, row_per_group=True)
     assert int(batch["position_ids"].max()) == longest - 1
     shared = pack is pack_shared_prefix
-    real = [len(g["prompt_ids"]) * (1 if shared else len(g["responses"])) + sum(map(len, g["responses"]))
-            for g in groups]  # fmt: skip
+    real = [
+        len(g["prompt_ids"]) * (1 if shared else len(g["responses"])) + sum(map(len, g["responses"]))
+        for g in groups
+    ]
     assert batch["input_ids"].shape[1] - min(real) > longest  # positions 0..pad-1 would pass it
 
 
@@ -81,9 +90,13 @@ def test_llama4_text_finds_its_body():
 
 def _falcon_alibi():
     config = transformers.FalconConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        alibi=True,
         new_decoder_architecture=False,
-    )  # fmt: skip
+    )
     return transformers.FalconForCausalLM(config).double().eval()
 
 

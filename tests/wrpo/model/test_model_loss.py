@@ -21,8 +21,15 @@ from wrpo.model.losses import causal_lm
 from wrpo_kernels import wrpo_loss
 
 VOCAB, K = 48, 3
-SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}  # fmt: skip
+SMALL = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+}
 
 # Packed rows equal the padded model up to the fp32 steps inside some models: Gemma 2 (no sdpa here)
 # takes the eager attention's softmax in fp32, Cohere its LayerNorm. The padded layout runs the very
@@ -32,7 +39,7 @@ MODELS = {  # name: (family of helpers.tiny_models, its options)
     "gemma2-softcap": ("gemma2", {"final_logit_softcapping": 0.7, "attn_implementation": "eager"}),
     "cohere-logit-scale": ("cohere", {"logit_scale": 3.5, "attn_implementation": "sdpa"}),
     "granite-logits-scaling": ("granite", {"logits_scaling": 0.4, "attn_implementation": "sdpa"}),
-}  # fmt: skip
+}
 PACKED_TOL = {"gemma2-softcap": 1e-7, "cohere-logit-scale": 1e-7}
 
 
@@ -51,8 +58,15 @@ def groups(seed=1, B=3):
         n = int(torch.randint(lo, hi, (1,), generator=g))
         return torch.randint(3, VOCAB, (n,), generator=g).tolist()
 
-    return [{"prompt_ids": ids(1, 6), "responses": [ids(1, 7) for _ in range(K)], "num_chosen": K - 1,
-             "ref_logps": (torch.randn(K, generator=g) * 3 - 20).tolist()} for _ in range(B)]  # fmt: skip
+    return [
+        {
+            "prompt_ids": ids(1, 6),
+            "responses": [ids(1, 7) for _ in range(K)],
+            "num_chosen": K - 1,
+            "ref_logps": (torch.randn(K, generator=g) * 3 - 20).tolist(),
+        }
+        for _ in range(B)
+    ]
 
 
 def naive_logps(model, feats):
@@ -68,8 +82,12 @@ def naive_logps(model, feats):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_head_transform_is_read_from_the_config(name):
     softcap, temperature = head_transform(build(name).config)
-    expected = {"llama": (None, 1.0), "gemma2-softcap": (0.7, 1.0), "cohere-logit-scale": (None, 1 / 3.5),
-                "granite-logits-scaling": (None, 0.4)}[name]  # fmt: skip
+    expected = {
+        "llama": (None, 1.0),
+        "gemma2-softcap": (0.7, 1.0),
+        "cohere-logit-scale": (None, 1 / 3.5),
+        "granite-logits-scaling": (None, 0.4),
+    }[name]
     assert softcap == expected[0]
     assert temperature == pytest.approx(expected[1], rel=1e-15)
 

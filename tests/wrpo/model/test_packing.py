@@ -35,8 +35,15 @@ def random_groups(B, K, vocab, seed):
     def ids(lo, hi):
         return torch.randint(3, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
 
-    return [{"prompt_ids": ids(2, 7), "responses": [ids(1, 6) for _ in range(K)], "num_chosen": K - 1,
-             "ref_logps": (torch.randn(K, generator=g) * 3 - 20).tolist()} for _ in range(B)]  # fmt: skip
+    return [
+        {
+            "prompt_ids": ids(2, 7),
+            "responses": [ids(1, 6) for _ in range(K)],
+            "num_chosen": K - 1,
+            "ref_logps": (torch.randn(K, generator=g) * 3 - 20).tolist(),
+        }
+        for _ in range(B)
+    ]
 
 
 def tiny_llama(vocab=40, seed=0):
@@ -66,8 +73,10 @@ def test_block_causal_mask_per_row():
 
 
 def test_row_per_group_layout():
-    groups = [{"prompt_ids": [5, 6], "responses": [[7], [8, 9]], "num_chosen": 1},
-              {"prompt_ids": [5], "responses": [[7], [8]], "num_chosen": 1}]  # fmt: skip
+    groups = [
+        {"prompt_ids": [5, 6], "responses": [[7], [8, 9]], "num_chosen": 1},
+        {"prompt_ids": [5], "responses": [[7], [8]], "num_chosen": 1},
+    ]
     batch = pack_groups(groups, row_per_group=True, pad_token_id=0)
     # group 0: [5 6 7 | 5 6 8 9] (7 tokens); group 1: [5 7 | 5 8] + 3 padding tokens
     assert batch["input_ids"].tolist() == [[5, 6, 7, 5, 6, 8, 9], [5, 7, 5, 8, 0, 0, 0]]
@@ -98,6 +107,12 @@ def test_packing_without_the_block_mask_would_leak_across_sequences():
     with_mask = loss_and_grads(model, batch, "dpo")[0]
     model.zero_grad()
     hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
-    out = fused_linear_wrpo_loss(hidden[0], model.lm_head.weight, batch["labels"][0], batch["cu_seqlens"],
-                                 ref_logps=batch["ref_logps"].double(), beta=0.3)  # fmt: skip
+    out = fused_linear_wrpo_loss(
+        hidden[0],
+        model.lm_head.weight,
+        batch["labels"][0],
+        batch["cu_seqlens"],
+        ref_logps=batch["ref_logps"].double(),
+        beta=0.3,
+    )
     assert not torch.allclose(out.loss.detach(), with_mask)

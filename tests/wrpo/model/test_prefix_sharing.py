@@ -28,8 +28,15 @@ from wrpo.model.layout import plan_for, plan_layout, prepare_layout
 from wrpo.model.masks import shared_prefix_mask
 
 VOCAB = 45
-SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "head_dim": 8, "max_position_embeddings": 128}  # fmt: skip
+SMALL = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "head_dim": 8,
+    "max_position_embeddings": 128,
+}
 MODELS = {  # name: (family of helpers.tiny_models, its options)
     "llama": ("llama", {"num_key_value_heads": 4}),
     "qwen2-gqa": ("qwen2", {"num_key_value_heads": 2}),
@@ -47,7 +54,7 @@ MODELS = {  # name: (family of helpers.tiny_models, its options)
         },
     ),
 }
-WINDOWED = ("mistral-window", "gemma2-window-softcap")  # fmt: skip
+WINDOWED = ("mistral-window", "gemma2-window-softcap")
 MAX_DIFF: dict[str, float] = {}  # the largest differences seen, printed with -s
 
 
@@ -120,8 +127,10 @@ def assert_same(shared, unshared, tol=1e-10):
 
 
 def test_layout():
-    groups = [{"prompt_ids": [5, 6], "responses": [[7], [8, 9]], "num_chosen": 1},
-              {"prompt_ids": [4], "responses": [[10, 11], [12]], "num_chosen": 1}]  # fmt: skip
+    groups = [
+        {"prompt_ids": [5, 6], "responses": [[7], [8, 9]], "num_chosen": 1},
+        {"prompt_ids": [4], "responses": [[10, 11], [12]], "num_chosen": 1},
+    ]
     batch = pack_shared_prefix(groups)
     # [5 6 | 7 | 8 9] [4 | 10 11 | 12]: responses restart at the prompt's length
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4, 10, 11, 12]]
@@ -258,10 +267,15 @@ def test_windows_follow_the_models_own_masks(name):
     model = build(name)
     packed = sequence_logps(model, pack_shared_prefix(groups), backend="torch")
     eager = build(name, "eager")  # one sequence per call: no padding rows (fully masked: NaN in eager)
-    padded = torch.stack([
-        sequence_logps(eager, pad_groups([{**g, "responses": [y], "num_chosen": 1}], 0), backend="torch")[0]
-        for g in groups for y in g["responses"]
-    ])  # fmt: skip
+    padded = torch.stack(
+        [
+            sequence_logps(eager, pad_groups([{**g, "responses": [y], "num_chosen": 1}], 0), backend="torch")[
+                0
+            ]
+            for g in groups
+            for y in g["responses"]
+        ]
+    )
     _record(f"{name} vs its padded eager run (relative)", ((packed - padded) / padded).abs().max())
     # eager attention takes its softmax in fp32
     torch.testing.assert_close(packed, padded, rtol=1e-6, atol=0)
@@ -283,9 +297,30 @@ def _train_losses(tmp_path, name, extra):
     from wrpo.cli.main import main
 
     out = tmp_path / name
-    code = main(["train", "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "3",
-                 "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--report_to", "none",
-                 "--eval_rows", "0", "--beta", "0.3", "--seed", "7", *extra])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "3",
+            "--gradient_accumulation_steps",
+            "2",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--eval_rows",
+            "0",
+            "--beta",
+            "0.3",
+            "--seed",
+            "7",
+            *extra,
+        ]
+    )
     assert code == 0
     logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
     return [[e[k] for k in ("loss", "logps/chosen", "logps/rejected")] for e in logs if "loss" in e]

@@ -48,10 +48,30 @@ def _core_trainer(tmp, *flags):
     data = tmp / "rows.jsonl"
     data.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:12]))
     config = parse_config(
-        ["--dataset", str(data), "--output_dir", str(tmp / "out"), "--per_device_eval_batch_size", "2",
-         "--eval_rows", "8", "--beta", "0.5", "--report_to", "none", "--save_strategy", "no",
-         "--disable_tqdm", "true", "--seed", "3", "--use_cpu", "true", *flags]
-    )  # fmt: skip
+        [
+            "--dataset",
+            str(data),
+            "--output_dir",
+            str(tmp / "out"),
+            "--per_device_eval_batch_size",
+            "2",
+            "--eval_rows",
+            "8",
+            "--beta",
+            "0.5",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+            "--seed",
+            "3",
+            "--use_cpu",
+            "true",
+            *flags,
+        ]
+    )
     model, tokenizer = load_policy(config)
     train, evaluation = build_datasets(load_examples(config), tokenizer, config, "train")
     ref = load_reference(config, model)
@@ -112,9 +132,20 @@ def test_an_evaluation_during_training_sees_only_its_own_data(tmp_path):
     """A prediction before training, then one optimizer step and its evaluation: the evaluation logs the
     metrics of the trained policy alone, the train log only train metrics."""
     trainer, a, _ = _core_trainer(
-        tmp_path, "--max_steps", "1", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "1",
-        "--per_device_train_batch_size", "4", "--learning_rate", "0.05",
-    )  # fmt: skip
+        tmp_path,
+        "--max_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "0.05",
+    )
     trainer.predict(a)
     trainer.train()
     train_log, eval_log = (
@@ -138,9 +169,15 @@ def _text(x) -> str:
 def _pairs(rows) -> datasets.Dataset:
     """TRL's standard preference data: the target pick against the rejected response."""
     return datasets.Dataset.from_list(
-        [{"prompt": _text(r["prompt"]), "chosen": _text(r["chosen"][-1]), "rejected": _text(r["rejected"][0])}
-         for r in rows]
-    )  # fmt: skip
+        [
+            {
+                "prompt": _text(r["prompt"]),
+                "chosen": _text(r["chosen"][-1]),
+                "rejected": _text(r["rejected"][0]),
+            }
+            for r in rows
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +191,23 @@ def trl_trainer(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trl")
     path = save_tiny_model(tmp / "model", seed=0)
     args = WRPOConfig(
-        output_dir=str(tmp / "out"), per_device_eval_batch_size=2, report_to="none", beta=0.5,
-        save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False, seed=3,
-    )  # fmt: skip
+        output_dir=str(tmp / "out"),
+        per_device_eval_batch_size=2,
+        report_to="none",
+        beta=0.5,
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        seed=3,
+    )
     trainer = TRLWRPOTrainer(
-        str(path), args=args, train_dataset=_pairs(ROWS),
+        str(path),
+        args=args,
+        train_dataset=_pairs(ROWS),
         eval_dataset={"a": _pairs(ROWS[:4]), "b": _pairs(ROWS[4:])},
         processing_class=AutoTokenizer.from_pretrained(path),
-    )  # fmt: skip
+    )
     _perturb(trainer.model)  # the reference is the copy made when the trainer was built
     alone = {name: _wrpo_metrics(trainer.evaluate(name), "eval") for name in ("a", "b")}
     assert alone["a"]["rewards/margins"] != pytest.approx(alone["b"]["rewards/margins"], abs=1e-3)

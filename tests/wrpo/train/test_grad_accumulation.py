@@ -56,13 +56,14 @@ def _train(tmp_path, stage, batch, accumulation, packing, extra=()):
             "--seed",
             "3",
             *extra,
-        ]  # fmt: skip
+        ]
     )
     model, tokenizer = load_policy(config)
     train, _ = build_datasets(load_examples(config), tokenizer, config, stage)
     ref = load_reference(config, model) if stage == "train" else None
-    trainer = WRPOTrainer(model, config, ref_model=ref, stage=stage, pad_token_id=tokenizer.pad_token_id,
-                          train_dataset=train)  # fmt: skip
+    trainer = WRPOTrainer(
+        model, config, ref_model=ref, stage=stage, pad_token_id=tokenizer.pad_token_id, train_dataset=train
+    )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
     return logs, {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -41,12 +41,37 @@ COMPARED = ("loss", "cur_alpha", "grad_norm", "learning_rate", "rewards/margins"
 
 
 def _flags(out: Path, data: Path, cache: Path) -> list[str]:
-    return ["train", "--dataset", str(data), "--output_dir", str(out), "--max_steps", str(STEPS),
-            "--save_strategy", "steps", "--save_steps", str(SAVE_EVERY), "--logging_steps", "1",
-            "--eval_rows", "0", "--report_to", "none", "--disable_tqdm", "true",
-            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-            "--precompute_ref_logps", "true",
-            "--ref_logps_cache", str(cache), "--seed", "7"]  # fmt: skip
+    return [
+        "train",
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(STEPS),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        str(SAVE_EVERY),
+        "--logging_steps",
+        "1",
+        "--eval_rows",
+        "0",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--precompute_ref_logps",
+        "true",
+        "--ref_logps_cache",
+        str(cache),
+        "--seed",
+        "7",
+    ]
 
 
 def _popen(flags: list[str], log: Path) -> subprocess.Popen:
@@ -54,8 +79,9 @@ def _popen(flags: list[str], log: Path) -> subprocess.Popen:
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WRPO_KERNELS_NO_EXT": "1"}
     with open(log, "w") as fh:
-        return subprocess.Popen([sys.executable, "-m", "wrpo.cli", *flags], cwd=ROOT, env=env,
-                                stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "wrpo.cli", *flags], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT
+        )
 
 
 def _cut_off_copy(src: Path, dst: Path) -> None:
@@ -122,9 +148,16 @@ def runs(tmp_path_factory):
                 p.kill()
                 p.wait()
     seconds = {"killed after": killed_after, "all": time.monotonic() - start}
-    return SimpleNamespace(full=full, killed=killed, r=r, resumed_from=Path(resumed_from), resaved=resaved,
-                           before=before, seconds=seconds,
-                           log=(root / "resumed.log").read_text())  # fmt: skip
+    return SimpleNamespace(
+        full=full,
+        killed=killed,
+        r=r,
+        resumed_from=Path(resumed_from),
+        resaved=resaved,
+        before=before,
+        seconds=seconds,
+        log=(root / "resumed.log").read_text(),
+    )
 
 
 def _rel(a: float, b: float) -> float:
@@ -231,8 +264,11 @@ def test_resolve_resume_explicit_paths(tmp_path, caplog):
     (partial / "optimizer.pt").unlink()
     damaged = _fake_checkpoint(tmp_path / "checkpoint-10", 10)
     os.truncate(damaged / "model.safetensors", 20)
-    for path, why in ((cut, "model.safetensors is truncated"), (partial, "no optimizer.pt"),
-                      (damaged, "model.safetensors has 20 bytes")):  # fmt: skip
+    for path, why in (
+        (cut, "model.safetensors is truncated"),
+        (partial, "no optimizer.pt"),
+        (damaged, "model.safetensors has 20 bytes"),
+    ):
         with pytest.raises(ValueError, match="incomplete checkpoint") as err:
             resolve_resume(str(path), tmp_path)
         assert str(path) in str(err.value) and why in str(err.value)
@@ -295,9 +331,15 @@ def test_a_resave_cut_off_midway_does_not_look_complete(tmp_path, strategy):
     rows = [{"x": torch.randn(2), "labels": torch.tensor(0.0)} for _ in range(4)]
     kw = {"save_steps": 2, "max_steps": 4} if strategy == "steps" else {"num_train_epochs": 2}
     args = TrainingArguments(
-        str(tmp_path), save_strategy=strategy, per_device_train_batch_size=2, report_to="none",
-        use_cpu=True, disable_tqdm=True, logging_strategy="no", **kw,
-    )  # fmt: skip
+        str(tmp_path),
+        save_strategy=strategy,
+        per_device_train_batch_size=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        **kw,
+    )
     trainer = Trainer(_Linear(), args, train_dataset=rows, callbacks=[CompleteCheckpoints()])
     marked_at_save = {}
     real = trainer._save_rng_state
@@ -321,9 +363,15 @@ def test_a_resave_cut_off_midway_does_not_look_complete(tmp_path, strategy):
 def _linear_trainer(out: Path, **kw) -> Trainer:
     rows = [{"x": torch.randn(2), "labels": torch.tensor(0.0)} for _ in range(4)]
     args = TrainingArguments(
-        str(out), per_device_train_batch_size=2, report_to="none", use_cpu=True, disable_tqdm=True,
-        logging_strategy="no", seed=3, **kw,
-    )  # fmt: skip
+        str(out),
+        per_device_train_batch_size=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        seed=3,
+        **kw,
+    )
     return Trainer(_Linear(), args, train_dataset=rows, callbacks=[CompleteCheckpoints()])
 
 
@@ -390,10 +438,33 @@ def test_save_total_limit_never_leaves_no_complete_checkpoint(tmp_path, monkeypa
     data = tmp_path / "data.jsonl"
     data.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:8]))
     out = tmp_path / "out"
-    flags = ["train", "--dataset", str(data), "--output_dir", str(out), "--max_steps", "4",
-             "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "1",
-             "--logging_steps", "1", "--eval_rows", "0", "--report_to", "none", "--disable_tqdm", "true",
-             "--per_device_train_batch_size", "2", "--seed", "7"]  # fmt: skip
+    flags = [
+        "train",
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "1",
+        "--save_total_limit",
+        "1",
+        "--logging_steps",
+        "1",
+        "--eval_rows",
+        "0",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--per_device_train_batch_size",
+        "2",
+        "--seed",
+        "7",
+    ]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("WRPO_TEST_KILL_AFTER_SAVE", "3")
     killed = _popen(flags, tmp_path / "killed.log")

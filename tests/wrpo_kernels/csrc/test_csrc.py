@@ -352,9 +352,16 @@ def test_fused_loss_low_precision_no_worse_than_naive(ops, dtype, softcap, tempe
 def logprobs_with_grads(batch, reduction, dtype=None, **head):
     h, w, b = batch.params(dtype)
     out = wk.linear_logprobs(
-        h, w, batch.labels, batch.cu_seqlens, bias=b, reduction=reduction, backend="torch", chunk_tokens=7,
+        h,
+        w,
+        batch.labels,
+        batch.cu_seqlens,
+        bias=b,
+        reduction=reduction,
+        backend="torch",
+        chunk_tokens=7,
         **head,
-    )  # fmt: skip
+    )
     (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype)).sum().backward()
     return {"logps": out.detach(), "dX": h.grad, "dW": w.grad, "db": b.grad}
 
@@ -365,9 +372,16 @@ def test_linear_logprobs_same_with_and_without_extension(ops, reduction, softcap
     """Odd shapes: 1-token sequences and, for sum/none, sequences with no labelled token at all."""
     lengths = [1, 5, 1, 9, 3, 1]
     batch = make_batch(
-        B=2, K=3, H=11, V=2071, seed=2, lengths=lengths, ignore_frac=0.4, with_bias=True,
+        B=2,
+        K=3,
+        H=11,
+        V=2071,
+        seed=2,
+        lengths=lengths,
+        ignore_frac=0.4,
+        with_bias=True,
         allow_empty=reduction != "mean",
-    )  # fmt: skip
+    )
     if reduction != "mean":
         batch.labels[batch.cu_seqlens[3] : batch.cu_seqlens[4]] = IGNORE  # a fully ignored sequence
     head = {"softcap": softcap, "temperature": temperature}

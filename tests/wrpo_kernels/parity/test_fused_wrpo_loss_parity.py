@@ -36,7 +36,7 @@ def shape_cases(shapes, chunks, H, V, seed):
                 "lengths": same_size_groups(3, K, seed=K),
                 "ignore_frac": 0.2,
                 "with_bias": True,
-            },  # fmt: skip
+            },
             {"loss_type": loss_type, "num_chosen": C, "alpha": 0.3, "beta": 0.2},
             chunk,
         )
@@ -48,9 +48,12 @@ def shape_cases(shapes, chunks, H, V, seed):
 
 # chunks: none, several whole groups, exactly one group, and budgets that split groups
 CHUNKED_SHAPES = shape_cases(
-    [(2, 1), (3, 2), (3, 1), (4, 3), (4, 2)], [None, "groups", "group", 5, 1], H=5, V=37,
+    [(2, 1), (3, 2), (3, 1), (4, 3), (4, 2)],
+    [None, "groups", "group", 5, 1],
+    H=5,
+    V=37,
     seed=lambda K, C: 10 * K + C,
-)  # fmt: skip
+)
 # larger than one Triton tile in H and V
 TRITON_SHAPES = shape_cases(
     [(2, 1), (3, 2), (4, 3), (4, 2)], [None, "group", 4], H=20, V=67, seed=lambda K, C: K + 7 * C
@@ -85,7 +88,7 @@ OPTIONS = [
             "ignore_frac": 0.2,
             "with_bias": True,
             "lengths": same_size_groups(3, 3, seed=1, max_len=7),
-        },  # fmt: skip
+        },
         {"beta": 0.3, "alpha": 0.2, **opts},
         chunk,
     )

@@ -32,9 +32,16 @@ def run(batch, backend, dtype, case):
     kw = {"chunk_tokens": case.chunk} if backend.chunked else {}
     with backend.calls(), torch.set_grad_enabled(case.grad):
         out = linear_logprobs(
-            h, w, batch.labels, batch.cu_seqlens, bias=b, reduction=case.reduction, backend=backend.name,
-            **case.head, **kw,
-        )  # fmt: skip
+            h,
+            w,
+            batch.labels,
+            batch.cu_seqlens,
+            bias=b,
+            reduction=case.reduction,
+            backend=backend.name,
+            **case.head,
+            **kw,
+        )
     if not case.grad:
         return out, None, None, None
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed), dtype=torch.float64)
@@ -57,7 +64,7 @@ SHAPES = [
             "max_len": 7,
             "ignore_frac": 0.3,
             "with_bias": with_bias,
-        },  # fmt: skip
+        },
         reduction,
         chunk,
         {},

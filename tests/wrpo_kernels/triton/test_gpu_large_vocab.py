@@ -116,9 +116,13 @@ def chunk_past_2_31_both(V, H, device, dtype, rows):
     K, groups = 3, 6
     per_seq = rows // (K * groups) + 1
     out = fused_both(
-        V, H, device, dtype, chunk_tokens=K * groups * (per_seq + 1),
+        V,
+        H,
+        device,
+        dtype,
+        chunk_tokens=K * groups * (per_seq + 1),
         batch={"K": K, "groups": groups, "min_len": per_seq, "max_len": per_seq + 1},
-    )  # fmt: skip
+    )
     return out
 
 
