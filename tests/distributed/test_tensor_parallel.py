@@ -3,7 +3,7 @@
 ``wrpo.preference_loss`` / ``sequence_logps`` / ``sft_loss`` (padded, packed and shared-prefix batches,
 V = 41 over 2 ranks), ``wrpo_kernels``' functions on a distributed weight and bias with every option,
 the Triton backend in fp32 (its interpreter on CPU), and FSDP2 x TP on a 2 x 2 mesh (4 processes). The
-refusals, and the collectives per chunk: the same bytes whatever the vocabulary. tests/tp_step.py runs
+refusals, and the collectives per chunk: the same bytes whatever the vocabulary. distributed/tp_step.py runs
 the ranks (one spawn for the 2-rank cases, one for the 2 x 2 mesh)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The TRL adapter (``wrpo.integrations.trl.WRPOTrainer``) trained on a tiny Llama, 2 steps with gradient
-accumulation 2, fp32; run by tests/test_deepspeed_trl.py in 1 process and under DeepSpeed ZeRO-3 in 2
+accumulation 2, fp32; run by distributed/test_deepspeed_trl.py in 1 process and under DeepSpeed ZeRO-3 in 2
 CPU processes::
 
     python tests/distributed/trl_zero3_script.py MODEL_DIR OUT_DIR BATCH VARIANT...

@@ -101,7 +101,7 @@ def host_reads_of_one_step(layout: str, family: str = "llama") -> int:
 # padded: transformers' own mask checks (2; 3 with LFM2's recurrent mask), the label check (1) and the
 # CPU-only skip of a 1.0 upstream gradient (1); packed layouts: the label check and that skip. Before the
 # collator recorded the layout, a packed Llama step read the positions back 16 more times (27 more with
-# shared prefixes): tests/test_host_syncs.py at the commit before wrpo/data/batch.py.
+# shared prefixes): this test run at the commit before wrpo/data/batch.py.
 MOST_READS = {"padded": 5, "packed": 2, "shared_prefix": 2}
 
 
