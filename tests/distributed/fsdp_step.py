@@ -19,10 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import wrpo.model.attention  # noqa: F401  (registers attn_implementation="wrpo_segments")
 from wrpo import batch_counts, pack_groups, pad_groups, preference_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (helpers), when run as a script
+from helpers.tiny_models import LLAMA_2x32, tiny_model  # noqa: E402
 
 GROUPS, K, VOCAB, WORLD = 4, 3, 40, 2
 OPTIONS = {"beta": 0.3, "alpha": 0.2, "backend": "torch"}
@@ -40,19 +43,15 @@ CASES = {
 
 
 def build_model(attn: str, tied: bool, vocab: int = VOCAB) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    model = tiny_model(
+        "llama",
+        seed=0,
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **LLAMA_2x32,
         max_position_embeddings=64,
         tie_word_embeddings=tied,
         attn_implementation=attn,
     )
-    model = LlamaForCausalLM(cfg).double()
     if tied != (model.lm_head.weight is model.model.embed_tokens.weight):
         raise AssertionError(f"tie_word_embeddings={tied} but the head and the embedding are not (un)tied")
     return model

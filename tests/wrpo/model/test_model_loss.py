@@ -14,22 +14,14 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from helpers.tiny_models import tiny_model
+from helpers.tiny_models import LLAMA_2x32, tiny_model
 
 from wrpo import head_transform, pack_groups, pad_groups, preference_loss, sequence_logps, sft_loss
 from wrpo.model.losses import causal_lm
 from wrpo_kernels import wrpo_loss
 
 VOCAB, K = 48, 3
-SMALL = {
-    "vocab_size": VOCAB,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-}
+SMALL = {"vocab_size": VOCAB, **LLAMA_2x32, "head_dim": 8}
 
 # Packed rows equal the padded model up to the fp32 steps inside some models: Gemma 2 (no sdpa here)
 # takes the eager attention's softmax in fp32, Cohere its LayerNorm. The padded layout runs the very
