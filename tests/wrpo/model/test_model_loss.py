@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from helpers import random_groups
 from helpers.tiny_models import LLAMA_2x32, tiny_model
 
 from wrpo import head_transform, pack_groups, pad_groups, preference_loss, sequence_logps, sft_loss
@@ -44,21 +45,7 @@ def build(name, seed=0):
 
 
 def groups(seed=1, B=3):
-    g = torch.Generator().manual_seed(seed)
-
-    def ids(lo, hi):
-        n = int(torch.randint(lo, hi, (1,), generator=g))
-        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
-
-    return [
-        {
-            "prompt_ids": ids(1, 6),
-            "responses": [ids(1, 7) for _ in range(K)],
-            "num_chosen": K - 1,
-            "ref_logps": (torch.randn(K, generator=g) * 3 - 20).tolist(),
-        }
-        for _ in range(B)
-    ]
+    return random_groups(B, K, VOCAB, seed=seed, prompt=(1, 6), response=(1, 7))
 
 
 def naive_logps(model, feats):
