@@ -7,27 +7,20 @@ DDP-averaged gradients to the path given as the first argument.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from wrpo import pack_groups, preference_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (helpers), when run as a script
+from helpers.tiny_models import LLAMA_2x32, tiny_model  # noqa: E402
 
 GROUPS, K, VOCAB = 4, 3, 40
 
 
 def build_model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(cfg).double()
+    return tiny_model("llama", seed=0, vocab_size=VOCAB, **LLAMA_2x32, attn_implementation="sdpa")
 
 
 def global_batch():

@@ -19,10 +19,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import wrpo.model.attention  # noqa: F401  (registers attn_implementation="wrpo_segments")
 from wrpo import batch_counts, pack_groups, pad_groups, preference_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (helpers), when run as a script
+from helpers import random_groups  # noqa: E402
+from helpers.tiny_models import LLAMA_2x32, tiny_model  # noqa: E402
 
 GROUPS, K, VOCAB, WORLD = 4, 3, 40, 2
 OPTIONS = {"beta": 0.3, "alpha": 0.2, "backend": "torch"}
@@ -40,19 +44,15 @@ CASES = {
 
 
 def build_model(attn: str, tied: bool, vocab: int = VOCAB) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    model = tiny_model(
+        "llama",
+        seed=0,
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **LLAMA_2x32,
         max_position_embeddings=64,
         tie_word_embeddings=tied,
         attn_implementation=attn,
     )
-    model = LlamaForCausalLM(cfg).double()
     if tied != (model.lm_head.weight is model.model.embed_tokens.weight):
         raise AssertionError(f"tie_word_embeddings={tied} but the head and the embedding are not (un)tied")
     return model
@@ -60,20 +60,7 @@ def build_model(attn: str, tied: bool, vocab: int = VOCAB) -> LlamaForCausalLM:
 
 def global_groups(vocab: int = VOCAB) -> list[dict]:
     """GROUPS groups of K responses, token ids in [3, vocab)."""
-    g = torch.Generator().manual_seed(3)
-
-    def ids(lo, hi):
-        return torch.randint(3, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-
-    return [
-        {
-            "prompt_ids": ids(2, 7),
-            "responses": [ids(1, 7) for _ in range(K)],
-            "num_chosen": K - 1,
-            "ref_logps": (torch.randn(K, generator=g) * 2 - 15).tolist(),
-        }
-        for _ in range(GROUPS)
-    ]
+    return random_groups(GROUPS, K, vocab, seed=3, response=(1, 7), ref=(2, -15))
 
 
 def rank_groups(rank: int, world: int = WORLD) -> list[dict]:
@@ -170,14 +157,7 @@ def negative_control(rank: int, world: int, mesh) -> dict:
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    join_gloo(rank, world, port)
 
     def cases() -> dict:
         mesh = init_device_mesh("cpu", (world,))
@@ -186,6 +166,18 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         return results
 
     finish_rank(rank, cases, out_dir)
+
+
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """In a spawned rank: one torch thread, then the gloo group of ``world`` ranks on ``port``."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
 
 
 def finish_rank(rank: int, cases, out_dir) -> None:

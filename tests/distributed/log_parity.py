@@ -1,14 +1,33 @@
-"""Comparing the logs of a multi-process run with those of one process (the DeepSpeed trainer tests)."""
+"""Comparing the logs of a multi-process run with those of one process (the DeepSpeed trainer tests),
+and the ``accelerate launch`` command line those runs start with (:func:`zero_launch`)."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 from fsdp_step import free_port
+from helpers.cli_runs import cli
 
-__all__ = ["assert_logs_match", "free_port"]
+__all__ = ["ACCELERATE", "ROOT", "assert_logs_match", "free_port", "zero_launch"]
+
+ROOT = Path(__file__).resolve().parents[2]
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+
+
+def zero_launch(stage: int = 3) -> list[str]:
+    """``accelerate launch`` with examples/accelerate/zero{stage}.yaml, fp32, on a free port; the script
+    and its arguments follow."""
+    config = str(ROOT / f"examples/accelerate/zero{stage}.yaml")
+    return [
+        ACCELERATE,
+        "launch",
+        *cli(config_file=config, mixed_precision="no", main_process_port=free_port()),
+    ]
 
 
 def compared(entry: dict) -> dict:

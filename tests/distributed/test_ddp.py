@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_step import build_model, global_batch, step_loss
-
-from wrpo.train.tiny import SAMPLE_DATA
+from helpers.cli_runs import QUIET, cli, sample_rows
 
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 
@@ -70,33 +69,14 @@ def test_trainer_metrics_are_averaged_over_processes(tmp_path):
     The data holds exactly 4 rows, so every step's global batch is all of them whatever the order;
     step 2 compares metrics after one identical (DDP-averaged) update, when rewards are no longer 0.
     """
-    data = tmp_path / "four.jsonl"
-    data.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:4]))
-    common = [
-        "train",
-        "--dataset",
-        str(data),
-        "--max_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        "--report_to",
-        "none",
-        "--eval_rows",
-        "0",
-        "--beta",
-        "0.1",
-        "--alpha",
-        "0.1",
-        "--alpha_schedule",
-        "constant",
-        "--learning_rate",
-        "1e-3",
-        "--warmup_steps",
-        "0",
-        "--disable_tqdm",
-        "true",
-    ]
+    data = sample_rows(tmp_path / "four.jsonl", 4)
+    common = cli(
+        "train --max_steps 2 --logging_steps 1",
+        QUIET,
+        "--beta 0.1 --alpha 0.1 --alpha_schedule constant --learning_rate 1e-3",
+        "--warmup_steps 0 --disable_tqdm true",
+        dataset=data,
+    )
     launch = launch_two("-m", "wrpo.cli")
     runs = {
         "two": [*launch, *common, "--per_device_train_batch_size", "2"],

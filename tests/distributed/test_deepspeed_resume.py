@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from fsdp_step import free_port
+from helpers.cli_runs import cli
+from log_parity import ACCELERATE, ROOT, zero_launch
 
 pytest.importorskip("deepspeed")
 from safetensors.torch import load_file  # noqa: E402
 
 from wrpo.train.checkpoints import MARKER, checkpoint_problem, is_complete, newest_complete_checkpoint  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 KILL_AT, STEPS = 3, 4
 TOL = 1e-6
 COMPARED = ("loss", "grad_norm", "learning_rate", "cur_alpha", "rewards/margins", "logps/chosen")
@@ -73,42 +70,16 @@ if os.environ.get("WRPO_TEST_RECORD_RESUME"):
 
 def _launch(out: Path, log: Path, hook: Path, extra: list[str] = (), **env) -> subprocess.Popen:
     cmd = [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        str(ROOT / "examples/accelerate/zero3.yaml"),
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *zero_launch(),
         str(ROOT / "tests/distributed/ds_cpu_launch.py"),
-        "train",
-        "--max_steps",
-        str(STEPS),
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        "--learning_rate",
-        "1e-3",
-        "--warmup_steps",
-        "0",
-        "--eval_rows",
-        "0",
-        "--seed",
-        "3",
-        "--report_to",
-        "none",
-        "--disable_tqdm",
-        "true",
-        "--per_device_train_batch_size",
-        "1",
-        "--gradient_accumulation_steps",
-        "2",
-        "--output_dir",
-        str(out),
+        *cli(
+            "train --save_strategy steps --save_steps 2 --logging_steps 1",
+            "--learning_rate 1e-3 --warmup_steps 0 --eval_rows 0 --seed 3",
+            "--report_to none --disable_tqdm true --per_device_train_batch_size 1",
+            "--gradient_accumulation_steps 2",
+            max_steps=STEPS,
+            output_dir=out,
+        ),
         *extra,
     ]
     path = os.pathsep.join(filter(None, [str(hook), str(ROOT), os.environ.get("PYTHONPATH")]))

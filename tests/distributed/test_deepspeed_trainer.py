@@ -15,39 +15,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from log_parity import assert_logs_match, free_port
+from helpers.cli_runs import QUIET, cli
+from log_parity import ACCELERATE, ROOT, assert_logs_match, zero_launch
 
 pytest.importorskip("deepspeed")
-ROOT = Path(__file__).resolve().parents[2]
-ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-COMMON = [
-    "--max_steps",
-    "2",
-    "--gradient_accumulation_steps",
-    "2",
-    "--logging_steps",
-    "1",
-    "--learning_rate",
-    "1e-3",
-    "--warmup_steps",
-    "0",
-    "--report_to",
-    "none",
-    "--eval_rows",
-    "0",
-    "--seed",
-    "3",
-    "--beta",
-    "0.1",
-    "--disable_tqdm",
-    "true",
-]
+COMMON = cli(
+    "--max_steps 2 --gradient_accumulation_steps 2 --logging_steps 1",
+    "--learning_rate 1e-3 --warmup_steps 0",
+    QUIET,
+    "--seed 3 --beta 0.1 --disable_tqdm true",
+)
 # warmup 0: the first update moves the policy, so step 2's rewards are not all 0
 TIMEOUT = 240
 BETA = 0.1  # the bundled tiny default's, given explicitly
@@ -90,14 +72,7 @@ def one_process(tmp_path_factory):
 def test_zero_two_processes_match_one(command, stage, one_process, tmp_path):
     out, probe = tmp_path / "out", tmp_path / "engine.json"
     cmd = [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        str(ROOT / f"examples/accelerate/zero{stage}.yaml"),
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *zero_launch(stage),
         str(ROOT / "tests/distributed/ds_cpu_launch.py"),
         command,
         *COMMON,

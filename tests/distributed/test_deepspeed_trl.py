@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from log_parity import assert_logs_match, free_port
+from log_parity import ACCELERATE, ROOT, assert_logs_match, zero_launch
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 from wrpo.train.tiny import save_tiny_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests/distributed/trl_zero3_script.py"
-ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 VARIANTS = ["precompute", "ref_model"]
 TIMEOUT = 240
 BETA = 0.5  # the script's
@@ -57,14 +54,7 @@ def zero3(model_dir, tmp_path_factory) -> Path:
         pytest.skip("accelerate's launcher is not installed")
     out = tmp_path_factory.mktemp("zero3")
     cmd = [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        str(ROOT / "examples/accelerate/zero3.yaml"),
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *zero_launch(),
         str(SCRIPT),
         str(model_dir),
         str(out),

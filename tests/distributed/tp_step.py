@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ from wrpo.data.collate import pack_shared_prefix  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fsdp_step, when run as a script
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 import fsdp_step  # noqa: E402
-from fsdp_step import finish_rank, free_port, spawn  # noqa: E402
+from fsdp_step import finish_rank, free_port, join_gloo, spawn  # noqa: E402
 from helpers import make_batch  # noqa: E402
 
 GROUPS, K, VOCAB, TP, DP = 4, 3, 41, 2, 2
@@ -406,14 +405,7 @@ def communication(mesh) -> dict:
 
 def rank_main(rank: int, cases, world: int, port: int, out_dir: str) -> None:
     """Joins the gloo group, runs ``cases(rank)`` and rank 0 writes its results ``OUT_DIR/<name>.pt``."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    join_gloo(rank, world, port)
     finish_rank(rank, lambda: cases(rank), out_dir)
 
 

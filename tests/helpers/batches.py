@@ -135,6 +135,26 @@ def make_batch(
     )
 
 
+def random_groups(B, K, vocab, *, seed, prompt=(2, 7), response=(1, 6), ref=(3, -20)) -> list[dict]:
+    """B preference groups of K token-id responses (K - 1 chosen) for ``wrpo``'s collators: ids in
+    [3, vocab), lengths drawn in [lo, hi) of ``prompt`` / ``response``, reference log-probs
+    ``randn * ref[0] + ref[1]``, all from one generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        return torch.randint(3, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+
+    return [
+        {
+            "prompt_ids": ids(*prompt),
+            "responses": [ids(*response) for _ in range(K)],
+            "num_chosen": K - 1,
+            "ref_logps": (torch.randn(K, generator=g) * ref[0] + ref[1]).tolist(),
+        }
+        for _ in range(B)
+    ]
+
+
 def same_size_groups(B, K, seed, min_len=1, max_len=6):
     """Response lengths where every group has the same token total (permutations of group 0's)."""
     g = torch.Generator().manual_seed(seed)

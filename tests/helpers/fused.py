@@ -6,6 +6,25 @@ from wrpo_kernels import fused_linear_wrpo_loss
 
 from .errors import assert_rel_close
 
+# the metrics of fused_linear_wrpo_loss (source_* only where a group has 2 or more chosen responses)
+METRIC_NAMES = {
+    "rewards/chosen",
+    "rewards/source_chosen",
+    "rewards/target_chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/source_accuracies",
+    "rewards/pivot_accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/source_chosen",
+    "logps/target_chosen",
+    "logps/rejected",
+    "cur_alpha",
+    "logits/chosen",
+    "logits/rejected",
+}
+
 
 def fused(batch, backend, *, dtype=None, chunk_tokens=None, ref="BK", grad=True, upstream=1.0, **opts):
     """Run the fused loss and backprop ``upstream * loss``; returns a dict of everything to compare."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import (
     IGNORE,
+    METRIC_NAMES,
     assert_rel_close,
     check_all_close,
     fused,
@@ -25,23 +26,6 @@ from wrpo_kernels import fused_linear_wrpo_loss, linear_logprobs, wrpo_loss
 from wrpo_kernels.chunked.schedule import plan_group_chunks
 
 TOL64 = 1e-10
-METRIC_NAMES = {
-    "rewards/chosen",
-    "rewards/source_chosen",
-    "rewards/target_chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/source_accuracies",
-    "rewards/pivot_accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/source_chosen",
-    "logps/target_chosen",
-    "logps/rejected",
-    "cur_alpha",
-    "logits/chosen",
-    "logits/rejected",
-}
 SOURCE_METRICS = {"rewards/source_chosen", "rewards/source_accuracies", "logps/source_chosen"}
 
 

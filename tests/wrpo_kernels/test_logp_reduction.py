@@ -253,18 +253,14 @@ def test_unknown_logp_reduction_is_refused(batch):
 def test_preference_loss_forwards_the_option():
     """``wrpo.preference_loss(model, batch, logp_reduction="mean")`` = the model's own logits averaged."""
     pytest.importorskip("transformers")
-    from helpers.tiny_models import tiny_model
+    from helpers.tiny_models import sizes, tiny_model
 
     import wrpo
 
     model = tiny_model(
         "llama",
         vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        **sizes(16, 32, 1, 2, 1),
         head_dim=8,
         attn_implementation="sdpa",
     )

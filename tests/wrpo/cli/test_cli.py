@@ -6,57 +6,26 @@ import json
 
 import pytest
 import torch
+from helpers import METRIC_NAMES
+from helpers.cli_runs import QUIET, cli, sample_rows
 from transformers import AutoModelForCausalLM
 
 from wrpo.cli.main import main
 from wrpo.train.tiny import SAMPLE_DATA
 
-METRICS = [
-    "loss",
-    "rewards/chosen",
-    "rewards/source_chosen",
-    "rewards/target_chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/source_accuracies",
-    "rewards/pivot_accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/source_chosen",
-    "logps/target_chosen",
-    "logps/rejected",
-    "cur_alpha",
-    "logits/chosen",
-    "logits/rejected",
-]
+METRICS = {"loss", *METRIC_NAMES}  # what the trainer logs each step
 
 
 def test_train_logs_every_metric_and_alpha_rises_as_the_official_schedule(tmp_path):
     out = tmp_path / "D"
     code = main(
-        [
-            "train",
-            "--dataset",
-            str(SAMPLE_DATA),
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "6",
-            "--alpha",
-            "0.1",
-            "--alpha_schedule",
-            "linear",
-            "--beta",
-            "0.1",
-            "--per_device_train_batch_size",
-            "2",
-            "--logging_steps",
-            "1",
-            "--report_to",
-            "none",
-            "--eval_rows",
-            "0",
-        ]
+        cli(
+            "train --max_steps 6 --alpha 0.1 --alpha_schedule linear --beta 0.1",
+            "--per_device_train_batch_size 2 --logging_steps 1",
+            QUIET,
+            dataset=SAMPLE_DATA,
+            output_dir=out,
+        )
     )
     assert code == 0
     logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
@@ -136,21 +105,12 @@ def test_precomputed_reference_logps_train_like_on_the_fly(tmp_path):
     for flag in ("True", "False"):
         out = tmp_path / flag
         code = main(
-            [
-                "train",
-                "--output_dir",
-                str(out),
-                "--max_steps",
-                "3",
-                "--logging_steps",
-                "1",
-                "--eval_rows",
-                "0",
-                "--precompute_ref_logps",
-                flag,
-                "--ref_logps_cache",
-                str(tmp_path / "cache"),
-            ]
+            cli(
+                "train --max_steps 3 --logging_steps 1 --eval_rows 0",
+                output_dir=out,
+                precompute_ref_logps=flag,
+                ref_logps_cache=tmp_path / "cache",
+            )
         )
         assert code == 0
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -164,19 +124,11 @@ def test_precomputed_reference_logps_are_cached_on_disk(tmp_path, monkeypatch):
     from wrpo.train import stage as pipeline
 
     cache = tmp_path / "cache"
-    args = [
-        "train",
-        "--max_steps",
-        "1",
-        "--eval_rows",
-        "4",
-        "--precompute_ref_logps",
-        "true",
-        "--ref_logps_cache",
-        str(cache),
-        "--dataset",
-        str(SAMPLE_DATA),
-    ]
+    args = cli(
+        "train --max_steps 1 --eval_rows 4 --precompute_ref_logps true",
+        ref_logps_cache=cache,
+        dataset=SAMPLE_DATA,
+    )
     assert main([*args, "--output_dir", str(tmp_path / "a")]) == 0
     files = sorted(cache.glob("ref_logps-*.safetensors"))
     assert len(files) == 2  # train and eval rows
@@ -200,9 +152,7 @@ def test_precomputed_reference_logps_are_cached_on_disk(tmp_path, monkeypatch):
 
 
 def _user_rows(tmp_path, n=20):
-    path = tmp_path / "user.jsonl"
-    path.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:n]))
-    return path
+    return sample_rows(tmp_path / "user.jsonl", n)
 
 
 def test_user_dataset_trains_on_all_rows_with_the_documented_defaults(tmp_path, capsys):

@@ -9,6 +9,7 @@ import re
 
 import datasets
 import pytest
+from helpers.cli_runs import cli
 
 from wrpo.cli.main import main
 from wrpo.data.preference import (
@@ -282,22 +283,10 @@ def test_text_rows_keep_the_special_tokens_the_tokenizer_adds():
 # ---- wrpo sft end to end -----------------------------------------------------------------------------------
 
 N_ROWS = 24
-RUN = [
-    "--model",
-    "tiny",
-    "--max_steps",
-    "2",
-    "--logging_steps",
-    "1",
-    "--report_to",
-    "none",
-    "--save_strategy",
-    "no",
-    "--disable_tqdm",
-    "true",
-    "--seed",
-    "5",
-]
+RUN = cli(
+    "--model tiny --max_steps 2 --logging_steps 1 --report_to none",
+    "--save_strategy no --disable_tqdm true --seed 5",
+)
 
 
 def _prompt_messages(prompt):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.tiny_models import tiny_model
+from helpers.tiny_models import sizes, tiny_model
 from transformers import LlamaForCausalLM
 
 from wrpo.data.batch import segment_bounds
@@ -28,11 +28,7 @@ def tiny_llama(impl: str, kv_heads: int = 2) -> LlamaForCausalLM:
     model = tiny_model(
         "llama",
         vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
+        **sizes(32, 48, 2, 4, kv_heads),
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )

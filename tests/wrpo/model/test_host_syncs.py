@@ -11,6 +11,7 @@ import contextlib
 
 import pytest
 import torch
+from helpers.tiny_models import LLAMA_2x32, sizes
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from wrpo import preference_loss
@@ -61,17 +62,15 @@ def tiny_model(family: str):
     import transformers
 
     torch.manual_seed(0)
-    shape = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
     if family == "lfm2":
         config = transformers.Lfm2Config(
             vocab_size=97,
-            num_hidden_layers=3,
             layer_types=["conv", "full_attention", "conv"],
             block_auto_adjust_ff_dim=False,
-            **shape,
+            **sizes(32, 64, 3, 4, 2),
         )
     else:
-        config = transformers.LlamaConfig(vocab_size=97, num_hidden_layers=2, **shape)
+        config = transformers.LlamaConfig(vocab_size=97, **LLAMA_2x32)
     return transformers.AutoModelForCausalLM.from_config(config).double()
 
 

@@ -11,6 +11,8 @@ import json
 
 import pytest
 import torch
+from helpers.cli_runs import QUIET, cli
+from helpers.tiny_models import sizes
 from zoo.architectures import TEXT_VOCAB, build_tiny
 from zoo.conformance import collator, layout_plan
 from zoo.reference import make_groups, own_sequence_logps, relative_error
@@ -97,34 +99,15 @@ def _save(tmp_path, name):
 def _step_one_logps(model_dir, out, extra):
     from wrpo.cli.main import main
 
-    code = main(
-        [
-            "train",
-            "--model",
-            str(model_dir),
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "1",
-            "--learning_rate",
-            "0",
-            "--logging_steps",
-            "1",
-            "--report_to",
-            "none",
-            "--eval_rows",
-            "0",
-            "--per_device_train_batch_size",
-            "4",
-            "--max_length",
-            "64",
-            "--max_prompt_length",
-            "48",
-            "--seed",
-            "3",
-            *extra,
-        ]
+    flags = cli(
+        "train --max_steps 1 --learning_rate 0 --logging_steps 1",
+        QUIET,
+        "--per_device_train_batch_size 4 --max_length 64 --max_prompt_length 48",
+        "--seed 3",
+        model=model_dir,
+        output_dir=out,
     )
+    code = main([*flags, *extra])
     assert code == 0
     logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
     return {k: v for k, v in logs[0].items() if k.startswith("logps/")}
@@ -158,11 +141,7 @@ def test_the_sequence_index_is_built_once_per_forward(layout, monkeypatch):
     )
     config = transformers.Lfm2Config(
         vocab_size=TEXT_VOCAB + 8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **sizes(32, 64, 4, 4, 2),
         block_auto_adjust_ff_dim=False,
         layer_types=["conv", "conv", "conv", "full_attention"],
     )

@@ -14,22 +14,15 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from helpers.tiny_models import tiny_model
+from helpers import random_groups
+from helpers.tiny_models import LLAMA_2x32, tiny_model
 
 from wrpo import head_transform, pack_groups, pad_groups, preference_loss, sequence_logps, sft_loss
 from wrpo.model.losses import causal_lm
 from wrpo_kernels import wrpo_loss
 
 VOCAB, K = 48, 3
-SMALL = {
-    "vocab_size": VOCAB,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-}
+SMALL = {"vocab_size": VOCAB, **LLAMA_2x32, "head_dim": 8}
 
 # Packed rows equal the padded model up to the fp32 steps inside some models: Gemma 2 (no sdpa here)
 # takes the eager attention's softmax in fp32, Cohere its LayerNorm. The padded layout runs the very
@@ -52,21 +45,7 @@ def build(name, seed=0):
 
 
 def groups(seed=1, B=3):
-    g = torch.Generator().manual_seed(seed)
-
-    def ids(lo, hi):
-        n = int(torch.randint(lo, hi, (1,), generator=g))
-        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
-
-    return [
-        {
-            "prompt_ids": ids(1, 6),
-            "responses": [ids(1, 7) for _ in range(K)],
-            "num_chosen": K - 1,
-            "ref_logps": (torch.randn(K, generator=g) * 3 - 20).tolist(),
-        }
-        for _ in range(B)
-    ]
+    return random_groups(B, K, VOCAB, seed=seed, prompt=(1, 6), response=(1, 7))
 
 
 def naive_logps(model, feats):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_groups
 from helpers.tiny_models import LLAMA_2x32, tiny_model
 
 from wrpo import preference_loss
@@ -27,23 +28,6 @@ def test_block_causal_mask_separates_sequences():
         dtype=torch.bool,
     )
     assert torch.equal(allowed, expected)
-
-
-def random_groups(B, K, vocab, seed):
-    g = torch.Generator().manual_seed(seed)
-
-    def ids(lo, hi):
-        return torch.randint(3, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-
-    return [
-        {
-            "prompt_ids": ids(2, 7),
-            "responses": [ids(1, 6) for _ in range(K)],
-            "num_chosen": K - 1,
-            "ref_logps": (torch.randn(K, generator=g) * 3 - 20).tolist(),
-        }
-        for _ in range(B)
-    ]
 
 
 def tiny_llama(vocab=40, seed=0):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.tiny_models import tiny_model
+from helpers.cli_runs import QUIET, cli
+from helpers.tiny_models import sizes, tiny_model
 from transformers.models.gemma2 import modeling_gemma2
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
@@ -28,15 +29,7 @@ from wrpo.model.layout import plan_for, plan_layout, prepare_layout
 from wrpo.model.masks import shared_prefix_mask
 
 VOCAB = 45
-SMALL = {
-    "vocab_size": VOCAB,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "head_dim": 8,
-    "max_position_embeddings": 128,
-}
+SMALL = {"vocab_size": VOCAB, **sizes(32, 48, 2, 4), "head_dim": 8, "max_position_embeddings": 128}
 MODELS = {  # name: (family of helpers.tiny_models, its options)
     "llama": ("llama", {"num_key_value_heads": 4}),
     "qwen2-gqa": ("qwen2", {"num_key_value_heads": 2}),
@@ -297,30 +290,14 @@ def _train_losses(tmp_path, name, extra):
     from wrpo.cli.main import main
 
     out = tmp_path / name
-    code = main(
-        [
-            "train",
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "4",
-            "--per_device_train_batch_size",
-            "3",
-            "--gradient_accumulation_steps",
-            "2",
-            "--logging_steps",
-            "1",
-            "--report_to",
-            "none",
-            "--eval_rows",
-            "0",
-            "--beta",
-            "0.3",
-            "--seed",
-            "7",
-            *extra,
-        ]
+    flags = cli(
+        "train --max_steps 4 --per_device_train_batch_size 3",
+        "--gradient_accumulation_steps 2 --logging_steps 1",
+        QUIET,
+        "--beta 0.3 --seed 7",
+        output_dir=out,
     )
+    code = main([*flags, *extra])
     assert code == 0
     logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
     return [[e[k] for k in ("loss", "logps/chosen", "logps/rejected")] for e in logs if "loss" in e]

@@ -9,6 +9,7 @@ import json
 import datasets
 import pytest
 import torch
+from helpers.cli_runs import cli, sample_rows
 
 from wrpo.train.config import parse_config
 from wrpo.train.load_models import load_policy, load_reference
@@ -45,33 +46,15 @@ def _assert_same(a: dict, b: dict):
 
 def _core_trainer(tmp, *flags):
     """A WRPOTrainer (dpo, K = 3, a perturbed policy, 4 train rows) and two eval datasets of 4 rows each."""
-    data = tmp / "rows.jsonl"
-    data.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:12]))
-    config = parse_config(
-        [
-            "--dataset",
-            str(data),
-            "--output_dir",
-            str(tmp / "out"),
-            "--per_device_eval_batch_size",
-            "2",
-            "--eval_rows",
-            "8",
-            "--beta",
-            "0.5",
-            "--report_to",
-            "none",
-            "--save_strategy",
-            "no",
-            "--disable_tqdm",
-            "true",
-            "--seed",
-            "3",
-            "--use_cpu",
-            "true",
-            *flags,
-        ]
+    data = sample_rows(tmp / "rows.jsonl", 12)
+    run = cli(
+        "--per_device_eval_batch_size 2 --eval_rows 8 --beta 0.5",
+        "--report_to none --save_strategy no --disable_tqdm true --seed 3",
+        "--use_cpu true",
+        dataset=data,
+        output_dir=tmp / "out",
     )
+    config = parse_config([*run, *flags])
     model, tokenizer = load_policy(config)
     train, evaluation = build_datasets(load_examples(config), tokenizer, config, "train")
     ref = load_reference(config, model)
@@ -133,18 +116,10 @@ def test_an_evaluation_during_training_sees_only_its_own_data(tmp_path):
     metrics of the trained policy alone, the train log only train metrics."""
     trainer, a, _ = _core_trainer(
         tmp_path,
-        "--max_steps",
-        "1",
-        "--logging_steps",
-        "1",
-        "--eval_strategy",
-        "steps",
-        "--eval_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "4",
-        "--learning_rate",
-        "0.05",
+        *cli(
+            "--max_steps 1 --logging_steps 1 --eval_strategy steps --eval_steps 1",
+            "--per_device_train_batch_size 4 --learning_rate 0.05",
+        ),
     )
     trainer.predict(a)
     trainer.train()

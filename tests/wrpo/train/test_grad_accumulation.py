@@ -5,59 +5,29 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.cli_runs import cli, sample_rows
 
 from wrpo.train.config import parse_config
 from wrpo.train.load_models import load_policy, load_reference
 from wrpo.train.stage import build_datasets, load_examples
-from wrpo.train.tiny import SAMPLE_DATA
 from wrpo.train.trainer import WRPOTrainer
 
 
 def _train(tmp_path, stage, batch, accumulation, packing, extra=()):
     """Two optimizer steps with plain SGD (an update proportional to the gradient) on 12 rows."""
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:12]))
-    config = parse_config(
-        [
-            "--dataset",
-            str(data),
-            "--output_dir",
-            str(tmp_path / f"{stage}{batch}x{accumulation}{packing}"),
-            "--per_device_train_batch_size",
-            str(batch),
-            "--gradient_accumulation_steps",
-            str(accumulation),
-            "--max_steps",
-            "2",
-            "--logging_steps",
-            "1",
-            "--learning_rate",
-            "0.1",
-            "--optim",
-            "sgd",
-            "--lr_scheduler_type",
-            "constant",
-            "--max_grad_norm",
-            "1e9",
-            "--beta",
-            "0.5",
-            "--alpha",
-            "0.3",
-            "--alpha_schedule",
-            "constant",
-            "--packing",
-            str(packing),
-            "--report_to",
-            "none",
-            "--save_strategy",
-            "no",
-            "--disable_tqdm",
-            "true",
-            "--seed",
-            "3",
-            *extra,
-        ]
+    data = sample_rows(tmp_path / "rows.jsonl", 12)
+    flags = cli(
+        "--max_steps 2 --logging_steps 1 --learning_rate 0.1 --optim sgd",
+        "--lr_scheduler_type constant --max_grad_norm 1e9 --beta 0.5",
+        "--alpha 0.3 --alpha_schedule constant --report_to none",
+        "--save_strategy no --disable_tqdm true --seed 3",
+        dataset=data,
+        output_dir=tmp_path / f"{stage}{batch}x{accumulation}{packing}",
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        packing=packing,
     )
+    config = parse_config([*flags, *extra])
     model, tokenizer = load_policy(config)
     train, _ = build_datasets(load_examples(config), tokenizer, config, stage)
     ref = load_reference(config, model) if stage == "train" else None

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.cli_runs import cli, sample_rows
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -31,7 +32,6 @@ from wrpo.train.checkpoints import (
     resolve_resume,
     train_from_checkpoint,
 )
-from wrpo.train.tiny import SAMPLE_DATA
 
 ROOT = Path(__file__).resolve().parents[3]
 STEPS, SAVE_EVERY, KILL_AT = 12, 3, 6
@@ -41,37 +41,16 @@ COMPARED = ("loss", "cur_alpha", "grad_norm", "learning_rate", "rewards/margins"
 
 
 def _flags(out: Path, data: Path, cache: Path) -> list[str]:
-    return [
-        "train",
-        "--dataset",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        str(STEPS),
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        str(SAVE_EVERY),
-        "--logging_steps",
-        "1",
-        "--eval_rows",
-        "0",
-        "--report_to",
-        "none",
-        "--disable_tqdm",
-        "true",
-        "--per_device_train_batch_size",
-        "2",
-        "--gradient_accumulation_steps",
-        "2",
-        "--precompute_ref_logps",
-        "true",
-        "--ref_logps_cache",
-        str(cache),
-        "--seed",
-        "7",
-    ]
+    return cli(
+        "train --save_strategy steps --logging_steps 1 --eval_rows 0",
+        "--report_to none --disable_tqdm true --per_device_train_batch_size 2",
+        "--gradient_accumulation_steps 2 --precompute_ref_logps true --seed 7",
+        dataset=data,
+        output_dir=out,
+        max_steps=STEPS,
+        save_steps=SAVE_EVERY,
+        ref_logps_cache=cache,
+    )
 
 
 def _popen(flags: list[str], log: Path) -> subprocess.Popen:
@@ -107,8 +86,7 @@ def runs(tmp_path_factory):
     """An uninterrupted run and, alongside it, the same run killed once checkpoint-6 appears; then
     cut-off checkpoints planted above the newest complete one, and the killed run resumed."""
     root = tmp_path_factory.mktemp("resume")
-    data = root / "data.jsonl"
-    data.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:ROWS]))
+    data = sample_rows(root / "data.jsonl", ROWS)
     cache, full, killed = root / "cache", root / "full", root / "killed"
     start = time.monotonic()
     p_full = _popen(_flags(full, data, cache), root / "full.log")
@@ -435,36 +413,15 @@ def test_save_total_limit_never_leaves_no_complete_checkpoint(tmp_path, monkeypa
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_KILL_HOOK)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:8]))
+    data = sample_rows(tmp_path / "data.jsonl", 8)
     out = tmp_path / "out"
-    flags = [
-        "train",
-        "--dataset",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "4",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "1",
-        "--save_total_limit",
-        "1",
-        "--logging_steps",
-        "1",
-        "--eval_rows",
-        "0",
-        "--report_to",
-        "none",
-        "--disable_tqdm",
-        "true",
-        "--per_device_train_batch_size",
-        "2",
-        "--seed",
-        "7",
-    ]
+    flags = cli(
+        "train --max_steps 4 --save_strategy steps --save_steps 1",
+        "--save_total_limit 1 --logging_steps 1 --eval_rows 0 --report_to none",
+        "--disable_tqdm true --per_device_train_batch_size 2 --seed 7",
+        dataset=data,
+        output_dir=out,
+    )
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("WRPO_TEST_KILL_AFTER_SAVE", "3")
     killed = _popen(flags, tmp_path / "killed.log")
