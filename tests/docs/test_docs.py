@@ -36,6 +36,8 @@ MARKER = re.compile(r"^<!--\s*(not run|recipe)\b:?(.*?)-->$")
 FENCE = re.compile(r"^(\s*)(```+)\s*([\w+-]*)")
 LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 MAX_README_LINES = 300
+# what a user of the package cannot open (spelled in pieces so that this file cites neither)
+FOREIGN = ("../" + "shared", "DES" + "IGN")
 
 
 @dataclass
@@ -164,7 +166,7 @@ def test_the_pages_stand_alone():
     """No pointers outside the repository: sibling checkouts, design notes, issue numbers."""
     for page in PAGES:
         text = page.read_text()
-        assert "../shared" not in text and "DESIGN" not in text, page.name
+        assert not any(foreign in text for foreign in FOREIGN), page.name
         assert not re.search(r"(?<![\w/.#-])#\d+\b", text), page.name
 
 

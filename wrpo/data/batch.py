@@ -26,8 +26,8 @@ class SequenceLayout:
     ``position_ids`` restarting at 0) or "shared_prefix" (each prompt once per group, see
     ``wrpo/data/collate.py``). ``stretches``: per packed row, :func:`segment_layout` of its positions.
     ``head_cu_seqlens``: [S+1] bounds of the sequences over the head's rows (``batch["cu_seqlens"]``).
-    ``longest``: tokens of the longest sequence (prompt + response). None where unknown (a hand-built
-    batch: read from the tensors when needed)."""
+    ``longest``: tokens of the longest sequence (prompt + response). None where unknown or unused
+    (padded; a hand-built batch: read from the tensors when needed)."""
 
     kind: str
     stretches: tuple[tuple[Stretch, ...], ...] | None = None
@@ -42,7 +42,7 @@ class SequenceLayout:
     @classmethod
     def record(cls, kind: str, position_ids: torch.Tensor, cu_seqlens: list[int]) -> SequenceLayout:
         """The layout of packed rows the collator just built: ``position_ids`` [R, L] on the host."""
-        stretches = tuple(map(tuple, segment_layout(position_ids)))
+        stretches = tuple(tuple(row) for row in segment_layout(position_ids))
         longest = max(b - a + p for row in stretches for a, b, _, p in row)
         return cls(kind, stretches, tuple(cu_seqlens), longest)
 

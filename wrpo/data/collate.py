@@ -102,7 +102,7 @@ def pad_groups(features, pad_token_id: int) -> dict:
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(ids)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
-    layout = SequenceLayout("padded", longest=T)
+    layout = SequenceLayout("padded")
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "layout": layout}
     return _with_ref(batch, features)
 

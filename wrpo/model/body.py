@@ -36,7 +36,7 @@ def body_hidden_states(lm: PreTrainedModel, batch) -> torch.Tensor:
     else:
         positions = kwargs["position_ids"] = batch["position_ids"]
         if layout.stretches is not None:
-            stretches_of.seed(positions, [list(row) for row in layout.stretches])
+            stretches_of.seed(positions, layout.stretches)
         impl = lm.config._attn_implementation
         if layout.kind == "shared_prefix" and impl != SEGMENT_ATTENTION:
             if varlen_attention(lm):

@@ -42,7 +42,7 @@ class WRPOTrainer(TrainerCore, Trainer):
             raise ValueError(f"stage {stage!r} is not one of {STAGES}")
         self.stage = stage
         self._layout = layout or plan_and_prepare(args, model, ref_model)  # logs on, or off and why
-        kwargs.setdefault("data_collator", self._layout.collator(pad_token_id))
+        kwargs.setdefault("data_collator", self.collator(pad_token_id))
         super().__init__(model=model, args=args, **kwargs)
         if ref_model is not None:
             self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False)
